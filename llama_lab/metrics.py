@@ -1,0 +1,57 @@
+"""Prometheus metrics for one server, in its own registry (two servers in one process don't mix)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+
+
+class ServerMetrics:
+    """Requests, tokens, in-flight, queue and time to first token, read by ``GET /metrics``."""
+
+    def __init__(self, engine: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("llama_lab_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("llama_lab_prompt_tokens", "prompt tokens processed", registry=r)
+        self.completion_tokens = Counter("llama_lab_completion_tokens", "completion tokens generated", registry=r)
+        self.disconnects = Counter("llama_lab_client_disconnects", "requests whose client left before the end", registry=r)
+        self.in_flight = Gauge("llama_lab_requests_in_flight", "generation requests being served", registry=r)
+        self.ttft = Histogram("llama_lab_time_to_first_token_seconds", "time from request to first token",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        stats = engine.stats
+        Gauge("llama_lab_queue_waiting", "requests waiting for a batch slot", registry=r).set_function(lambda: stats.waiting)
+        Gauge("llama_lab_batch_running", "requests in the decode batch", registry=r).set_function(lambda: stats.running)
+        Gauge("llama_lab_engine_steps", "decode steps run by the engine", registry=r).set_function(lambda: stats.steps)
+        metrics = self
+
+        class _StatusCounter:
+            """Pure ASGI (not BaseHTTPMiddleware, which would hide disconnects from streams)."""
+
+            def __init__(self, app: Any) -> None:
+                self.app = app
+
+            async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    return await self.app(scope, receive, send)
+                path = scope.get("path", "")
+                label = path if path in KNOWN_PATHS else "other"
+
+                async def counting_send(message: Any) -> None:
+                    if message["type"] == "http.response.start":
+                        metrics.requests.labels(label, str(message["status"])).inc()
+                    await send(message)
+
+                await self.app(scope, receive, counting_send)
+
+        self.asgi_middleware = _StatusCounter
+
+    def count_tokens(self, final_delta: Any) -> None:
+        self.prompt_tokens.inc(final_delta.prompt_tokens)
+        self.completion_tokens.inc(final_delta.completion_tokens)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

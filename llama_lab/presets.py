@@ -1,0 +1,59 @@
+"""Named load modes and architecture presets, kept as data (gpt-fast's ``transformer_configs``)."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class LoadMode(str, enum.Enum):
+    """How weights are placed and stored; the seed's four rows (full, 8-bit, 4-bit, CPU only)."""
+
+    FULL = "full"  # bf16/fp16 on the GPU; on CPU bf16 where fast, else fp32
+    INT8 = "8bit"  # bitsandbytes LLM.int8
+    NF4 = "4bit"  # bitsandbytes NF4 with double quantization
+    CPU = "cpu"  # force the CPU even when a GPU is present
+
+    @classmethod
+    def parse(cls, value: "str | LoadMode") -> "LoadMode":
+        if isinstance(value, LoadMode):
+            return value
+        aliases = {"8-bit": "8bit", "int8": "8bit", "4-bit": "4bit", "nf4": "4bit", "only_cpu": "cpu"}
+        key = aliases.get(str(value).lower(), str(value).lower())
+        try:
+            return cls(key)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown load mode {value!r}; choose one of: {choices}") from None
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per quantized linear weight, or None when weights keep the compute dtype."""
+        return {LoadMode.INT8: 8, LoadMode.NF4: 4}.get(self)
+
+
+# Architecture presets for random-weight models: real shapes, no download. Values follow the
+# published config.json of each model; vocab_size None means "use the tokenizer's size".
+ARCH_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, vocab_size=None, tie_word_embeddings=True,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, vocab_size=None, tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=131072, vocab_size=128256, tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, vocab_size=128256, tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
+}
+
+RANDOM_PREFIX = "random:"

@@ -1,0 +1,200 @@
+"""OpenAI request schemas (pydantic v2) and the one request -> SamplingParams translation.
+
+Unknown fields are accepted and logged as ignored, never fatal: clients such as NextChat send
+fields a local model has no use for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llama_lab.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: "StreamOptions | None" = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences")
+        return [s for s in stops if s]
+
+    def ignored_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def wants_logprobs(self) -> tuple[bool, int]:
+        return False, 0
+
+    def to_sampling_params(self, *, prompt_tokens: int, context_length: int, defaults: "Defaults", index: int = 0) -> SamplingParams:
+        """The only place where request fields become generation parameters.
+
+        ``presence_penalty`` / ``frequency_penalty`` follow OpenAI's definition exactly
+        (logit -= presence * [count > 0] + frequency * count, over generated tokens);
+        ``repetition_penalty`` is Hugging Face's multiplicative penalty over prompt and output.
+        With ``n > 1`` each choice gets ``seed + index`` so choices differ but stay reproducible.
+        """
+        from llama_lab.errors import APIError
+
+        room = context_length - prompt_tokens
+        asked = self.requested_max_tokens()
+        if asked is not None and asked > room:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context_length} tokens. However, you requested "
+                f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        if room < 1:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {context_length} tokens. However, your messages resulted in "
+                f"{prompt_tokens} tokens. Please reduce the length of the messages.",
+                param="messages", code="context_length_exceeded",
+            )
+        logprobs, top = self.wants_logprobs()
+        return SamplingParams(
+            max_tokens=asked if asked is not None else min(defaults.max_tokens, room),
+            temperature=self.temperature if self.temperature is not None else defaults.temperature,
+            top_p=self.top_p if self.top_p is not None else defaults.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=None if self.seed is None else self.seed + index,
+            stop=tuple(self.stop or ()),
+            logprobs=logprobs,
+            top_logprobs=top,
+        )
+
+
+class Defaults(BaseModel):
+    """Server-side defaults for fields a request leaves out."""
+
+    max_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        from llama_lab.chat import message_text
+
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": message_text([p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content)}
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def wants_logprobs(self) -> tuple[bool, int]:
+        return self.logprobs, (self.top_logprobs or 0) if self.logprobs else 0
+
+    @model_validator(mode="after")
+    def _check_top_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+    def wants_logprobs(self) -> tuple[bool, int]:
+        return (self.logprobs is not None), (self.logprobs or 0)
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if value == "" or value == [] or value == [""]:
+            raise ValueError("the prompt is empty")
+        return value
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    @field_validator("input")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if value == "" or value == [] or value == [""]:
+            raise ValueError("the input is empty")
+        return value
+
+
+_Request.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()
