@@ -260,8 +260,11 @@ class Engine:
                     if joined is not None:
                         run, row_cache = joined
                         batch, cache, mask = _merge(batch, cache, mask, run, row_cache)
+                had_work = bool(batch)
                 batch, cache, mask = self._drop_finished(batch, cache, mask)
                 self.stats.running = len(batch)
+                if had_work and not batch:
+                    _release_freed_memory()
                 if batch:
                     try:
                         batch, cache, mask = self._decode_step(batch, cache, mask)
@@ -479,6 +482,16 @@ def _merge(batch: list[_Running], cache: Any, mask: torch.Tensor | None, run: _R
         old.keys = torch.cat([_left_pad(old.keys, t, dim=2), _left_pad(new.keys, t, dim=2)], dim=0)
         old.values = torch.cat([_left_pad(old.values, t, dim=2), _left_pad(new.values, t, dim=2)], dim=0)
     return [*batch, run], cache, mask
+
+
+def _release_freed_memory() -> None:
+    """Hand freed KV-cache memory back to the OS when the batch empties (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _left_pad(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:

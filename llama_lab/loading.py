@@ -131,6 +131,8 @@ def converted_gguf_dir(gguf: Path) -> Path:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "llama_lab.json").write_text(json.dumps({"source": str(gguf), "format": _CACHE_FORMAT}))
+        if target.exists() and not (target / "llama_lab.json").is_file():
+            shutil.rmtree(target)  # an incomplete copy from something else: never trust it
         try:
             os.replace(tmp, target)
         except OSError:

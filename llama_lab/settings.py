@@ -30,7 +30,7 @@ class ServerSettings(BaseSettings):
     gpus: str | None = Field(None, description="GPU index(es) to use, like the old demo's --gpus 0 (sets CUDA_VISIBLE_DEVICES)")
     dtype: str | None = Field(None, description="compute dtype override: bf16, fp16 or fp32 (default: automatic)")
     host: str = Field("127.0.0.1", description="address to listen on (use 0.0.0.0 only behind a firewall or tunnel)")
-    port: int = Field(19327, ge=1, le=65535, description="port to listen on")
+    port: int = Field(19327, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     api_key: SecretStr | None = Field(None, description="if set, clients must send 'Authorization: Bearer <key>'")
     model_name: list[str] = Field(default_factory=list, description="name(s) to serve the model as (comma-separated); any requested name is accepted")
     cors_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS),
