@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import json
 import logging
 import struct
@@ -52,7 +53,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     defaults = Defaults(max_tokens=settings.default_max_tokens, temperature=settings.default_temperature,
                         top_p=settings.default_top_p)
     metrics = ServerMetrics(engine)
-    app = FastAPI(title="llama_lab", version="0.1.0", docs_url="/docs", redoc_url=None)
+    # Clients such as `requests.post(url, data=json.dumps(body))` send JSON without a JSON content type.
+    lenient = {"strict_content_type": False} if "strict_content_type" in inspect.signature(FastAPI).parameters else {}
+    app = FastAPI(title="llama_lab", version="0.1.0", docs_url="/docs", redoc_url=None, **lenient)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     install_error_handlers(app)
     origins = settings.cors_origins
@@ -75,6 +78,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     def model_name(requested: str | None) -> str:
         return requested if requested in served else served[0]
+
+    def token_ids(inputs: list[str | list[int]], param: str) -> list[list[int]]:
+        """Text is tokenized; ids a client sends must exist in the vocabulary (else the forward pass fails)."""
+        vocab = len(loaded.tokenizer)
+        out = []
+        for p in inputs:
+            if isinstance(p, str):
+                out.append(loaded.tokenizer.encode(p))
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1})", param=param)
+            out.append(p)
+        return out
 
     # ---------------------------------------------------------------- info routes
 
@@ -109,12 +126,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompts = [p if isinstance(p, list) else loaded.tokenizer.encode(p) for p in body.prompts()]
+        prompts = token_ids(body.prompts(), "prompt")
         return await _respond(request, body, [p for p in prompts for _ in range(body.n)], kind="text")
 
     @app.post("/v1/embeddings", dependencies=[Depends(check_key)])
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
-        inputs = [p if isinstance(p, list) else loaded.tokenizer.encode(p) for p in body.inputs()]
+        inputs = token_ids(body.inputs(), "input")
+        if any(not ids for ids in inputs):
+            raise APIError(400, "an input is empty", param="input")
         for i, ids in enumerate(inputs):
             if len(ids) > loaded.context_length:
                 raise APIError(400, f"input {i} has {len(ids)} tokens; this model's maximum context length is "

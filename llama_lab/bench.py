@@ -1,0 +1,600 @@
+"""The quantization table: what each load mode costs in memory, speed, energy and quality.
+
+For every load mode (full, 8bit, 4bit, cpu) ``run_table`` loads the model in a fresh spawned
+process (so each RSS figure is that mode's alone, not the sum of every mode loaded so far) and
+measures load time, weights memory as the framework counts it next to the theoretical bytes,
+device/process memory as nvidia-smi or the OS sees it, peak memory while generating, time to
+first token, decode tokens/s at batch 1 and 8 (through the ``Engine``, 8 concurrent requests),
+energy per token where a counter exists, perplexity on ``data/perplexity.txt`` and the greedy
+answer to a fixed prompt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import datetime
+import importlib.metadata
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+from llama_lab.presets import ARCH_PRESETS, LoadMode
+from llama_lab.profiling import Monitor, cpu_name, peak_rss_bytes, reset_peak_rss
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from llama_lab.engine import Engine
+    from llama_lab.loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+PERPLEXITY_TEXT = DATA_DIR / "perplexity.txt"
+ANSWER_PROMPT = "What is the capital of France? Answer in one sentence."
+# Eight different prompts so the batch-8 run pads and decodes like real concurrent chats.
+DECODE_PROMPTS = [
+    f"Write a long, detailed story about {topic}." for topic in
+    ("a lighthouse keeper", "a lost robot", "a mountain village", "a river journey",
+     "a night market", "an old clockmaker", "a desert caravan", "a winter garden")
+]
+WEIGHTS_TOLERANCE = 0.15  # the bar: framework weights memory within 15% of the theoretical bytes
+
+# The seed write-up's hand measurements for the 8B model (nvidia-smi, whole device; nvidia-smi's MB are MiB).
+SEED_8B_MIB = {"full": 15708, "8bit": 9336, "4bit": 5744, "cpu": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how long to spend on it; ``quick()`` is the CI/notebook variant."""
+
+    source: str = "default"
+    modes: tuple[str, ...] = ("full", "8bit", "4bit", "cpu")
+    decode_tokens: int = 64
+    batch: int = 8
+    answer_tokens: int = 48
+    ppl_path: str = str(PERPLEXITY_TEXT)
+    ppl_max_tokens: int = 512
+    interval_s: float = 0.05
+    isolate: bool = True  # one spawned process per mode: honest RSS
+    device: str | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchSettings":
+        """Short settings that finish in a minute or two on two CPU cores.
+
+        Without a GPU, "cpu" loads exactly what "full" loads, so quick runs skip it there.
+        """
+        import torch
+
+        modes = cls.modes if torch.cuda.is_available() else tuple(m for m in cls.modes if m != "cpu")
+        base = dict(modes=modes, decode_tokens=12, answer_tokens=24, ppl_max_tokens=128)
+        return cls(**{**base, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightInventory:
+    """Theoretical weight bytes from the model's parameter inventory for one load mode.
+
+    bitsandbytes quantizes every ``nn.Linear`` except the output head; the embedding, the
+    head (tied to it in SmolLM2), norms and biases stay in the compute dtype.
+    """
+
+    quantized_params: int
+    other_params: int
+    quant_bits: int  # bits per quantized weight (compute bits in full/cpu mode)
+    compute_bits: int
+
+    @property
+    def params(self) -> int:
+        return self.quantized_params + self.other_params
+
+    @property
+    def theoretical_bytes(self) -> int:
+        return (self.quantized_params * self.quant_bits + self.other_params * self.compute_bits) // 8
+
+
+@dataclasses.dataclass
+class ModeResult:
+    """One row of the table. Sizes in bytes; NaN where this machine cannot measure it."""
+
+    mode: str
+    model: str = ""
+    source: str = ""
+    random_weights: bool = False
+    device: str = ""
+    dtype: str = ""
+    params: int = 0
+    load_s: float = math.nan
+    weights_bytes: int = 0  # model.get_memory_footprint(): what the framework holds
+    theoretical_bytes: int = 0
+    weights_vs_theory: float = math.nan  # weights_bytes / theoretical_bytes
+    weights_within_tolerance: bool = False
+    # GPU: absolute NVML figures (what nvidia-smi shows). CPU: growth over the RSS before the load.
+    device_mem_bytes: float = math.nan  # after the load
+    process_rss_bytes: float = math.nan  # absolute RSS after the load
+    peak_mem_bytes: float = math.nan  # peak while generating (CPU: exact, from VmHWM)
+    ttft_s: float = math.nan
+    decode_tok_s_b1: float = math.nan
+    decode_tok_s_batch: float = math.nan  # aggregate over `batch` concurrent requests
+    batch: int = 0
+    batch_method: str = ""
+    decode_tokens: int = 0
+    energy_j_per_token: float = math.nan
+    energy_source: str = "unavailable"
+    monitor_backend: str = ""
+    perplexity: float = math.nan
+    ppl_tokens: int = 0
+    greedy_answer: str = ""
+    error: str = ""
+
+
+# ---------------------------------------------------------------- theory
+
+def weight_inventory(model: Any, mode: str | LoadMode, compute_dtype: Any) -> WeightInventory:
+    """Count what bitsandbytes would quantize in ``mode``, from the model's actual modules.
+
+    Works on a bnb-quantized model too: ``Linear8bitLt``/``Linear4bit`` are ``nn.Linear``
+    subclasses and keep ``in_features``/``out_features``, so packed storage does not skew counts.
+    """
+    import torch
+
+    mode = LoadMode.parse(mode)
+    compute_bits = torch.finfo(compute_dtype).bits
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    linear_of: dict[int, torch.nn.Linear] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not head_weight:
+            linear_of[id(module.weight)] = module
+    quantized = other = 0
+    for param in model.parameters():  # tied parameters are yielded once
+        linear = linear_of.get(id(param))
+        if linear is not None and mode.bits:
+            quantized += linear.in_features * linear.out_features
+        elif linear is not None:
+            other += linear.in_features * linear.out_features
+        else:
+            other += param.numel()
+    return WeightInventory(quantized, other, mode.bits or compute_bits, compute_bits)
+
+
+def preset_inventory(preset: str, mode: str | LoadMode, compute_dtype: Any = None) -> WeightInventory:
+    """Theoretical bytes for an architecture preset (e.g. ``llama-3-8b``) without allocating it."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    fields = dict(ARCH_PRESETS[preset])
+    if fields.get("vocab_size") is None:
+        from transformers import AutoTokenizer
+
+        from llama_lab.loading import converted_gguf_dir, embedded_gguf_path
+
+        fields["vocab_size"] = len(AutoTokenizer.from_pretrained(converted_gguf_dir(embedded_gguf_path())))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**fields))
+    return weight_inventory(model, mode, compute_dtype or torch.bfloat16)
+
+
+# ---------------------------------------------------------------- machine description
+
+def machine_info() -> dict[str, str]:
+    """What the CSV records next to every row, so tables from different boxes can be compared."""
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:  # a broken CUDA install still gets a CPU table
+        pass
+    return {
+        "cpu": cpu_name(),
+        "cpu_cores": str(os.cpu_count()),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "bitsandbytes": version("bitsandbytes"),
+        "llama_lab": version("llama-lab"),
+        # other work on the box skews every timing: record how busy it was when the table was made
+        "loadavg_1m": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+# ---------------------------------------------------------------- measurements
+
+def perplexity(lm: "LoadedModel", text: str, max_tokens: int = 512) -> tuple[float, int]:
+    """exp(mean next-token loss) over the first ``max_tokens`` tokens of ``text``."""
+    import torch
+
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the perplexity text needs at least two tokens")
+    with torch.inference_mode():
+        inputs = torch.tensor([ids], device=lm.device)
+        out = lm.model(input_ids=inputs, labels=inputs)
+    return float(torch.exp(out.loss.float())), len(ids)
+
+
+@dataclasses.dataclass
+class StreamTiming:
+    """Timestamps of one streamed request: when it was submitted, each (time, tokens so far)."""
+
+    submitted: float
+    points: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: str | None = None
+
+    @property
+    def first(self) -> float:
+        return self.points[0][0]
+
+    @property
+    def last(self) -> float:
+        return self.points[-1][0]
+
+    @property
+    def tokens(self) -> int:
+        return self.points[-1][1] if self.points else 0
+
+
+def timed_requests(engine: "Engine", prompts: Sequence[Sequence[int]], max_tokens: int,
+                   timeout_s: float = 600.0) -> list[StreamTiming]:
+    """Submit all prompts at once (greedy, ``ignore_eos``) and time every delta of every request."""
+    from llama_lab.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    timings = []
+    for ids in prompts:
+        timing = StreamTiming(submitted=time.perf_counter())
+
+        def sink(delta: Any, timing: StreamTiming = timing) -> None:
+            now = time.perf_counter()
+            if delta.completion_tokens:
+                timing.points.append((now, delta.completion_tokens))
+            if delta.finish_reason is not None:
+                timing.error = delta.error if delta.finish_reason == "error" else None
+                timing.done.set()
+
+        engine.submit(ids, params, sink)
+        timings.append(timing)
+    deadline = time.monotonic() + timeout_s
+    for timing in timings:
+        if not timing.done.wait(max(0.0, deadline - time.monotonic())):
+            raise TimeoutError(f"generation did not finish within {timeout_s:.0f} s")
+        if timing.error:
+            raise RuntimeError(f"generation failed: {timing.error}")
+        if not timing.points:
+            raise RuntimeError("a request finished without producing a token")
+    return timings
+
+
+def decode_rate(timings: Sequence[StreamTiming]) -> float:
+    """Aggregate tokens/s once every request is decoding: tokens produced after the last first token."""
+    start = max(t.first for t in timings)
+    end = max(t.last for t in timings)
+    produced = 0
+    for t in timings:
+        before = max((n for when, n in t.points if when <= start), default=0)
+        produced += t.tokens - before
+    return produced / (end - start) if end > start else math.nan
+
+
+def _device_memory(lm: "LoadedModel", mon: Monitor) -> float:
+    """What nvidia-smi shows on a GPU (NVML), else what the load added to the process RSS."""
+    if lm.device.type == "cuda":
+        sample = mon.sample_now()
+        if not math.isnan(sample.gpu_mem_used_bytes):
+            return sample.gpu_mem_used_bytes
+        import torch
+
+        return float(torch.cuda.memory_reserved(lm.device))
+    return math.nan
+
+
+def _import_heavy(mode: LoadMode) -> None:
+    """Import the frameworks before the load is timed, so load time and RSS growth are the model's."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    if mode.bits:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception:  # load_model reports the problem with a better message
+            pass
+
+
+def measure_mode(settings: BenchSettings, mode: str) -> ModeResult:
+    """Measure one load mode in this process; failures become a row with ``error`` set."""
+    import psutil
+
+    result = ModeResult(mode=mode, batch=settings.batch, decode_tokens=settings.decode_tokens)
+    try:
+        _measure(settings, LoadMode.parse(mode), result)
+    except Exception as exc:  # e.g. bitsandbytes missing: the other modes still get measured
+        logger.exception("mode %s failed", mode)
+        result.error = f"{type(exc).__name__}: {exc}"
+    if math.isnan(result.process_rss_bytes):
+        result.process_rss_bytes = float(psutil.Process().memory_info().rss)
+    return result
+
+
+def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
+    import gc
+
+    import psutil
+    import torch
+
+    from llama_lab.engine import Engine, SamplingParams
+    from llama_lab.loading import load_model
+
+    _import_heavy(mode)
+    gc.collect()
+    proc = psutil.Process()
+    with Monitor(interval_s=settings.interval_s) as mon:
+        r.monitor_backend, r.energy_source = mon.backend, mon.energy_source
+        rss0 = proc.memory_info().rss
+        with mon.phase("load"):
+            lm = load_model(settings.source, mode, device=settings.device, dtype=settings.dtype)
+        rss1 = proc.memory_info().rss
+        r.model, r.source, r.random_weights = lm.name, lm.source, lm.random_weights
+        r.device, r.dtype = str(lm.device), str(lm.dtype).replace("torch.", "")
+        r.load_s = lm.load_seconds
+        r.weights_bytes = lm.weights_bytes
+        inv = weight_inventory(lm.model, mode, lm.dtype)
+        r.params, r.theoretical_bytes = inv.params, inv.theoretical_bytes
+        r.weights_vs_theory = lm.weights_bytes / inv.theoretical_bytes
+        r.weights_within_tolerance = abs(r.weights_vs_theory - 1.0) <= WEIGHTS_TOLERANCE
+        r.process_rss_bytes = float(rss1)
+        r.device_mem_bytes = float(rss1 - rss0) if lm.device.type == "cpu" else _device_memory(lm, mon)
+
+        with mon.phase("quality"):
+            text = Path(settings.ppl_path).read_text(encoding="utf-8")
+            r.perplexity, r.ppl_tokens = perplexity(lm, text, settings.ppl_max_tokens)
+
+        prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in DECODE_PROMPTS]
+        prompts = [prompts[i % len(prompts)] for i in range(max(settings.batch, 1))]
+        engine = Engine(lm, max_batch_size=max(settings.batch, 1))
+        try:
+            with mon.phase("warmup"):  # first calls pay for lazy init and kernel selection
+                engine.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+
+            if lm.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(lm.device)
+            exact_peak = reset_peak_rss()
+            gen_start = mon.sample_now().t
+
+            with mon.phase("batch 1") as ph1:
+                b1 = timed_requests(engine, prompts[:1], settings.decode_tokens)[0]
+            r.ttft_s = b1.first - b1.submitted
+            r.decode_tok_s_b1 = decode_rate([b1])
+            # energy over the whole request (prefill included): phase edges sit exactly on samples
+            e1 = mon.summary(ph1.start, ph1.end).energy_j
+            if not math.isnan(e1) and b1.tokens:
+                r.energy_j_per_token = e1 / b1.tokens
+            mon.add_phase("prefill", mon.clock(b1.submitted), mon.clock(b1.first))
+            mon.add_phase("decode", mon.clock(b1.first), mon.clock(b1.last))
+
+            with mon.phase(f"batch {settings.batch}"):
+                many = timed_requests(engine, prompts[: settings.batch], settings.decode_tokens)
+            r.decode_tok_s_batch = decode_rate(many)
+            r.batch_method = f"engine, {settings.batch} concurrent requests"
+            mon.add_phase("prefill", mon.clock(min(t.submitted for t in many)), mon.clock(max(t.first for t in many)))
+            mon.add_phase("decode", mon.clock(max(t.first for t in many)), mon.clock(max(t.last for t in many)))
+
+            gen_stats = mon.summary(gen_start, None)
+            if lm.device.type == "cuda":
+                nvml_peak = gen_stats.peak_gpu_mem_bytes
+                r.peak_mem_bytes = nvml_peak if not math.isnan(nvml_peak) else float(
+                    torch.cuda.max_memory_reserved(lm.device))
+            else:
+                # relative to the RSS before the load, like device_mem_bytes, so the two compare
+                hwm = peak_rss_bytes() if exact_peak else None
+                r.peak_mem_bytes = float(max(hwm or 0, gen_stats.peak_rss_bytes) - rss0)
+
+            with mon.phase("answer"):
+                answer = engine.generate(lm.chat_prompt_ids([{"role": "user", "content": ANSWER_PROMPT}]),
+                                         SamplingParams(max_tokens=settings.answer_tokens, temperature=0.0))
+            r.greedy_answer = answer.text.strip()
+        finally:
+            engine.close()
+    logger.info("mode %s: %s", mode.value, r)
+
+
+def _measure_in_child(settings: BenchSettings, mode: str) -> ModeResult:
+    logging.basicConfig(level=logging.WARNING)
+    # bitsandbytes warns on every 8-bit matmul on CPU ("inputs will be cast ..."): once is plenty
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per mode in the parent is enough
+    return measure_mode(settings, mode)
+
+
+def _prepare_in_child(settings: BenchSettings, mode: str) -> None:
+    from llama_lab.loading import load_model
+
+    load_model(settings.source, mode, device=settings.device, dtype=settings.dtype)
+
+
+def prepare_source(settings: BenchSettings) -> None:
+    """Do one-time conversions (GGUF to safetensors, random-preset checkpoints) before anything is timed."""
+    from llama_lab.loading import converted_gguf_dir, embedded_gguf_path
+
+    src = settings.source
+    if src == "default":
+        converted_gguf_dir(embedded_gguf_path())
+    elif src.lower().endswith(".gguf") and Path(src).is_file():
+        converted_gguf_dir(Path(src))
+    elif src.startswith("random:"):
+        quant = [m for m in settings.modes if LoadMode.parse(m).bits]
+        if quant:  # quantized random loads go through a cached checkpoint, written on first use
+            if settings.isolate:  # keep this process free of torch state the children should not share
+                _in_fresh_process(_prepare_in_child, settings, quant[0])
+            else:
+                _prepare_in_child(settings, quant[0])
+
+
+def _in_fresh_process(fn: Any, *args: Any) -> Any:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_table(settings: BenchSettings = BenchSettings(), progress: bool = True) -> list[ModeResult]:
+    """Measure every mode, each in a fresh spawned process unless ``settings.isolate`` is False."""
+    from tqdm.auto import tqdm
+
+    modes = [LoadMode.parse(m).value for m in settings.modes]
+    try:
+        prepare_source(settings)
+    except Exception as exc:  # the per-mode rows will carry the error
+        logger.warning("preparing %s failed: %s", settings.source, exc)
+    results = []
+    bar = tqdm(modes, desc="quantization table", unit="mode", disable=not progress)
+    for mode in bar:
+        bar.set_postfix_str(f"measuring {mode}")
+        if settings.isolate:
+            try:
+                res = _in_fresh_process(_measure_in_child, settings, mode)
+            except Exception as exc:  # the child died (e.g. out of memory)
+                res = ModeResult(mode=mode, error=f"worker process failed: {type(exc).__name__}: {exc}")
+        else:
+            res = measure_mode(settings, mode)
+        results.append(res)
+        if not res.error:
+            bar.set_postfix_str(f"{mode}: {res.decode_tok_s_b1:.1f} tok/s")
+    bar.close()
+    return results
+
+
+# ---------------------------------------------------------------- output
+
+MIB = 2**20
+CSV_COLUMNS = [f.name for f in dataclasses.fields(ModeResult)]
+
+
+def to_frame(results: Iterable[ModeResult], machine: dict[str, str] | None = None) -> "pd.DataFrame":
+    """The table as a DataFrame, machine description repeated on every row."""
+    import pandas as pd
+
+    machine = machine if machine is not None else machine_info()
+    rows = [{**dataclasses.asdict(r), **machine} for r in results]
+    return pd.DataFrame(rows, columns=CSV_COLUMNS + list(machine))
+
+
+def save_csv(results: Sequence[ModeResult], path: str | os.PathLike, machine: dict[str, str] | None = None) -> Path:
+    """Write the table (with the machine description) to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_frame(results, machine).to_csv(path, index=False, quoting=csv.QUOTE_MINIMAL, float_format="%.6g")
+    return path
+
+
+def load_csv(path: str | os.PathLike) -> "pd.DataFrame":
+    import pandas as pd
+
+    return pd.read_csv(path, keep_default_na=True).fillna({"error": "", "greedy_answer": ""})
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def theory_table(preset: str = "llama-3-8b") -> str:
+    """Theoretical weight bytes per mode for an architecture preset; for the 8B, beside the seed's nvidia-smi."""
+    seed = preset == "llama-3-8b"
+    lines = [f"{'mode':>5}  {'theory weights MiB':>18}" + (f"  {'seed nvidia-smi MiB':>19}" if seed else "")
+             + f"   ({preset}, bf16 compute; nvidia-smi adds the CUDA context, ~0.4-0.5 GiB)"]
+    for mode in ("full", "8bit", "4bit"):
+        inv = preset_inventory(preset, mode)
+        lines.append(f"{mode:>5}  {inv.theoretical_bytes / MIB:>18.0f}" + (f"  {SEED_8B_MIB[mode]:>19}" if seed else ""))
+    return "\n".join(lines)
+
+
+def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None = None) -> str:
+    """A readable fixed-width table; ``seed_mib`` adds the seed's nvidia-smi figures beside ours."""
+    header = ["mode", "load s", "weights MiB", "theory MiB", "w/theory", "device MiB", "RSS MiB", "peak MiB",
+              "TTFT s", "tok/s b1", "tok/s bN", "J/tok", "ppl"]
+    if seed_mib:
+        header.append("seed 8B MiB")
+    rows = []
+    for r in results:
+        if r.error:
+            rows.append([r.mode, "error: " + r.error[:80]])
+            continue
+        ok = "ok" if r.weights_within_tolerance else "OFF"
+        row = [
+            r.mode, _fmt(r.load_s, ".1f"), _fmt(r.weights_bytes / MIB, ".0f"), _fmt(r.theoretical_bytes / MIB, ".0f"),
+            f"{r.weights_vs_theory:.2f} {ok}", _fmt(r.device_mem_bytes / MIB, ".0f"),
+            _fmt(r.process_rss_bytes / MIB, ".0f"), _fmt(r.peak_mem_bytes / MIB, ".0f"), _fmt(r.ttft_s, ".3f"),
+            _fmt(r.decode_tok_s_b1, ".1f"), _fmt(r.decode_tok_s_batch, ".1f"), _fmt(r.energy_j_per_token, ".3f"),
+            _fmt(r.perplexity, ".2f"),
+        ]
+        if seed_mib:
+            row.append(str(seed_mib.get(r.mode, "")))
+        rows.append(row)
+    widths = [max([len(h)] + [len(row[i]) for row in rows if len(row) == len(header)]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        if len(row) == len(header):
+            lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        else:
+            lines.append(f"{row[0].rjust(widths[0])}  {row[1]}")
+    first = next((r for r in results if not r.error), None)
+    if first is not None:
+        lines.append(f"model {first.model} ({first.params / 1e6:.1f}M params, {'RANDOM' if first.random_weights else 'trained'} "
+                     f"weights) on {first.device}; batch N={first.batch} via {first.batch_method}; "
+                     f"{first.decode_tokens} decode tokens; energy: {first.energy_source}")
+        lines.append(f"w/theory: framework weights / (params x bits/8, embeddings and head in the compute dtype); "
+                     f"ok = within {WEIGHTS_TOLERANCE:.0%}")
+    return "\n".join(lines)
+
+
+def summary_json(results: Sequence[ModeResult]) -> dict[str, Any]:
+    """The figures scripts care about, keyed by mode (the last stdout line of the bench script)."""
+    out: dict[str, Any] = {}
+    for r in results:
+        if r.error:
+            out[r.mode] = {"error": r.error}
+            continue
+        out[r.mode] = {
+            "load_s": round(r.load_s, 3), "weights_mib": round(r.weights_bytes / MIB, 1),
+            "theory_mib": round(r.theoretical_bytes / MIB, 1), "weights_within_15pct": r.weights_within_tolerance,
+            "device_mib": _round(r.device_mem_bytes / MIB, 1), "peak_mib": _round(r.peak_mem_bytes / MIB, 1),
+            "ttft_s": _round(r.ttft_s, 4), "tok_s_b1": _round(r.decode_tok_s_b1, 2),
+            f"tok_s_b{r.batch}": _round(r.decode_tok_s_batch, 2), "j_per_token": _round(r.energy_j_per_token, 4),
+            "perplexity": _round(r.perplexity, 3), "answer": r.greedy_answer,
+        }
+    return out
+
+
+def _round(value: float, digits: int) -> float | None:
+    return None if value is None or math.isnan(value) else round(value, digits)
+
+
+# ================================================================ stop-button experiment
+# Issue 4 part 3 lives in ``llama_lab/stopbench.py`` (it drives servers over HTTP, this module
+# loads models); re-exported here so ``llama_lab.bench`` is the one place for experiments.
+from llama_lab.stopbench import StopResult, StopSettings, measure_stop  # noqa: E402
+from llama_lab.stopbench import compare as compare_stop_button  # noqa: E402
