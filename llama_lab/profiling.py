@@ -351,9 +351,9 @@ class Monitor:
         gpu = self._nvml.read() if self._nvml is not None else {}
         with self._lock:
             t = self.elapsed()
-            t_prev, cpu_prev, e_prev = self._prev
+            t_prev, _, e_prev = self._prev
             dt = t - t_prev
-            cpu_pct = 100.0 * (cpu_s - cpu_prev) / dt if dt > 0 and self.samples else NAN
+            cpu_pct = self._cpu_percent_since(t, cpu_s)
             if self._rapl is not None:
                 energy = self._rapl.read_joules()
             elif self._nvml is not None and self.energy_source == "nvml":
@@ -379,6 +379,17 @@ class Monitor:
             self.samples.append(sample)
             self._prev = (t, cpu_s, energy)
         return sample
+
+    def _cpu_percent_since(self, t: float, cpu_s: float) -> float:
+        """CPU % over at least half an interval: extra samples at phase edges (ms apart) don't spike."""
+        ref = None
+        for prev in reversed(self.samples):
+            ref = prev
+            if t - prev.t >= 0.5 * self.interval_s:
+                break
+        if ref is None or t <= ref.t:
+            return NAN
+        return 100.0 * (cpu_s - ref.cpu_seconds) / (t - ref.t)
 
     # -- phases
 
