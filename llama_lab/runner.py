@@ -41,15 +41,22 @@ class BackgroundServer:
     """A uvicorn server for any ASGI app, on a thread of its own (shared by the server and the gateway)."""
 
     def __init__(self, app: Any, host: str, port: int, *, name: str, log_level: str = "warning",
-                 on_stop: Any = None, loggers: tuple[str, ...] = ("llama_lab", "uvicorn")) -> None:
+                 on_stop: Any = None, loggers: tuple[str, ...] = ("llama_lab", "uvicorn"),
+                 lifespan: str = "off") -> None:
         import uvicorn
 
         self.app, self.host, self.name = app, host, name
         self._on_stop = on_stop
         self._log = LogBuffer()
+        self._log.setLevel(log_level.upper())
         self._loggers = [logging.getLogger(n) for n in loggers]
+        self._raised_levels: list[logging.Logger] = []
         for lg in self._loggers:
             lg.addHandler(self._log)
+            # an unconfigured logger inherits the root's WARNING, which would hide log_level="info"
+            if lg.level == logging.NOTSET and lg.getEffectiveLevel() > self._log.level:
+                lg.setLevel(self._log.level)
+                self._raised_levels.append(lg)
         key = (host, port)
         with _LIVE_LOCK:
             previous = _LIVE.pop(key, None)
@@ -59,7 +66,7 @@ class BackgroundServer:
         if port:
             _ensure_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level=log_level,
-                                access_log=False, lifespan="off", timeout_graceful_shutdown=2)
+                                access_log=False, lifespan=lifespan, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"llama-lab-{name}-{port}", daemon=True)
         self._thread.start()
@@ -103,6 +110,9 @@ class BackgroundServer:
     def _detach_logs(self) -> None:
         for lg in self._loggers:
             lg.removeHandler(self._log)
+        for lg in self._raised_levels:
+            lg.setLevel(logging.NOTSET)
+        self._raised_levels = []
 
     def __enter__(self) -> "BackgroundServer":
         return self

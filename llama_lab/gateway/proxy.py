@@ -1,0 +1,364 @@
+"""Relaying one request to a backend: retries before the first byte, SSE pass-through, usage.
+
+The relay is an ASGI response that owns the whole upstream exchange, so one watcher on the
+client connection covers it all: when the client goes away, the upstream request is closed at
+once (the backend then stops generating), whether we were waiting for the first token, streaming,
+or reading a non-streamed answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from llama_lab.gateway.errors import error_body
+from llama_lab.gateway.routing import Router, describe_failure, upstream_headers, upstream_url
+from llama_lab.gateway.schemas import Channel, TokenOut
+from llama_lab.gateway.settings import GatewaySettings
+from llama_lab.gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+_HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class ProxyCall:
+    """What the route learned from the client's request; the relay needs nothing else."""
+
+    path: str  # "/chat/completions" or "/completions"
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+    token: TokenOut
+    started_wall: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A rough count (4 characters a token) for streams cut before the backend sent its usage."""
+    chars = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    return math.ceil(chars / 4) + 4 * len(body.get("messages") or [])
+
+
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Split a byte stream into SSE events, each with its blank-line separator, bytes unchanged."""
+    buf = b""
+    async for chunk in chunks:
+        buf += chunk
+        while True:
+            lf, crlf = buf.find(b"\n\n"), buf.find(b"\r\n\r\n")
+            if lf < 0 and crlf < 0:
+                break
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                end = crlf + 4
+            else:
+                end = lf + 2
+            yield buf[:end]
+            buf = buf[end:]
+    if buf.strip():
+        yield buf
+
+
+def _data_json(event: bytes) -> Any:
+    lines = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
+    return json.loads(b"\n".join(lines)) if lines else None
+
+
+class Relay(Response):
+    """Tries the candidate channels in order, then streams or returns the chosen one's answer."""
+
+    def __init__(
+        self,
+        call: ProxyCall,
+        candidates: list[Channel],
+        *,
+        router: Router,
+        store: Store,
+        client: httpx.AsyncClient,
+        settings: GatewaySettings,
+    ) -> None:
+        self.call = call
+        self.candidates = candidates
+        self.router = router
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.status_code = 200
+        self.background = None
+        self.channel: Channel | None = None
+        self.upstream: httpx.Response | None = None
+        self.error: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.first_byte_ms: float | None = None
+        self.chunks = 0
+        self.done = False
+        self.finished = False
+        self.client_gone = False
+        self.headers_sent = False
+        self.complete = False
+        self._meta: dict[str, Any] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_client() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    if not self.complete:  # uvicorn also reports a disconnect once the response is done
+                        self.client_gone = True
+                        tg.cancel_scope.cancel()
+
+                tg.start_soon(watch_client)
+                try:
+                    await self._serve(send)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_upstream()
+                await self._settle()
+
+    # -- trying channels --------------------------------------------------------------------
+    async def _serve(self, send: Send) -> None:
+        failures: list[str] = []
+        for channel in self.candidates:
+            self.channel = channel
+            url = upstream_url(channel.base_url, self.call.path)
+            try:
+                resp = await self.client.send(
+                    self.client.build_request("POST", url, json=self._upstream_body(channel), headers=upstream_headers(channel)),
+                    stream=True,
+                )
+            except httpx.HTTPError as exc:
+                await self._failed(channel, describe_failure(exc, url, self.settings), failures)
+                continue
+            self.upstream = resp
+            if resp.status_code >= 500:
+                text = await self._read_error(resp)
+                await self._failed(channel, f"{url} answered HTTP {resp.status_code}: {text}", failures)
+                continue
+            if resp.status_code != 200:
+                # The backend refused the request itself (bad parameters, context too long):
+                # another channel would refuse it too, so the client sees the backend's answer.
+                content = await resp.aread()
+                self.error = f"backend answered HTTP {resp.status_code}: {content[:300].decode(errors='replace')}"
+                await self._send_whole(send, resp.status_code, content, resp.headers.get("content-type"))
+                return
+            try:
+                if self.call.stream:
+                    events = sse_events(resp.aiter_bytes())
+                    first = await events.__anext__()
+                else:
+                    content = await resp.aread()
+            except (httpx.HTTPError, StopAsyncIteration) as exc:
+                reason = (
+                    describe_failure(exc, url, self.settings)
+                    if isinstance(exc, httpx.HTTPError)
+                    else f"{url} closed the stream before sending anything"
+                )
+                await self._failed(channel, reason, failures)
+                continue
+            self.first_byte_ms = (time.perf_counter() - self.call.started) * 1000
+            await self.router.record_success(channel)
+            if self.call.stream:
+                await self._pump(send, first, events)
+            else:
+                self._usage_from_body(content)
+                await self._send_whole(send, 200, content, resp.headers.get("content-type"))
+            return
+        n = len(failures)
+        message = (
+            f"All {n} channel{'s' if n > 1 else ''} for model '{self.call.model}' failed: " + "; ".join(failures)
+        )
+        self.error = message
+        await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", "upstream_failed")).encode())
+
+    def _upstream_body(self, channel: Channel) -> dict[str, Any]:
+        body = dict(self.call.body)
+        body["model"] = channel.upstream_model(self.call.model)
+        if self.call.stream:
+            # Ask for the usage chunk even if the client did not: it is what we charge.
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    async def _read_error(self, resp: httpx.Response) -> str:
+        try:
+            raw = await resp.aread()
+        except httpx.HTTPError:
+            return "(body unreadable)"
+        finally:
+            await resp.aclose()
+            self.upstream = None
+        try:
+            return str(json.loads(raw)["error"]["message"])[:300]
+        except (ValueError, KeyError, TypeError):
+            return raw[:300].decode(errors="replace")
+
+    async def _failed(self, channel: Channel, reason: str, failures: list[str]) -> None:
+        failures.append(f"channel '{channel.name}': {reason}")
+        await self._close_upstream()
+        await self.router.record_failure(channel, reason)
+
+    # -- answering the client ---------------------------------------------------------------
+    async def _send_whole(self, send: Send, status: int, content: bytes, content_type: str | None = None) -> None:
+        self.status_code = status
+        headers = [(b"content-type", (content_type or "application/json").encode()), (b"content-length", str(len(content)).encode())]
+        self.headers_sent = True
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        self.complete = True
+        await send({"type": "http.response.body", "body": content, "more_body": False})
+
+    async def _pump(self, send: Send, first: bytes, events: AsyncIterator[bytes]) -> None:
+        assert self.channel is not None
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.headers_sent = True
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            self._remember_meta(first)
+            event: bytes | None = first
+            while event is not None:
+                out = self._inspect(event)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if self.done:
+                    break
+                event = await anext(events, None)
+            if not (self.done or self.finished):
+                raise httpx.RemoteProtocolError("the stream ended without [DONE] or a finish_reason")
+        except httpx.HTTPError as exc:
+            reason = describe_failure(exc, self.channel.base_url, self.settings)
+            self.error = f"channel '{self.channel.name}' failed mid-stream after {self.chunks} chunks: {reason}"
+            self.status_code = 502
+            await self.router.record_failure(self.channel, reason)
+            await send({"type": "http.response.body", "body": self._error_tail(), "more_body": True})
+        self.complete = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.done:
+            # Read the upstream to its end so its keep-alive connection goes back to the pool.
+            with anyio.move_on_after(1.0):
+                try:
+                    while await anext(events, None) is not None:
+                        pass
+                except httpx.HTTPError:
+                    pass
+
+    def _remember_meta(self, event: bytes) -> None:
+        try:
+            obj = _data_json(event)
+        except ValueError:
+            return
+        if isinstance(obj, dict):
+            self._meta = {k: obj[k] for k in ("id", "created", "model", "object") if k in obj}
+
+    def _inspect(self, event: bytes) -> bytes | None:
+        """Read usage and end markers off an event; returns the bytes to forward (None = drop)."""
+        if event.startswith(b"data: [DONE]") or event.startswith(b"data:[DONE]"):
+            self.done = True
+            return event
+        self.chunks += 1
+        if not self.finished and _FINISHED.search(event):
+            self.finished = True
+        if _HAS_USAGE.search(event):
+            try:
+                obj = _data_json(event)
+            except ValueError:
+                return event
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                self.usage = obj["usage"]
+                self.chunks -= 1
+                if not self.call.client_wants_usage and not obj.get("choices"):
+                    return None  # the usage-only chunk we asked for, not the client
+        return event
+
+    def _error_tail(self) -> bytes:
+        """Make a mid-stream failure visible: as text (NextChat drops error chunks), then as an error event."""
+        text = f"\n\n[gateway error: {self.error}. The answer above is incomplete.]"
+        meta = {"id": self._meta.get("id", "gateway-error"), "created": self._meta.get("created", int(time.time()))}
+        meta["model"] = self._meta.get("model", self.call.model)
+        if self.call.path == "/completions":
+            chunk = {**meta, "object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+        else:
+            chunk = {
+                **meta,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+            }
+        err = error_body(self.error or "upstream failed", "upstream_error", "upstream_failed_mid_stream")
+        return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: " + json.dumps(err).encode() + b"\n\n" + DONE
+
+    def _usage_from_body(self, content: bytes) -> None:
+        try:
+            usage = json.loads(content).get("usage")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            self.usage = usage
+
+    # -- after the answer -------------------------------------------------------------------
+    async def _close_upstream(self) -> None:
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            await upstream.aclose()
+
+    async def _settle(self) -> None:
+        prompt = completion = 0
+        if self.usage:
+            prompt = int(self.usage.get("prompt_tokens") or 0)
+            completion = int(self.usage.get("completion_tokens") or 0)
+        elif self.chunks and self.channel is not None:
+            # Cut before the backend's usage chunk (client stop, backend crash): charge what we saw.
+            prompt, completion = estimate_prompt_tokens(self.call.body), self.chunks
+        status = self.status_code
+        if self.client_gone:
+            status = 499
+            self.error = self.error or f"client disconnected after {self.chunks} chunks; upstream request closed"
+        if not self.headers_sent and not self.client_gone and self.error is None:
+            status, self.error = 500, "the gateway failed before answering"
+        entry = {
+            "time": self.call.started_wall,
+            "token_id": self.call.token.id,
+            "token_name": self.call.token.name,
+            "channel_id": self.channel.id if self.channel else None,
+            "channel_name": self.channel.name if self.channel else None,
+            "model": self.call.model,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "latency_ms": (time.perf_counter() - self.call.started) * 1000,
+            "first_byte_ms": self.first_byte_ms,
+            "status": status,
+            "stream": self.call.stream,
+            "error": self.error,
+        }
+        try:
+            await self.store.run(self.store.settle, entry)
+        except Exception:
+            log.exception("could not record usage for token %s: %s", self.call.token.id, entry)

@@ -1,0 +1,104 @@
+"""Two gateway processes' worth of state on one real PostgreSQL (LLAMA_LAB_TEST_PG_URL)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from urllib.parse import quote
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from gateway_support import ADMIN_KEY, chat_body, start_backends, wait_for
+from llama_lab.gateway import serve_gateway
+from llama_lab.gateway.schemas import TokenIn
+from llama_lab.gateway.store import Store
+
+PG_URL = os.environ.get("LLAMA_LAB_TEST_PG_URL")
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not PG_URL, reason="set LLAMA_LAB_TEST_PG_URL (see .ci/postgres.sh)"),
+]
+
+
+@pytest.fixture()
+def pg_url():
+    """A fresh schema per test, so tests never see each other's rows."""
+    schema = f"gw_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+def _log(token_id: int) -> dict:
+    return {"time": 0.0, "token_id": token_id, "token_name": "t", "channel_id": None, "channel_name": None, "model": "m",
+            "prompt_tokens": 2, "completion_tokens": 3, "latency_ms": 1.0, "first_byte_ms": None, "status": 200,
+            "stream": False, "error": None}
+
+
+def test_store_settle_is_atomic_on_postgres(pg_url):
+    stores = [Store(pg_url), Store(pg_url)]  # two "processes"
+    try:
+        token = stores[0].create_token(TokenIn(name="race", quota=10**6))
+        assert stores[1].token_by_key(token.key).id == token.id
+        threads = [threading.Thread(target=lambda s=s: [s.settle(_log(token.id)) for _ in range(40)]) for s in stores * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert stores[1].get_token(token.id).used == 8 * 40 * 5 == stores[0].logged_tokens(token.id)
+    finally:
+        for s in stores:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    (b,) = start_backends(1)
+    yield b
+    b.stop()
+
+
+@pytest.mark.slow
+def test_two_gateways_share_tokens_quota_and_channels(pg_url, backend):
+    a = serve_gateway(port=0, db=pg_url, admin_key=ADMIN_KEY, channel_cache_ttl=0.2)
+    b = serve_gateway(port=0, db=pg_url, admin_key=ADMIN_KEY, channel_cache_ttl=0.2)
+    try:
+        with a.admin() as admin_a, b.admin() as admin_b:
+            admin_a.add_channel("shared", backend.url, models=[backend.model])
+            token = admin_a.add_token("both", quota=150)
+            assert [t.name for t in admin_b.tokens()] == ["both"]
+            statuses: list[int] = []
+
+            def one(gw) -> None:
+                resp = httpx.post(gw.url + "/v1/chat/completions", json=chat_body(backend.model, 6),
+                                  headers={"authorization": f"Bearer {token.key}"}, timeout=120)
+                statuses.append(resp.status_code)
+
+            for _wave in range(3):
+                threads = [threading.Thread(target=one, args=(gw,)) for gw in (a, b) * 5]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
+            wait_for(lambda: len(admin_b.logs(token_id=token.id, limit=100)) == len(statuses))
+            logs = admin_b.logs(token_id=token.id, limit=100)
+            assert admin_a.token(token.id).used == sum(r.total_tokens for r in logs) >= 150
+
+            admin_b.update_channel(1, enabled=False)  # an edit through one gateway reaches the other
+            resp = wait_for(lambda: (r := httpx.post(
+                a.url + "/v1/chat/completions", json=chat_body(backend.model),
+                headers={"authorization": f"Bearer {admin_a.add_token('x').key}"})).status_code == 503 and r, timeout=5)
+            assert resp and "disabled" in resp.json()["error"]["message"]
+    finally:
+        a.stop()
+        b.stop()
