@@ -66,6 +66,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600,
     )
     app.add_middleware(metrics.asgi_middleware)
+    app.add_middleware(_JsonBodies)
 
     async def check_key(request: Request) -> None:
         if settings.api_key is None:
@@ -181,6 +182,26 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return JSONResponse(await _collect(events, meta, n=len(prompts)))
 
     return app
+
+
+class _JsonBodies:
+    """Read POST bodies as JSON whatever content type a client claims.
+
+    ``curl -d '{...}'`` without ``-H`` says form-urlencoded; an API that only speaks JSON gains
+    nothing by refusing it. A body that is not JSON still gets a clear 400.
+    """
+
+    _LOOSE = (b"application/x-www-form-urlencoded", b"text/plain")
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, b"application/json" if k == b"content-type" and v.startswith(self._LOOSE) else v)
+                       for k, v in scope["headers"]]
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
 
 
 class _EventStream(StreamingResponse):

@@ -23,7 +23,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that exits 2 with one clear line naming the bad flag."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"llama-lab: error: {message} (see `llama-lab {self.prog.split()[-1]} --help`)\n")
+        command = self.prog.split()[-1]
+        hint = "llama-lab --help" if command == "llama-lab" else f"llama-lab {command} --help"
+        self.exit(2, f"llama-lab: error: {message} (see `{hint}`)\n")
 
 
 def _serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -109,9 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return gateway_main(argv[1:])
     parser = _Parser(prog="llama-lab", description="Serve, profile and gateway your own Llama-family chat models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _serve_parser(sub)
+    serve_parser = _serve_parser(sub)
     sub.add_parser("gateway", help="run the API gateway (tokens, quotas, failover); see `llama-lab gateway --help`")
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, so the hint names `llama-lab serve --help`
+        (serve_parser if args.command == "serve" else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return _run_serve(args)
     parser.print_help()

@@ -16,8 +16,31 @@ from llama_lab.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class _Request(BaseModel):
+def _replace_lone_surrogates(value: Any) -> Any:
+    """JSON may carry lone surrogates (``"\\ud800"``); tokenizers reject them, so they become U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clean_text(cls, data: Any) -> Any:
+        return _replace_lone_surrogates(data)
+
+
+class _Request(_Body):
 
     model: str | None = None
     stream: bool = False
@@ -31,7 +54,7 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     user: str | None = None
 
     @field_validator("stop")
@@ -157,42 +180,43 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        return _split_inputs(self.prompt)
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
-        if value == "" or value == [] or value == [""]:
-            raise ValueError("the prompt is empty")
-        return value
+        return _require_non_empty(value, "the prompt is empty")
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:
-        p = self.input
-        if isinstance(p, str):
-            return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        """One entry per input: text, or token ids."""
+        return _split_inputs(self.input)
 
     @field_validator("input")
     @classmethod
     def _non_empty(cls, value: Any) -> Any:
-        if value == "" or value == [] or value == [""]:
-            raise ValueError("the input is empty")
-        return value
+        return _require_non_empty(value, "the input is empty")
+
+
+def _split_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """OpenAI's four shapes (text, texts, ids, lists of ids) as one list of prompts."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(x, int) for x in value):
+        return [list(value)]  # type: ignore[arg-type]
+    return list(value)  # type: ignore[arg-type]
+
+
+def _require_non_empty(value: Any, message: str) -> Any:
+    if value == "" or value == [] or value == [""]:
+        raise ValueError(message)
+    return value
 
 
 _Request.model_rebuild()

@@ -19,3 +19,128 @@ def default_model():
     from llama_lab import load_model
 
     return load_model("default")
+
+
+# ---------------------------------------------------------------- servers (tests/test_app.py and friends)
+
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recording_engine(loaded, **kwargs):
+    """A real Engine that also keeps every RequestHandle, so tests can read ``steps_after_cancel``."""
+    from llama_lab.engine import Engine
+
+    class RecordingEngine(Engine):
+        def __init__(self, *args, **kw):
+            self.handles = []
+            super().__init__(*args, **kw)
+
+        def submit(self, *args, **kw):
+            handle = super().submit(*args, **kw)
+            self.handles.append(handle)
+            return handle
+
+    return RecordingEngine(loaded, **kwargs)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Poll ``predicate`` until it is truthy; fail the test with a clear message on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def wait_idle(engine, timeout: float = 15.0) -> None:
+    wait_until(lambda: engine.stats.running == 0 and engine.stats.waiting == 0, timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model):
+    """One engine for the tiny-model servers; small prefill chunks so a long prompt takes many steps."""
+    engine = recording_engine(tiny_model, max_batch_size=32, prefill_chunk=32)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_engine):
+    """The OpenAI server on the random tiny model, on a free 127.0.0.1 port."""
+    from llama_lab import serve
+
+    with serve(tiny_engine, port=0, log_level="warning") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def default_server(default_model):
+    """The OpenAI server on the embedded SmolLM2 (trained weights: it stops on its own)."""
+    from llama_lab import serve
+
+    with serve(default_model, port=0, log_level="warning") as server:
+        yield server
+
+
+@pytest.fixture
+def http(tiny_server):
+    with httpx.Client(base_url=tiny_server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def cli_server():
+    """Start ``python -m llama_lab serve ARGS --port N`` as a real process; wait for /health."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, port: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+        port = port or free_port()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen([sys.executable, "-m", "llama_lab", "serve", *args, "--port", str(port)], cwd=ROOT,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server on port {port} did not answer /health within {timeout} s")
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``python -m llama_lab ARGS`` to completion (for flags that must fail fast)."""
+    return subprocess.run([sys.executable, "-m", "llama_lab", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
