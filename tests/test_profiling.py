@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def test_rss_matches_psutil_and_follows_allocations():
     proc = psutil.Process()
     with Monitor(interval_s=0.02, gpu=False) as mon:
         before = mon.sample_now().rss_bytes
-        block = bytearray(200 * 2**20)
+        # a fresh anonymous mapping: malloc could reuse pages a long test session already holds
+        block = mmap.mmap(-1, 200 * 2**20)
         for i in range(0, len(block), 4096):  # touch every page so it is resident
             block[i] = 1
         time.sleep(0.1)
@@ -43,7 +45,7 @@ def test_rss_matches_psutil_and_follows_allocations():
         theirs = proc.memory_info().rss
         assert abs(ours - theirs) <= 0.05 * theirs
         assert ours - before >= 180 * 2**20
-        del block
+        block.close()
     timeline = mon.to_frame()
     assert timeline["rss_bytes"].max() - timeline["rss_bytes"].iloc[0] >= 180 * 2**20
 
