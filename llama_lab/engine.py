@@ -38,6 +38,10 @@ class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the server maps this to 429."""
 
 
+class _PrefillCancelled(Exception):
+    """Raised inside the model's forward pass to abandon a cancelled prompt."""
+
+
 class EngineClosed(RuntimeError):
     """The engine was closed while a request was waiting or running."""
 
@@ -149,6 +153,8 @@ class Engine:
         # transformers 5.x renamed ``past_key_values`` to ``cache``; accept both releases
         params = inspect.signature(loaded.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._prefilling: RequestHandle | None = None
+        self._install_cancel_hooks()
         self._thread = threading.Thread(target=self._loop, name=f"llama-lab-engine-{loaded.name}", daemon=True)
         self._thread.start()
 
@@ -216,6 +222,9 @@ class Engine:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        for hook in self._hooks:  # the model may outlive this engine (notebooks, tests)
+            hook.remove()
+        self._hooks = []
 
     def __enter__(self) -> "Engine":
         return self
@@ -285,6 +294,21 @@ class Engine:
             for _, fut in calls:
                 fut.cancel()
 
+    def _install_cancel_hooks(self) -> None:
+        """Let a cancel interrupt a prefill forward pass between decoder layers.
+
+        A long prompt's chunk can take a second on a CPU; checking only between chunks would
+        leave the device busy that long after the client left.
+        """
+        decoder = getattr(self.loaded.model, "model", None)
+        self._hooks = [layer.register_forward_pre_hook(self._check_prefill_cancel)
+                       for layer in getattr(decoder, "layers", ())]
+
+    def _check_prefill_cancel(self, module: Any, args: Any) -> None:
+        handle = self._prefilling
+        if handle is not None and handle.cancelled.is_set():
+            raise _PrefillCancelled
+
     @torch.inference_mode()
     def _prefill(self, handle: RequestHandle) -> tuple[_Running, Any] | None:
         """Run the prompt through the model in chunks; sample the first token."""
@@ -301,7 +325,14 @@ class Engine:
                 self._finish(handle, [], "cancelled")
                 return None
             chunk = torch.tensor([ids[start:start + self.prefill_chunk]], device=self.loaded.device)
-            out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            self._prefilling = handle
+            try:
+                out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
+            except _PrefillCancelled:
+                self._finish(handle, [], "cancelled")
+                return None
+            finally:
+                self._prefilling = None
             logits = out.logits[:, -1, :]
             self.stats.prefill_chunks += 1
         self.stats.prompt_tokens += len(ids)

@@ -145,3 +145,22 @@ def test_embedded_model_chat_stops_on_its_own(default_model):
     assert out.finish_reason == "stop"
     assert 0 < out.completion_tokens < 512
     assert "2" in out.text
+
+
+def test_cancel_interrupts_a_prefill_chunk_mid_forward(tiny_model):
+    """With one huge chunk, the cancel must still land inside the forward pass (between layers)."""
+    with Engine(tiny_model, prefill_chunk=4096) as engine:
+        long_prompt = tiny_model.tokenizer.encode("word " * 2000)[:2000]
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        entered = threading.Event()
+        layer = tiny_model.model.model.layers[0]  # the next layer's check sees the cancel
+        hook = layer.register_forward_pre_hook(lambda m, a: (entered.set(), time.sleep(0.2)) and None)
+        try:
+            handle = engine.submit(long_prompt, SamplingParams(max_tokens=5), events.put)
+            assert entered.wait(30)
+            handle.cancel()  # while the first layer's hook sleeps: the chunk has not finished
+            delta = events.get(timeout=30)
+        finally:
+            hook.remove()
+        assert delta.finish_reason == "cancelled"
+        assert engine.stats.prefill_chunks == 0, "the cancelled chunk must not complete"
