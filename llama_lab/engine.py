@@ -13,6 +13,7 @@ The one streaming generator (``stream`` / ``astream``) is the only way out; ``ge
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import dataclasses
 import inspect
@@ -22,6 +23,7 @@ import queue
 import secrets
 import threading
 import time
+import weakref
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import torch
@@ -157,6 +159,11 @@ class Engine:
         self._install_cancel_hooks()
         self._thread = threading.Thread(target=self._loop, name=f"llama-lab-engine-{loaded.name}", daemon=True)
         self._thread.start()
+        # An engine left open at interpreter exit would be torn down mid-wait by torch's thread
+        # pools ("terminate called without an active exception", exit code 134): close it first.
+        ref = weakref.ref(self)
+        self._atexit = lambda: (engine := ref()) is not None and engine.close(timeout=2)
+        atexit.register(self._atexit)
 
     # ------------------------------------------------------------ public API
 
@@ -225,6 +232,7 @@ class Engine:
         for hook in self._hooks:  # the model may outlive this engine (notebooks, tests)
             hook.remove()
         self._hooks = []
+        atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
         return self

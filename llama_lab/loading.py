@@ -244,9 +244,10 @@ def load_model(
     """
     mode = _parse_mode(mode)
     src = os.fspath(source)
-    started, rss0 = time.perf_counter(), _rss()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started, rss0 = time.perf_counter(), _rss()  # after the imports: load time, not import time
 
     dev = _resolve_device(mode, device)
     compute = _compute_dtype(dev, dtype)
