@@ -56,7 +56,10 @@ def test_tiny_table_has_every_mode_with_sane_values(tiny_table, tmp_path):
         assert r.random_weights and r.device == "cpu"
         assert r.load_s > 0 and r.weights_bytes > 0 and r.weights_within_tolerance
         assert r.process_rss_bytes > r.weights_bytes
-        assert r.peak_mem_bytes > 0  # growth over the pre-load RSS while generating
+        # growth over the pre-load RSS while generating: for a 6 MB model that is allocator noise
+        # (the idle engine's malloc_trim can even hand back heap held before the load), so only
+        # check it is a real, bounded reading; the embedded-model test checks real growth
+        assert math.isfinite(r.peak_mem_bytes) and abs(r.peak_mem_bytes) < 256 * 2**20
         assert 0 < r.ttft_s < 10
         assert r.decode_tok_s_b1 > 0 and r.decode_tok_s_batch > 0
         assert r.batch == 8 and "engine" in r.batch_method
@@ -135,6 +138,8 @@ def test_embedded_model_each_mode_in_its_own_process():
         # a fresh process per mode: the RSS growth is this mode's load, not the sum of every mode
         assert r.device_mem_bytes < 1.0 * 2**30
     assert by["4bit"].weights_bytes < 0.5 * by["full"].weights_bytes
+    # the peak while generating is measured from before the load, so it holds the weights
+    assert by["full"].peak_mem_bytes > 0.5 * by["full"].weights_bytes
     assert "Paris" in by["full"].greedy_answer
     assert by["full"].perplexity < by["4bit"].perplexity * 1.05  # 4-bit does not beat full precision
     assert isinstance(by["full"], ModeResult)
