@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llama_lab.presets import LoadMode
 
@@ -17,6 +17,16 @@ DEFAULT_CORS_ORIGINS = [
     "app://.",
 ]
 DEFAULT_CORS_ORIGIN_REGEX = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+# A list given as "a,b" on the command line or in an env var (NoDecode: not parsed as JSON first).
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
 class ServerSettings(BaseSettings):
@@ -32,8 +42,8 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (use 0.0.0.0 only behind a firewall or tunnel)")
     port: int = Field(19327, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     api_key: SecretStr | None = Field(None, description="if set, clients must send 'Authorization: Bearer <key>'")
-    model_name: list[str] = Field(default_factory=list, description="name(s) to serve the model as (comma-separated); any requested name is accepted")
-    cors_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS),
+    model_name: CommaList = Field(default_factory=list, description="name(s) to serve the model as (comma-separated); any requested name is accepted")
+    cors_origins: CommaList = Field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS),
                                     description="allowed browser origins (comma-separated, or '*'); localhost/127.0.0.1 on any port are always allowed")
     max_concurrency: int = Field(64, ge=1, description="requests running or waiting at once; more get 429")
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one batch")
@@ -42,13 +52,6 @@ class ServerSettings(BaseSettings):
     default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request gives none")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (a cancel lands between steps)")
     log_level: str = Field("info", description="debug, info, warning or error")
-
-    @field_validator("model_name", "cors_origins", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return value
 
     @field_validator("log_level")
     @classmethod

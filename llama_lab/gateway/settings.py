@@ -8,6 +8,8 @@ import platformdirs
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llama_lab.settings import CommaList
+
 
 def default_db_url() -> str:
     """A SQLite file in the user's data dir, so the gateway's state survives restarts."""
@@ -28,7 +30,7 @@ class GatewaySettings(BaseSettings):
         validation_alias=AliasChoices("LLAMA_LAB_ADMIN_KEY", "LLAMA_LAB_GATEWAY_ADMIN_KEY"),
         description="Key for the /api admin routes (env LLAMA_LAB_ADMIN_KEY); generated and logged when unset.",
     )
-    cors_origins: list[str] = Field(
+    cors_origins: CommaList = Field(
         default_factory=list,
         description="Extra browser origins allowed (e.g. https://chat.example.com, or * for any); local origins are always allowed.",
     )
