@@ -385,7 +385,8 @@ def test_full_queue_gets_429_with_retry_after_and_recovers(tiny_model):
     with serve(tiny_model, port=0, max_concurrency=1) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json={"messages": HI, "stream": True, "max_tokens": 1500}) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the first request holds the only slot
+            lines = r.iter_lines()  # keep it: a discarded iterator closes the response (a disconnect)
+            next(lines)  # the first request holds the only slot
             busy = http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2})
             err = assert_openai_error(busy, 429)
             assert err["type"] == "rate_limit_error" and "busy" in err["message"]
