@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 
 from llama_lab.engine import AsyncStreams, Delta, Engine, EngineClosed, EngineOverloaded
-from llama_lab.errors import APIError, error_body, install_error_handlers
+from llama_lab.errors import APIError, install_error_handlers
 from llama_lab.metrics import ServerMetrics
 from llama_lab.protocol import ChatCompletionRequest, CompletionRequest, Defaults, EmbeddingRequest, _Request
 from llama_lab.settings import DEFAULT_CORS_ORIGIN_REGEX, ServerSettings

@@ -597,5 +597,5 @@ def _round(value: float, digits: int) -> float | None:
 # ================================================================ stop-button experiment
 # Issue 4 part 3 lives in ``llama_lab/stopbench.py`` (it drives servers over HTTP, this module
 # loads models); re-exported here so ``llama_lab.bench`` is the one place for experiments.
-from llama_lab.stopbench import StopResult, StopSettings, measure_stop  # noqa: E402
-from llama_lab.stopbench import compare as compare_stop_button  # noqa: E402
+from llama_lab.stopbench import StopResult, StopSettings, measure_stop  # noqa: E402, F401 (re-export)
+from llama_lab.stopbench import compare as compare_stop_button  # noqa: E402, F401 (re-export)

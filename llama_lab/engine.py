@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 import weakref
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
