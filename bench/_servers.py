@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,17 +20,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+from llama_lab.runner import free_port, wait_healthy
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DTYPE = "bfloat16"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_own_copy(target: Path) -> Path:
@@ -129,19 +124,11 @@ class RunningServer:
         self.popen = subprocess.Popen(self.cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                       env={**os.environ, **OFFLINE_ENV})
         self.proc = psutil.Process(self.popen.pid)
-        deadline = t0 + self.spec.startup_timeout_s
-        while True:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.spec.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"{self.spec.name} not healthy after {self.spec.startup_timeout_s}s:\n{self.log_tail()}")
-            time.sleep(0.5)
+        try:
+            wait_healthy(self.base_url, self.popen, timeout=self.spec.startup_timeout_s, interval=0.5)
+        except (RuntimeError, TimeoutError) as exc:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"{self.spec.name}: {exc}:\n{self.log_tail()}") from None
         self.startup_s = time.perf_counter() - t0
         try:
             data = httpx.get(f"{self.base_url}/v1/models", timeout=10).json().get("data") or []

@@ -10,13 +10,16 @@ from __future__ import annotations
 import collections
 import logging
 import socket
+import subprocess
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llama_lab.engine import Engine
-from llama_lab.loading import LoadedModel, load_model
 from llama_lab.settings import ServerSettings
+
+if TYPE_CHECKING:  # imported lazily: free_port / wait_healthy must not pull in torch
+    from llama_lab.engine import Engine
+    from llama_lab.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,9 @@ def serve(model: "str | LoadedModel | Engine" = "default", *, port: int = 19327,
     ``model`` may be a source for ``load_model``, a ``LoadedModel`` or a running ``Engine``
     (shared engines are not closed by ``stop()``). ``port=0`` picks a free port.
     """
+    from llama_lab.engine import Engine
+    from llama_lab.loading import LoadedModel, load_model
+
     fields = {"host": host, "port": port, **settings}
     if mode is not None:
         fields["mode"] = mode
@@ -184,3 +190,32 @@ def _ensure_free(host: str, port: int) -> None:
         except OSError as exc:
             raise OSError(f"port {port} on {host} is already in use by another program ({exc.strerror}); "
                           "pick another port or stop that program") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free right now (for servers started as subprocesses)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, interval: float = 0.2) -> None:
+    """Poll ``GET {url}/health`` until it answers 200.
+
+    Raises RuntimeError as soon as ``proc`` exits (no point waiting out the timeout), and
+    TimeoutError after ``timeout`` seconds.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server process exited with status {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer within {timeout:.0f} s")
+        time.sleep(interval)

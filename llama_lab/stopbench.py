@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import httpx
 
 from llama_lab.profiling import Monitor, Sample
+from llama_lab.runner import free_port, wait_healthy
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -246,12 +246,6 @@ def measure_stop(url: str, *, pid: int | None = None, settings: StopSettings = S
 
 # ---------------------------------------------------------------- servers as subprocesses
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """A server subprocess on a free 127.0.0.1 port: started, health-checked, stopped, its log kept."""
 
@@ -274,22 +268,13 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         logger.info("starting %s", " ".join(self.argv))
         self.popen = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            if self.popen.poll() is not None:
-                message = f"{' '.join(self.argv[1:3])} exited with {self.popen.returncode}:\n{self.log()}"
-                self.__exit__()
-                raise RuntimeError(message)
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                message = f"server not healthy after {self.startup_timeout_s:.0f} s:\n{self.log()}"
-                self.__exit__()
-                raise TimeoutError(message)
-            time.sleep(0.3)
+        try:
+            wait_healthy(self.url, self.popen, timeout=self.startup_timeout_s, interval=0.3)
+        except (RuntimeError, TimeoutError) as exc:
+            message = f"{' '.join(self.argv[1:3])}: {exc}:\n{self.log()}"
+            self.__exit__()
+            raise type(exc)(message) from None
+        return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.popen is not None and self.popen.poll() is None:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 import pytest
+
+from llama_lab.runner import free_port, wait_healthy
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +32,6 @@ def default_model():
 
 # ---------------------------------------------------------------- servers (tests/test_app.py and friends)
 
-import os  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import httpx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +66,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
 
 def wait_idle(engine, timeout: float = 15.0) -> None:
     wait_until(lambda: engine.stats.running == 0 and engine.stats.waiting == 0, timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -117,17 +112,13 @@ def cli_server():
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server on port {port} did not answer /health within {timeout} s")
+        try:
+            wait_healthy(url, proc, timeout=timeout)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}:\n{proc.stdout.read()}") from None
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from None
+        return proc, url
 
     yield start
     for proc in procs:

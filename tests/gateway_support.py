@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import httpx
 
+from llama_lab.runner import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Backend:
@@ -41,19 +36,12 @@ class Backend:
 
     def wait(self, timeout: float = 120.0) -> Backend:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"backend on {self.port} exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                resp = httpx.get(self.url + "/health", timeout=1.0)
-                if resp.status_code == 200:
-                    self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"backend on {self.port} not healthy after {timeout} s")
+        try:
+            wait_healthy(self.url, self.proc, timeout=timeout, interval=0.1)
+        except RuntimeError as exc:
+            raise RuntimeError(f"backend on {self.port}: {exc}: {self.proc.stderr.read().decode()[-2000:]}") from None
+        self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+        return self
 
     def running_requests(self) -> int:
         return int(httpx.get(self.url + "/health", timeout=5).json().get("running", 0))
