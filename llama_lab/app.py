@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 
+from llama_lab.cors import install_cors
 from llama_lab.engine import AsyncStreams, Delta, Engine, EngineClosed, EngineOverloaded
 from llama_lab.errors import APIError, install_error_handlers
 from llama_lab.metrics import ServerMetrics
 from llama_lab.protocol import ChatCompletionRequest, CompletionRequest, Defaults, EmbeddingRequest, _Request
-from llama_lab.settings import DEFAULT_CORS_ORIGIN_REGEX, ServerSettings
+from llama_lab.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app = FastAPI(title="llama_lab", version="0.1.0", docs_url="/docs", redoc_url=None, **lenient)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
     install_error_handlers(app)
-    origins = settings.cors_origins
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"] if "*" in origins else origins,
-        allow_origin_regex=None if "*" in origins else DEFAULT_CORS_ORIGIN_REGEX,
-        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"], max_age=600,
-    )
+    install_cors(app, settings.cors_origins, methods=["GET", "POST", "OPTIONS"])
     app.add_middleware(metrics.asgi_middleware)
     app.add_middleware(_JsonBodies)
 

@@ -16,7 +16,6 @@ DEFAULT_CORS_ORIGINS = [
     "http://tauri.localhost",
     "app://.",
 ]
-DEFAULT_CORS_ORIGIN_REGEX = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 
 
 def _split_commas(value: Any) -> Any:

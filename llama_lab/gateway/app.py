@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
+from llama_lab.cors import install_cors
 from llama_lab.gateway.errors import GatewayError, install_error_handlers, invalid_token
 from llama_lab.gateway.proxy import ProxyCall, Relay
 from llama_lab.gateway.routing import Router, test_channel
@@ -37,7 +37,6 @@ from llama_lab.gateway.store import KEY_PREFIX, Store
 
 log = logging.getLogger(__name__)
 
-LOCAL_ORIGINS = r"^(https?|tauri)://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 UNLIMITED_USD = 100_000_000.0  # what One API reports for an unlimited token; NextChat shows it as is
 
 
@@ -342,15 +341,7 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
     app.state.admin_key = admin_key
     app.state.router = Router(store, settings)
     install_error_handlers(app)
-    origins = settings.cors_origins
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=["*"] if "*" in origins else origins,
-        allow_origin_regex=None if "*" in origins else LOCAL_ORIGINS,
-        allow_methods=["*"],
-        allow_headers=["*"],
-        max_age=600,
-    )
+    install_cors(app, settings.cors_origins, methods=["*"])
 
     @app.get("/health")
     async def health() -> JSONResponse:
