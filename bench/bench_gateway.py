@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import contextlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from llama_lab.runner import free_port, wait_healthy
+from llama_lab.web.launcher import ServerProcess, llama_lab_command
 
 ADMIN_KEY = "bench-admin"
 
@@ -58,27 +56,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="streamed requests per side")
     args = parser.parse_args()
 
-    procs: list[subprocess.Popen] = []
-    tmp = tempfile.TemporaryDirectory()
-    try:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
         backend = args.backend_url
         if backend is None:
-            port = free_port()
-            backend = f"http://127.0.0.1:{port}"
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "llama_lab", "serve", "--model", args.serve_model, "--host", "127.0.0.1", "--port", str(port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-        wait_healthy(backend, procs[0] if procs else None)
+            backend = stack.enter_context(ServerProcess(
+                llama_lab_command("serve", "--model", args.serve_model, "--host", "127.0.0.1"), name="backend")).url
         args.model = args.model or httpx.get(backend + "/v1/models").json()["data"][0]["id"]
-        gport = free_port()
-        gateway = f"http://127.0.0.1:{gport}"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "llama_lab.gateway", "--port", str(gport), "--db", f"sqlite:///{Path(tmp.name) / 'gw.db'}",
-             "--admin-key", ADMIN_KEY, "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ))
-        wait_healthy(gateway, procs[-1])
+        gateway = stack.enter_context(ServerProcess(
+            llama_lab_command("gateway", "--db", f"sqlite:///{Path(tmp) / 'gw.db'}", "--admin-key", ADMIN_KEY,
+                              "--log-level", "warning"), name="gateway")).url
         admin = {"authorization": f"Bearer {ADMIN_KEY}"}
         httpx.post(gateway + "/api/channels", headers=admin, json={"name": "bench", "base_url": backend, "models": [args.model]}).raise_for_status()
         key = httpx.post(gateway + "/api/tokens", headers=admin, json={"name": "bench"}).json()["key"]
@@ -97,15 +84,6 @@ def main() -> int:
                 for url, out in ((backend, direct_tps), (gateway, gw_tps)):
                     seconds, chunks = one_request(client, url, key, args.model, args.stream_tokens, True)
                     out.append(chunks / seconds)
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        tmp.cleanup()
 
     d_med, g_med = statistics.median(direct_lat) * 1000, statistics.median(gw_lat) * 1000
     overhead = statistics.median([(g - d) * 1000 for d, g in zip(direct_lat, gw_lat)])

@@ -17,9 +17,12 @@ import logging
 import sys
 from pathlib import Path
 
-from llama_lab.bench import (
-    DATA_DIR, SEED_8B_MIB, BenchSettings, format_table, machine_info, run_table, save_csv, summary_json, theory_table,
+from llama_lab.lab.quant_table import (
+    SEED_8B_MIB, BenchSettings, format_table, machine_info, run_table, save_csv, summary_json, theory_table,
 )
+
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's results folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -442,7 +442,7 @@ async def scenario_abandon(client, srv, seed: int = 1234) -> dict:
         "done_markers": sum(r.done_marker for r in finished), "wall_s": round(wall, 1),
         "settle_s": None if settle is None else round(settle, 1), "answered_after": answered,
         "rss_start_mb": round(rss0 / 2**20, 1), "rss_peak_mb": round(peak / 2**20, 1),
-        "rss_after_mb": round(rss1 / 2**20, 1), "rss_ratio": round(rss1 / rss0, 3), "alive": srv.alive(),
+        "rss_after_mb": round(rss1 / 2**20, 1), "rss_ratio": round(rss1 / rss0, 3), "alive": srv.alive,
         "foreign_cores": round(foreign, 2),
     }
 
@@ -474,7 +474,7 @@ async def bench_server(srv: RunningServer, args, long_text: str) -> dict:
         if heavy:
             res["abandon"] = await scenario_abandon(client, srv)
             logger.info("%s abandon: %s", srv.spec.name, res["abandon"])
-        res["alive_at_end"] = srv.alive()
+        res["alive_at_end"] = srv.alive
         return res
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from llama_lab.stopbench import StopSettings, compare, format_table, plot, summary_json
+from llama_lab.lab.stop_experiment import StopSettings, compare, format_table, plot, summary_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llama_lab.runner import free_port, wait_healthy
+from llama_lab.web.launcher import ServerProcess, llama_lab_command
 
 
 @pytest.fixture(scope="session")
@@ -102,33 +101,21 @@ def http(tiny_server):
 
 @pytest.fixture
 def cli_server():
-    """Start ``python -m llama_lab serve ARGS --port N`` as a real process; wait for /health."""
-    procs: list[subprocess.Popen] = []
+    """Start ``python -m llama_lab serve ARGS --port N`` as a real process (the shared launcher); wait for /health."""
+    servers: list[ServerProcess] = []
 
-    def start(*args: str, port: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-        port = port or free_port()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "llama_lab", "serve", *args, "--port", str(port)], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
+    def start(*args: str, port: int | None = None, timeout: float = 120.0) -> tuple[ServerProcess, str]:
+        server = ServerProcess(llama_lab_command("serve", *args), port=port, cwd=ROOT, startup_timeout_s=timeout)
+        servers.append(server)
         try:
-            wait_healthy(url, proc, timeout=timeout)
-        except RuntimeError as exc:
-            raise AssertionError(f"{exc}:\n{proc.stdout.read()}") from None
-        except TimeoutError as exc:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
             raise AssertionError(str(exc)) from None
-        return proc, url
+        return server, server.url
 
     yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    for server in servers:
+        server.stop()
 
 
 def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:

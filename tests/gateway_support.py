@@ -2,62 +2,38 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from llama_lab.runner import free_port, wait_healthy
+from llama_lab.web.launcher import ServerProcess, free_port, llama_lab_command, wait_healthy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
 
 
-class Backend:
-    """``python -m llama_lab serve --model random:tiny`` in its own process."""
+class Backend(ServerProcess):
+    """``python -m llama_lab serve --model random:tiny`` in its own process (the shared launcher)."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(llama_lab_command("serve", "--model", "random:tiny", "--host", "127.0.0.1"), port=port,
+                         cwd=ROOT, startup_timeout_s=120.0, name="backend")
         self.model = "random-tiny"
 
     def start(self) -> Backend:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_lab", "serve", "--model", "random:tiny", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        self.spawn()
         return self
 
     def wait(self, timeout: float = 120.0) -> Backend:
-        assert self.proc is not None
-        try:
-            wait_healthy(self.url, self.proc, timeout=timeout, interval=0.1)
-        except RuntimeError as exc:
-            raise RuntimeError(f"backend on {self.port}: {exc}: {self.proc.stderr.read().decode()[-2000:]}") from None
+        self.startup_timeout_s = timeout
+        self.wait_ready()
         self.model = httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
         return self
 
     def running_requests(self) -> int:
         return int(httpx.get(self.url + "/health", timeout=5).json().get("running", 0))
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def start_backends(n: int) -> list[Backend]:

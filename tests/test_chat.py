@@ -26,7 +26,7 @@ def llama3_tokenizer(tiny_model):
 
 
 def test_llama3_stop_ids_include_eot(llama3_tokenizer):
-    from llama_lab.chat import resolve_stop_ids
+    from llama_lab.model.chat import resolve_stop_ids
 
     eot = llama3_tokenizer.convert_tokens_to_ids("<|eot_id|>")
     eos = llama3_tokenizer.convert_tokens_to_ids("<|end_of_text|>")
@@ -38,7 +38,7 @@ def test_llama3_stop_ids_include_eot(llama3_tokenizer):
 def test_chatml_stop_ids_and_generation_config_union(tiny_model):
     from transformers import GenerationConfig
 
-    from llama_lab.chat import resolve_stop_ids
+    from llama_lab.model.chat import resolve_stop_ids
 
     tok = tiny_model.tokenizer
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -50,9 +50,9 @@ def test_engine_stops_on_template_turn_end_not_tokenizer_eos(tiny_model, llama3_
     """A model whose only likely token is <|eot_id|> (not the tokenizer's eos) ends its turn at once."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llama_lab.chat import resolve_stop_ids
+    from llama_lab.model.chat import resolve_stop_ids
     from llama_lab.engine import Engine, SamplingParams
-    from llama_lab.loading import LoadedModel
+    from llama_lab.model.loading import LoadedModel
 
     tok = llama3_tokenizer
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
@@ -80,7 +80,7 @@ def test_engine_stops_on_template_turn_end_not_tokenizer_eos(tiny_model, llama3_
 
 
 def test_content_parts_are_flattened():
-    from llama_lab.chat import message_text
+    from llama_lab.model.chat import message_text
 
     parts = [{"type": "text", "text": "看图"}, {"type": "image_url", "image_url": {"url": "data:..."}},
              {"type": "text", "text": "说话"}]

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def _tiny_checkpoint_dir(tiny_model):
-    from llama_lab.loading import cache_root
+    from llama_lab.model.loading import cache_root
 
     dirs = sorted(p for p in (cache_root() / "random").glob("tiny-seed0-*") if (p / "config.json").is_file())
     assert dirs, "the tiny_model fixture writes this checkpoint"

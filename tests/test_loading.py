@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llama_lab.loading import LoadError, converted_gguf_dir, embedded_gguf_path, load_model
+from llama_lab.model.loading import LoadError, converted_gguf_dir, embedded_gguf_path, load_model
 
 
 def _answer(lm) -> str:
@@ -101,7 +101,7 @@ def test_4bit_without_bitsandbytes_is_one_clear_error():
     code = textwrap.dedent("""
         import sys
         sys.modules["bitsandbytes"] = None  # as on a platform where bitsandbytes cannot import
-        from llama_lab.loading import LoadError, load_model
+        from llama_lab.model.loading import LoadError, load_model
         try:
             load_model("random:tiny", "4bit")
         except LoadError as exc:

@@ -8,11 +8,13 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, wait_until
+from conftest import wait_until
+
+from llama_lab.web.launcher import free_port
 
 from llama_lab import serve
 from llama_lab.engine import EngineClosed
-from llama_lab.sampling import SamplingParams
+from llama_lab.engine import SamplingParams
 
 
 def engine_threads() -> set[threading.Thread]:

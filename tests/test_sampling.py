@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_lab.sampling import Detokenizer, SamplingParams, apply_penalties, sample_row
+from llama_lab.engine.detokenizer import Detokenizer
+from llama_lab.engine.sampling import SamplingParams, apply_penalties, sample_row
 
 CHINESE = "1+1等于几？答案是二。我们再来看看“中文字符”被拆成多个字节的情况：龘、𠮷、😀。"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llama_lab.gateway.settings import GatewaySettings
-from llama_lab.settings import ServerSettings
+from llama_lab.server.settings import ServerSettings
 
 
 def test_lists_from_env_vars_split_on_commas(monkeypatch):

@@ -17,8 +17,6 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from llama_lab.cors import install_cors
-from llama_lab.gateway.errors import GatewayError, install_error_handlers, invalid_token
 from llama_lab.gateway.proxy import ProxyCall, Relay
 from llama_lab.gateway.routing import Router, test_channel
 from llama_lab.gateway.schemas import (
@@ -34,10 +32,28 @@ from llama_lab.gateway.schemas import (
 )
 from llama_lab.gateway.settings import GatewaySettings
 from llama_lab.gateway.store import KEY_PREFIX, Store
+from llama_lab.web.cors import install_cors
+from llama_lab.web.errors import APIError, install_error_handlers
 
 log = logging.getLogger(__name__)
 
 UNLIMITED_USD = 100_000_000.0  # what One API reports for an unlimited token; NextChat shows it as is
+
+
+class GatewayError(APIError):
+    """An ``APIError`` that tells the openai SDK not to retry a refusal that will not heal in a second.
+
+    The SDK retries 401/403/429 by default; an exhausted quota or a revoked token would only be
+    hammered.
+    """
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None) -> None:
+        headers = {"x-should-retry": "false"} if status in (401, 403, 429) else None
+        super().__init__(status, message, type=type, code=code, headers=headers)
+
+
+def invalid_token(reason: str) -> GatewayError:
+    return GatewayError(401, reason, "invalid_request_error", "invalid_api_key")
 
 
 def _bearer(request: Request) -> str | None:

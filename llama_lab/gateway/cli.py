@@ -10,12 +10,13 @@ import re
 import sys
 import time
 from datetime import datetime
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import BaseModel
 
 from llama_lab.gateway.admin import DEFAULT_URL, Gateway, GatewayAdminError
 from llama_lab.gateway.settings import GatewaySettings
+from llama_lab.web.flags import FlagParser, add_settings_flags, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +57,6 @@ def _mapping(items: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per GatewaySettings field, so flags, env vars and defaults stay declared once."""
-    for name, field in GatewaySettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind = field.annotation
-        args = [a for a in get_args(kind) if a is not type(None)]
-        base = args[0] if args else kind
-        help_text = (field.description or "") + f" [env LLAMA_LAB_GATEWAY_{name.upper()}]"
-        if name == "admin_key":
-            help_text = (field.description or "") + " [env LLAMA_LAB_ADMIN_KEY]"
-        if getattr(kind, "__origin__", None) is list:
-            parser.add_argument(flag, dest=name, action="append", default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, type=base if base in (int, float) else str, default=argparse.SUPPRESS, help=help_text)
-
-
 def _client_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=argparse.SUPPRESS, help=f"gateway URL [env LLAMA_LAB_GATEWAY_URL, default {DEFAULT_URL}]")
@@ -81,16 +66,16 @@ def _client_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="llama-lab gateway",
         description="Several OpenAI-compatible backends behind one endpoint, with tokens, quotas and failover. "
         "Without a subcommand, runs the gateway in the foreground.",
     )
-    _add_settings_flags(parser)
+    add_settings_flags(parser, GatewaySettings)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    sub = parser.add_subparsers(dest="command", metavar="{serve,channel,token,logs}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,channel,token,logs}", parser_class=FlagParser)
     serve = sub.add_parser("serve", help="run the gateway (the default)")
-    _add_settings_flags(serve)
+    add_settings_flags(serve, GatewaySettings)
     common = _client_flags()
 
     channel = sub.add_parser("channel", help="manage backends").add_subparsers(dest="action", required=True)
@@ -250,8 +235,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     from llama_lab.gateway.app import create_gateway_app
 
-    fields = {n: getattr(args, n) for n in GatewaySettings.model_fields if hasattr(args, n)}
-    settings = GatewaySettings(**fields)
+    settings = settings_from_args(GatewaySettings, args)
     app = create_gateway_app(settings)
     log.info("gateway on http://%s:%d, database %s", settings.host, settings.port, settings.db)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=3)

@@ -22,7 +22,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from llama_lab.gateway.errors import error_body
+from llama_lab.web.errors import error_body
 from llama_lab.gateway.routing import Router, describe_failure, upstream_headers, upstream_url
 from llama_lab.gateway.schemas import Channel, TokenOut
 from llama_lab.gateway.settings import GatewaySettings
@@ -196,7 +196,7 @@ class Relay(Response):
             f"All {n} channel{'s' if n > 1 else ''} for model '{self.call.model}' failed: " + "; ".join(failures)
         )
         self.error = message
-        await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", "upstream_failed")).encode())
+        await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
 
     def _upstream_body(self, channel: Channel) -> dict[str, Any]:
         body = dict(self.call.body)
@@ -312,7 +312,7 @@ class Relay(Response):
                 "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
             }
-        err = error_body(self.error or "upstream failed", "upstream_error", "upstream_failed_mid_stream")
+        err = error_body(self.error or "upstream failed", "upstream_error", code="upstream_failed_mid_stream")
         return b"data: " + json.dumps(chunk).encode() + b"\n\ndata: " + json.dumps(err).encode() + b"\n\n" + DONE
 
     def _usage_from_body(self, content: bytes) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 from llama_lab.gateway.admin import Gateway
 from llama_lab.gateway.app import create_gateway_app
 from llama_lab.gateway.settings import GatewaySettings
-from llama_lab.runner import BackgroundServer
+from llama_lab.web.background import BackgroundServer
 
 
 class GatewayHandle(BackgroundServer):

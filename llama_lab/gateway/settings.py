@@ -8,7 +8,7 @@ import platformdirs
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llama_lab.settings import CommaList
+from llama_lab.web.flags import CommaList
 
 
 def default_db_url() -> str:

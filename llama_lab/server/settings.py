@@ -1,13 +1,23 @@
-"""Server settings, declared once: the CLI flags, the ``LLAMA_LAB_*`` env vars and the defaults."""
+"""Server settings, declared once: the CLI flags, the ``LLAMA_LAB_*`` env vars and the defaults,
+and ``build_engine``, the one way from settings to a running engine (CLI and notebooks alike)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import logging
+import os
+from typing import TYPE_CHECKING
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llama_lab.presets import LoadMode
+from llama_lab.model.presets import LoadMode
+from llama_lab.web.flags import CommaList
+
+if TYPE_CHECKING:
+    from llama_lab.engine import Engine
+    from llama_lab.model import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 # Browsers only: NextChat's web build on a local dev server, and the desktop app's webview origins.
 DEFAULT_CORS_ORIGINS = [
@@ -16,16 +26,6 @@ DEFAULT_CORS_ORIGINS = [
     "http://tauri.localhost",
     "app://.",
 ]
-
-
-def _split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value
-
-
-# A list given as "a,b" on the command line or in an env var (NoDecode: not parsed as JSON first).
-CommaList = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 
 
 class ServerSettings(BaseSettings):
@@ -59,3 +59,36 @@ class ServerSettings(BaseSettings):
         if value not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError("choose debug, info, warning or error")
         return value
+
+
+def gpu_device(gpus: str | None) -> str | None:
+    """The torch device for ``--gpus``, as the old demo meant it.
+
+    Before CUDA starts, ``CUDA_VISIBLE_DEVICES`` is set (the process then sees only those GPUs and
+    uses the first); in a process where CUDA already runs (a notebook) that would be ignored, so
+    the first listed GPU is addressed directly.
+    """
+    if gpus is None or not gpus.strip():
+        return None
+    first = gpus.split(",")[0].strip()
+    try:
+        import torch
+
+        cuda_started = torch.cuda.is_initialized()
+    except ImportError:
+        cuda_started = False
+    if cuda_started:
+        return f"cuda:{first}"
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus.strip()
+    return "cuda:0"
+
+
+def build_engine(settings: ServerSettings, loaded: "LoadedModel | None" = None) -> "Engine":
+    """Load the model the settings name (unless ``loaded`` is given) and start its engine."""
+    from llama_lab.engine import Engine
+    from llama_lab.model import load_model
+
+    if loaded is None:
+        loaded = load_model(settings.model, settings.mode, device=gpu_device(settings.gpus), dtype=settings.dtype)
+    return Engine(loaded, max_batch_size=settings.max_batch_size, max_active=settings.max_concurrency,
+                  prefill_chunk=settings.prefill_chunk)

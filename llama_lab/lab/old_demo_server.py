@@ -1,6 +1,6 @@
 """THE BUGGY PATTERN, reproduced on purpose: the old demo's streaming, with the user's attempted stop fix.
 
-Do not copy this code. It exists so ``bench/stop_button.py`` (``llama_lab.stopbench``) can measure
+Do not copy this code. It exists so the stop experiment (``llama_lab.lab.stop_experiment``) can measure
 the seed's Bug 2 beside llama_lab's server: pressing stop in the client closes the stream, yet the
 server keeps generating to ``max_tokens`` at full power.
 
@@ -25,7 +25,7 @@ through ``llama_lab.load_model`` so both servers run the same weights. The origi
 ``sse_starlette.EventSourceResponse``; starlette's ``StreamingResponse`` handles a disconnect
 the same way (a task group cancels the sending task), and needs no extra dependency.
 
-    python bench/old_demo_server.py --model default --port 19330
+    python -m llama_lab.lab.old_demo_server --model default --port 19330
 """
 
 from __future__ import annotations

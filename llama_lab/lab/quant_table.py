@@ -5,7 +5,7 @@ process (so each RSS figure is that mode's alone, not the sum of every mode load
 measures load time, weights memory as the framework counts it next to the theoretical bytes,
 device/process memory as nvidia-smi or the OS sees it, peak memory while generating, time to
 first token, decode tokens/s at batch 1 and 8 (through the ``Engine``, 8 concurrent requests),
-energy per token where a counter exists, perplexity on ``data/perplexity.txt`` and the greedy
+energy per token where a counter exists, perplexity on ``perplexity.txt`` (package data) and the greedy
 answer to a fixed prompt.
 """
 
@@ -26,19 +26,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from llama_lab.presets import ARCH_PRESETS, LoadMode
+from llama_lab.lab import data_file, round_or_none
+from llama_lab.model.presets import ARCH_PRESETS, LoadMode
 from llama_lab.profiling import Monitor, cpu_name, peak_rss_bytes, reset_peak_rss
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from llama_lab.engine import Engine
-    from llama_lab.loading import LoadedModel
+    from llama_lab.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-PERPLEXITY_TEXT = DATA_DIR / "perplexity.txt"
+PERPLEXITY_TEXT = data_file("perplexity.txt")
 ANSWER_PROMPT = "What is the capital of France? Answer in one sentence."
 # Eight different prompts so the batch-8 run pads and decodes like real concurrent chats.
 DECODE_PROMPTS = [
@@ -177,7 +177,7 @@ def preset_inventory(preset: str, mode: str | LoadMode, compute_dtype: Any = Non
     if fields.get("vocab_size") is None:
         from transformers import AutoTokenizer
 
-        from llama_lab.loading import converted_gguf_dir, embedded_gguf_path
+        from llama_lab.model.loading import converted_gguf_dir, embedded_gguf_path
 
         fields["vocab_size"] = len(AutoTokenizer.from_pretrained(converted_gguf_dir(embedded_gguf_path())))
     with torch.device("meta"):
@@ -345,7 +345,7 @@ def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
     import torch
 
     from llama_lab.engine import Engine, SamplingParams
-    from llama_lab.loading import load_model
+    from llama_lab.model.loading import load_model
 
     _import_heavy(mode)
     gc.collect()
@@ -432,14 +432,14 @@ def _measure_in_child(settings: BenchSettings, mode: str) -> ModeResult:
 
 
 def _prepare_in_child(settings: BenchSettings, mode: str) -> None:
-    from llama_lab.loading import load_model
+    from llama_lab.model.loading import load_model
 
     load_model(settings.source, mode, device=settings.device, dtype=settings.dtype)
 
 
 def prepare_source(settings: BenchSettings) -> None:
     """Do one-time conversions (GGUF to safetensors, random-preset checkpoints) before anything is timed."""
-    from llama_lab.loading import converted_gguf_dir, embedded_gguf_path
+    from llama_lab.model.loading import converted_gguf_dir, embedded_gguf_path
 
     src = settings.source
     if src == "default":
@@ -582,20 +582,9 @@ def summary_json(results: Sequence[ModeResult]) -> dict[str, Any]:
         out[r.mode] = {
             "load_s": round(r.load_s, 3), "weights_mib": round(r.weights_bytes / MIB, 1),
             "theory_mib": round(r.theoretical_bytes / MIB, 1), "weights_within_15pct": r.weights_within_tolerance,
-            "device_mib": _round(r.device_mem_bytes / MIB, 1), "peak_mib": _round(r.peak_mem_bytes / MIB, 1),
-            "ttft_s": _round(r.ttft_s, 4), "tok_s_b1": _round(r.decode_tok_s_b1, 2),
-            f"tok_s_b{r.batch}": _round(r.decode_tok_s_batch, 2), "j_per_token": _round(r.energy_j_per_token, 4),
-            "perplexity": _round(r.perplexity, 3), "answer": r.greedy_answer,
+            "device_mib": round_or_none(r.device_mem_bytes / MIB, 1), "peak_mib": round_or_none(r.peak_mem_bytes / MIB, 1),
+            "ttft_s": round_or_none(r.ttft_s, 4), "tok_s_b1": round_or_none(r.decode_tok_s_b1, 2),
+            f"tok_s_b{r.batch}": round_or_none(r.decode_tok_s_batch, 2), "j_per_token": round_or_none(r.energy_j_per_token, 4),
+            "perplexity": round_or_none(r.perplexity, 3), "answer": r.greedy_answer,
         }
     return out
-
-
-def _round(value: float, digits: int) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, digits)
-
-
-# ================================================================ stop-button experiment
-# Issue 4 part 3 lives in ``llama_lab/stopbench.py`` (it drives servers over HTTP, this module
-# loads models); re-exported here so ``llama_lab.bench`` is the one place for experiments.
-from llama_lab.stopbench import StopResult, StopSettings, measure_stop  # noqa: E402, F401 (re-export)
-from llama_lab.stopbench import compare as compare_stop_button  # noqa: E402, F401 (re-export)

@@ -1,8 +1,8 @@
-"""Run the server in the background of a Jupyter kernel or a script.
+"""A uvicorn server on a thread of its own, for notebooks and scripts (the server and the gateway).
 
-uvicorn runs in its own thread with its own event loop, so the kernel's loop needs no patching
-and the notebook stays usable. Re-running the cell replaces the server on that port instead of
-failing with "address already in use"; ``stop()`` frees the port and the engine thread.
+uvicorn runs with its own event loop, so a Jupyter kernel's loop needs no patching and the
+notebook stays usable. Re-running the cell replaces the server on that port instead of failing
+with "address already in use"; ``stop()`` frees the port.
 """
 
 from __future__ import annotations
@@ -10,16 +10,9 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING, Any
-
-from llama_lab.settings import ServerSettings
-
-if TYPE_CHECKING:  # imported lazily: free_port / wait_healthy must not pull in torch
-    from llama_lab.engine import Engine
-    from llama_lab.loading import LoadedModel
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -128,59 +121,6 @@ class BackgroundServer:
         return f"<{self.name} {state} at {self.url}>"
 
 
-class ServerHandle(BackgroundServer):
-    """The OpenAI server in the background: ``.url``, ``.base_url``, ``.engine``, ``.stop()``."""
-
-    def __init__(self, engine: Engine, settings: ServerSettings, owns_engine: bool) -> None:
-        from llama_lab.app import create_app
-
-        self.engine, self.settings = engine, settings
-        super().__init__(create_app(engine, settings), settings.host, settings.port, name="llama_lab server",
-                         log_level=settings.log_level, on_stop=engine.close if owns_engine else None)
-
-    @property
-    def base_url(self) -> str:
-        """What the ``openai`` SDK wants as ``base_url``."""
-        return self.url + "/v1"
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        lm = self.engine.loaded
-        return (f"<llama_lab server {state} at {self.url} — model {lm.name!r} ({lm.mode.value}, {lm.device}); "
-                f"OpenAI base_url={self.base_url}>")
-
-
-def serve(model: "str | LoadedModel | Engine" = "default", *, port: int = 19327, host: str = "127.0.0.1",
-          mode: str | None = None, **settings: Any) -> ServerHandle:
-    """Start the OpenAI server in the background and return at once with a handle.
-
-    ``model`` may be a source for ``load_model``, a ``LoadedModel`` or a running ``Engine``
-    (shared engines are not closed by ``stop()``). ``port=0`` picks a free port.
-    """
-    from llama_lab.engine import Engine
-    from llama_lab.loading import LoadedModel, load_model
-
-    fields = {"host": host, "port": port, **settings}
-    if mode is not None:
-        fields["mode"] = mode
-    if isinstance(model, str):
-        fields["model"] = model
-    cfg = ServerSettings(**fields)
-    owns = not isinstance(model, Engine)
-    if isinstance(model, Engine):
-        engine = model
-    else:
-        loaded = model if isinstance(model, LoadedModel) else load_model(cfg.model, cfg.mode, device=cfg.gpus, dtype=cfg.dtype)
-        engine = Engine(loaded, max_batch_size=cfg.max_batch_size, max_active=cfg.max_concurrency,
-                        prefill_chunk=cfg.prefill_chunk)
-    try:
-        return ServerHandle(engine, cfg, owns_engine=owns)
-    except BaseException:
-        if owns:
-            engine.close()
-        raise
-
-
 def _ensure_free(host: str, port: int) -> None:
     """Fail with a readable message when something else holds the port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -190,32 +130,3 @@ def _ensure_free(host: str, port: int) -> None:
         except OSError as exc:
             raise OSError(f"port {port} on {host} is already in use by another program ({exc.strerror}); "
                           "pick another port or stop that program") from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free right now (for servers started as subprocesses)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, interval: float = 0.2) -> None:
-    """Poll ``GET {url}/health`` until it answers 200.
-
-    Raises RuntimeError as soon as ``proc`` exits (no point waiting out the timeout), and
-    TimeoutError after ``timeout`` seconds.
-    """
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server process exited with status {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url}/health did not answer within {timeout:.0f} s")
-        time.sleep(interval)

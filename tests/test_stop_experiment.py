@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llama_lab.profiling import Sample
-from llama_lab.stopbench import StopSettings, compare, format_table, idle_since, plot, summary_json, table_frame
+from llama_lab.lab.stop_experiment import StopSettings, compare, format_table, idle_since, plot, summary_json, table_frame
 
 
 def _samples(points: list[tuple[float, float]]) -> list[Sample]:

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from llama_lab.chat import normalize_messages, render_chat, resolve_stop_ids
-from llama_lab.presets import ARCH_PRESETS, RANDOM_PREFIX, LoadMode
+from llama_lab.model.chat import normalize_messages, render_chat, resolve_stop_ids
+from llama_lab.model.presets import ARCH_PRESETS, RANDOM_PREFIX, LoadMode
 
 if TYPE_CHECKING:
     import torch

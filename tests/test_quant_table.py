@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_lab.bench import (
-    DATA_DIR, MIB, PERPLEXITY_TEXT, SEED_8B_MIB, WEIGHTS_TOLERANCE, BenchSettings, ModeResult, format_table,
+from llama_lab.lab.quant_table import (
+    MIB, PERPLEXITY_TEXT, SEED_8B_MIB, WEIGHTS_TOLERANCE, BenchSettings, ModeResult, format_table,
     load_csv, preset_inventory, run_table, save_csv, summary_json, weight_inventory,
 )
 
@@ -97,7 +97,7 @@ def test_perplexity_text_is_a_few_hundred_tokens():
 
 def test_shipped_cpu_table():
     """data/quant_table_cpu.csv was produced by bench/quant_table.py on the embedded model."""
-    df = load_csv(DATA_DIR / "quant_table_cpu.csv")
+    df = load_csv(Path(__file__).resolve().parents[1] / "data" / "quant_table_cpu.csv")
     assert sorted(df["mode"]) == sorted(ALL_MODES)
     assert (df["error"] == "").all()
     assert df["weights_within_tolerance"].all()

@@ -1,4 +1,4 @@
-"""Errors in OpenAI's shape, raised anywhere and rendered in one place."""
+"""Errors in OpenAI's shape for both HTTP apps, raised anywhere and rendered in one place."""
 
 from __future__ import annotations
 
@@ -53,7 +53,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error, from validation to an unexpected bug, leaves as OpenAI-shaped JSON."""
+    """Every error, from validation to an unexpected bug, leaves as OpenAI-shaped JSON.
+
+    An ``APIError``'s ``headers`` (``Retry-After``, ``x-should-retry``) go out with it.
+    """
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

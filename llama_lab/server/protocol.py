@@ -1,5 +1,7 @@
 """OpenAI request schemas (pydantic v2) and the one request -> SamplingParams translation.
 
+The schemas are the contract and nothing else: they check shapes and ranges; limits that depend
+on the model (the context length) are the server's business (``generation.completion_budget``).
 Unknown fields are accepted and logged as ignored, never fatal: clients such as NextChat send
 fields a local model has no use for.
 """
@@ -11,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llama_lab.sampling import SamplingParams
+from llama_lab.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ class _Body(BaseModel):
         return _replace_lone_surrogates(data)
 
 
-class _Request(_Body):
+class GenerationRequest(_Body):
+    """Fields shared by chat and text completions."""
 
     model: str | None = None
     stream: bool = False
@@ -65,7 +68,7 @@ class _Request(_Body):
         stops = [value] if isinstance(value, str) else value
         if len(stops) > 16:
             raise ValueError("at most 16 stop sequences")
-        return [s for s in stops if s]
+        return stops
 
     def ignored_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
@@ -76,36 +79,19 @@ class _Request(_Body):
     def wants_logprobs(self) -> tuple[bool, int]:
         return False, 0
 
-    def to_sampling_params(self, *, prompt_tokens: int, context_length: int, defaults: "Defaults", index: int = 0) -> SamplingParams:
+    def to_sampling_params(self, *, max_tokens: int, defaults: "Defaults", index: int = 0) -> SamplingParams:
         """The only place where request fields become generation parameters.
 
-        ``presence_penalty`` / ``frequency_penalty`` follow OpenAI's definition exactly
-        (logit -= presence * [count > 0] + frequency * count, over generated tokens);
-        ``repetition_penalty`` is Hugging Face's multiplicative penalty over prompt and output.
-        With ``n > 1`` each choice gets ``seed + index`` so choices differ but stay reproducible.
+        ``max_tokens`` is the budget the server computed (the request's own, or the default cut
+        to the room left in the context). ``presence_penalty`` / ``frequency_penalty`` follow
+        OpenAI's definition exactly (logit -= presence * [count > 0] + frequency * count, over
+        generated tokens); ``repetition_penalty`` is Hugging Face's multiplicative penalty over
+        prompt and output. With ``n > 1`` each choice gets ``seed + index`` so choices differ but
+        stay reproducible.
         """
-        from llama_lab.errors import APIError
-
-        room = context_length - prompt_tokens
-        asked = self.requested_max_tokens()
-        if asked is not None and asked > room:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {context_length} tokens. However, you requested "
-                f"{prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                param="max_tokens", code="context_length_exceeded",
-            )
-        if room < 1:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {context_length} tokens. However, your messages resulted in "
-                f"{prompt_tokens} tokens. Please reduce the length of the messages.",
-                param="messages", code="context_length_exceeded",
-            )
         logprobs, top = self.wants_logprobs()
         return SamplingParams(
-            max_tokens=asked if asked is not None else min(defaults.max_tokens, room),
+            max_tokens=max_tokens,
             temperature=self.temperature if self.temperature is not None else defaults.temperature,
             top_p=self.top_p if self.top_p is not None else defaults.top_p,
             top_k=self.top_k or 0,
@@ -145,13 +131,13 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def as_template_message(self) -> dict[str, Any]:
-        from llama_lab.chat import message_text
+        from llama_lab.model.chat import message_text
 
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": message_text([p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content)}
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -170,7 +156,7 @@ class ChatCompletionRequest(_Request):
         return self
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
@@ -219,6 +205,6 @@ def _require_non_empty(value: Any, message: str) -> Any:
     return value
 
 
-_Request.model_rebuild()
+GenerationRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 CompletionRequest.model_rebuild()

@@ -7,12 +7,12 @@ random generator. A cancelled request is dropped before the next forward pass, s
 most the one step already running. When nothing is queued, the thread sleeps on a condition
 variable: an idle server uses no CPU.
 
-The one streaming generator (``stream`` / ``astream``) is the only way out; ``generate`` drains it.
+The one streaming generator (``stream``, or ``submit`` with a sink) is the only way out; ``generate``
+drains it. The server's asyncio glue lives in ``llama_lab.server.generation``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
@@ -28,12 +28,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from llama_lab.loading import LoadedModel
-from llama_lab.sampling import Detokenizer, SamplingParams, apply_penalties, sample_row, token_logprobs
+from llama_lab.engine.detokenizer import Detokenizer
+from llama_lab.engine.sampling import SamplingParams, apply_penalties, sample_row, token_logprobs
+from llama_lab.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "SamplingParams", "Delta", "Completion", "RequestHandle", "AsyncStreams", "EngineOverloaded", "EngineClosed"]
+__all__ = ["Engine", "Delta", "Completion", "RequestHandle", "EngineOverloaded", "EngineClosed"]
 
 
 class EngineOverloaded(RuntimeError):
@@ -200,10 +201,6 @@ class Engine:
                     return
         finally:
             handle.cancel()
-
-    def astream(self, prompt_ids: Sequence[int], params: SamplingParams) -> "AsyncStreams":
-        """Async iterator of ``(0, delta)`` for one request; see ``AsyncStreams``."""
-        return AsyncStreams(self, [(prompt_ids, params)])
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
         """The stream, collected."""
@@ -459,51 +456,6 @@ class Engine:
             self.stats.requests_cancelled += 1
         else:
             self.stats.requests_finished += 1
-
-
-class AsyncStreams:
-    """Several requests' deltas on one asyncio queue, as ``(index, delta)``, for the server.
-
-    Requests are submitted at construction, so a full queue raises before any response byte is
-    sent. The engine thread hands events over with ``call_soon_threadsafe``: the event loop never
-    blocks on the model and keeps noticing disconnects. Call ``cancel()`` in a ``finally``.
-    """
-
-    def __init__(self, engine: Engine, jobs: Sequence[tuple[Sequence[int], SamplingParams]]) -> None:
-        loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
-        self.handles: list[RequestHandle] = []
-        self._open = len(jobs)
-
-        def sink_for(index: int) -> Callable[[Delta], None]:
-            def sink(delta: Delta) -> None:
-                try:
-                    loop.call_soon_threadsafe(self._queue.put_nowait, (index, delta))
-                except RuntimeError:  # the loop is gone (server stopped): nobody is listening
-                    self.cancel()
-            return sink
-
-        try:
-            for i, (ids, params) in enumerate(jobs):
-                self.handles.append(engine.submit(ids, params, sink_for(i)))
-        except BaseException:
-            self.cancel()
-            raise
-
-    def __aiter__(self) -> "AsyncStreams":
-        return self
-
-    async def __anext__(self) -> tuple[int, Delta]:
-        if self._open <= 0:
-            raise StopAsyncIteration
-        index, delta = await self._queue.get()
-        if delta.finish_reason is not None:
-            self._open -= 1
-        return index, delta
-
-    def cancel(self) -> None:
-        for handle in self.handles:
-            handle.cancel()
 
 
 def _merge(batch: list[_Running], cache: Any, mask: torch.Tensor | None, run: _Running, row_cache: Any):

@@ -4,37 +4,30 @@ A client streams a long chat completion, reads ``leave_after`` chunks and closes
 as NextChat's stop button aborts its fetch. A ``Monitor`` watches the server process, and the
 server's own counter (``/metrics``) says how many tokens it generated after the client left.
 ``compare()`` runs llama_lab's server and a reproduction of the old demo's pattern
-(``bench/old_demo_server.py``) as subprocesses, the same way, so their timelines sit side by side:
+(``llama_lab.lab.old_demo_server``) as subprocesses, the same way, so their timelines sit side by side:
 the old pattern stays busy until ``max_tokens``; ours is idle within one decoding step.
 
     results = compare(StopSettings.quick())
     print(format_table(results)); plot(results)
 
-``StopPanel`` is the interactive version for a notebook: Start / Stop buttons, tokens streaming
-live, and the CPU of the process that runs the server.
+``llama_lab.lab.widgets.StopPanel`` is the interactive version for a notebook.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import httpx
 
 from llama_lab.profiling import Monitor, Sample
-from llama_lab.runner import free_port, wait_healthy
+from llama_lab.lab import round_or_none
+from llama_lab.web.launcher import ServerProcess
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,12 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-OLD_DEMO = REPO / "bench" / "old_demo_server.py"
 LONG_PROMPT = "Write a very long story about a lighthouse keeper."  # SmolLM2 greedy: runs past 300 tokens
 OURS_COUNTER = "llama_lab_engine_steps"  # one decode step = one token while a single request runs
 OLD_COUNTER = "old_demo_generated_tokens"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +124,8 @@ class StopResult:
 
     def summary(self) -> dict[str, Any]:
         return {"server": self.server, "tokens_after_leave": self.tokens_after_leave,
-                "seconds_to_idle": _round(self.seconds_to_idle, 2), "still_busy": self.still_busy,
-                "cpu_seconds_after": _round(self.window_cpu_seconds, 2), "window_s": self.settings.window_s,
+                "seconds_to_idle": round_or_none(self.seconds_to_idle, 2), "still_busy": self.still_busy,
+                "cpu_seconds_after": round_or_none(self.window_cpu_seconds, 2), "window_s": self.settings.window_s,
                 "chunks_before_leave": self.chunks_before_leave, "tokens_at_leave": self.tokens_at_leave,
                 "ended_before_leave": self.ended_before_leave}
 
@@ -152,7 +142,7 @@ def read_counter(url: str, name: str, client: httpx.Client | None = None, timeou
     raise KeyError(f"{url}/metrics has no {name!r}")
 
 
-def _content(line: str) -> str:
+def content_of(line: str) -> str:
     """The text of one SSE ``data:`` line of a chat stream ('' for role, finish and [DONE] chunks)."""
     if not line.startswith("data:") or line.strip() == "data: [DONE]":
         return ""
@@ -207,7 +197,7 @@ def measure_stop(url: str, *, pid: int | None = None, settings: StopSettings = S
                     if line.strip() == "data: [DONE]":
                         ended = True
                         break
-                    if _content(line):
+                    if content_of(line):
                         chunks += 1
                         if chunks >= settings.leave_after:
                             break
@@ -246,54 +236,6 @@ def measure_stop(url: str, *, pid: int | None = None, settings: StopSettings = S
 
 # ---------------------------------------------------------------- servers as subprocesses
 
-class ServerProcess:
-    """A server subprocess on a free 127.0.0.1 port: started, health-checked, stopped, its log kept."""
-
-    def __init__(self, argv: Sequence[str], *, threads: int | None = None, startup_timeout_s: float = 240.0) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.argv = [a.format(port=self.port, python=sys.executable) for a in argv]
-        self.env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"}
-        if threads:
-            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        self.startup_timeout_s = startup_timeout_s
-        self._log = tempfile.NamedTemporaryFile(prefix="stopbench-", suffix=".log", delete=False)
-        self.popen: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def __enter__(self) -> "ServerProcess":
-        logger.info("starting %s", " ".join(self.argv))
-        self.popen = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(self.url, self.popen, timeout=self.startup_timeout_s, interval=0.3)
-        except (RuntimeError, TimeoutError) as exc:
-            message = f"{' '.join(self.argv[1:3])}: {exc}:\n{self.log()}"
-            self.__exit__()
-            raise type(exc)(message) from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.terminate()
-            try:  # the old demo's non-daemon generate thread can hold the process up to max_tokens
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=10)
-        self._log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._log.name)
-
-    def log(self, last: int = 40) -> str:
-        """The last lines the server printed (kept in a temporary file until ``__exit__``)."""
-        self._log.flush()
-        return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-last:])
-
-
 @dataclasses.dataclass(frozen=True)
 class ServerKind:
     """How to launch one server under test and which ``/metrics`` counter counts its tokens."""
@@ -306,7 +248,7 @@ class ServerKind:
 SERVERS = {
     "llama_lab": ServerKind(("{python}", "-m", "llama_lab", "serve", "--model", "{model}", "--port", "{port}",
                              "--log-level", "warning"), OURS_COUNTER),
-    "old demo": ServerKind(("{python}", str(OLD_DEMO), "--model", "{model}", "--port", "{port}"), OLD_COUNTER,
+    "old demo": ServerKind(("{python}", "-m", "llama_lab.lab.old_demo_server", "--model", "{model}", "--port", "{port}"), OLD_COUNTER,
                            token_times="/token_times"),
 }
 
@@ -314,10 +256,8 @@ SERVERS = {
 def run_server(name: str, settings: StopSettings = StopSettings()) -> StopResult:
     """Start one kind of server as a subprocess, run the experiment against it, stop it."""
     kind = SERVERS[name]
-    if name == "old demo" and not OLD_DEMO.is_file():
-        raise FileNotFoundError(f"{OLD_DEMO} is missing: the old demo reproduction lives in the repository's bench/")
     argv = [a.replace("{model}", settings.model) for a in kind.argv]
-    with ServerProcess(argv, threads=settings.threads) as proc:
+    with ServerProcess(argv, threads=settings.threads, name=name) as proc:
         result = measure_stop(proc.url, pid=proc.pid, settings=settings, server=name, counter=kind.counter,
                               token_times=kind.token_times)
         result.log = proc.log()
@@ -330,10 +270,6 @@ def compare(settings: StopSettings = StopSettings(), servers: Sequence[str] = ("
 
 
 # ---------------------------------------------------------------- reporting
-
-def _round(value: float | None, digits: int) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, digits)
-
 
 def to_frame(results: Sequence[StopResult]) -> "pd.DataFrame":
     """Every server's timeline in one frame (``server`` and ``since_leave_s`` columns)."""
@@ -395,135 +331,3 @@ def plot(results: Sequence[StopResult], title: str | None = None) -> "Figure":
     ax_tok.set_xlabel("seconds since the client left (dashed line)")
     fig.suptitle(title or "Stop button: what the server does after the client closes the stream", fontsize="medium")
     return fig
-
-
-# ---------------------------------------------------------------- the interactive panel
-
-class StopPanel:
-    """Start / Stop buttons for a notebook: stream tokens live, then watch the server after Stop.
-
-    Everything a background thread shows goes through the ``Output`` widgets' own methods
-    (``append_stdout``, ``outputs``): ``with out:`` from another thread would send the output to
-    whichever cell happens to be running. ``start()`` / ``stop()`` are what the buttons call, so a
-    headless run can press them from code.
-    """
-
-    def __init__(self, url: str, *, pid: int | None = None, counter: str = OURS_COUNTER,
-                 prompt: str = LONG_PROMPT, max_tokens: int = 400, window_s: float = 30.0,
-                 refresh_s: float = 1.0) -> None:
-        import ipywidgets as w
-
-        self.url, self.counter, self.prompt, self.max_tokens = url, counter, prompt, max_tokens
-        self.window_s, self.refresh_s = window_s, refresh_s
-        self.monitor = Monitor(interval_s=0.2, pid=pid).start()
-        self.start_button = w.Button(description="Start", button_style="success", icon="play")
-        self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop", disabled=True)
-        self.status = w.HTML("idle")
-        self.text = w.Output(layout=w.Layout(height="160px", overflow="auto", border="1px solid #ccc"))
-        self.chart = w.Output()
-        self.widget = w.VBox([w.HBox([self.start_button, self.stop_button, self.status]), self.text, self.chart])
-        self.start_button.on_click(lambda _: self.start())
-        self.stop_button.on_click(lambda _: self.stop())
-        self.tokens = 0
-        self.tokens_at_stop: int | None = None
-        self.stopped_t: float | None = None
-        self._leave = threading.Event()
-        self._closed = threading.Event()
-        self._stream: threading.Thread | None = None
-        self._chart = threading.Thread(target=self._chart_loop, name="stop-panel-chart", daemon=True)
-        self._chart.start()
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-    def start(self) -> None:
-        """What the Start button does: one long streaming chat, shown token by token."""
-        if self._stream is not None and self._stream.is_alive():
-            return
-        self._leave.clear()
-        self.tokens, self.tokens_at_stop, self.stopped_t = 0, None, None
-        self.text.outputs = ()
-        self.start_button.disabled, self.stop_button.disabled = True, False
-        self.monitor.mark("streaming")
-        self._stream = threading.Thread(target=self._stream_loop, name="stop-panel-stream", daemon=True)
-        self._stream.start()
-
-    def stop(self) -> None:
-        """What the Stop button does: close the connection, like NextChat's browser build."""
-        self._leave.set()
-        if self._stream is not None:
-            self._stream.join(timeout=30)
-
-    def server_tokens_since_stop(self) -> int | None:
-        """Tokens the server generated after Stop, by its own counter."""
-        if self.tokens_at_stop is None:
-            return None
-        return read_counter(self.url, self.counter) - self.tokens_at_stop
-
-    def close(self) -> None:
-        """Stop the stream, the chart thread and the monitor."""
-        self.stop()
-        self._closed.set()
-        self._chart.join(timeout=10)
-        self.monitor.stop()
-
-    def _stream_loop(self) -> None:
-        body = {"model": "any", "messages": [{"role": "user", "content": self.prompt}], "max_tokens": self.max_tokens,
-                "temperature": 0.7, "stream": True}
-        self.status.value = "streaming..."
-        try:
-            with httpx.Client(timeout=httpx.Timeout(300, connect=10)) as client:
-                with client.stream("POST", f"{self.url}/v1/chat/completions", json=body,
-                                   headers={"Authorization": "Bearer x"}) as resp:
-                    resp.raise_for_status()
-                    for line in resp.iter_lines():
-                        text = _content(line)
-                        if text:
-                            self.tokens += 1
-                            self.text.append_stdout(text)
-                        if self._leave.is_set():
-                            break
-                    if self._leave.is_set():
-                        self.tokens_at_stop = read_counter(self.url, self.counter)
-        except Exception as exc:  # shown in the panel, not lost in a thread
-            self.text.append_stderr(f"\n[{type(exc).__name__}: {exc}]\n")
-        self.stopped_t = self.monitor.elapsed()
-        self.monitor.mark("after stop" if self._leave.is_set() else None)
-        how = "you pressed Stop" if self._leave.is_set() else "the answer ended"
-        self.status.value = f"{how} after {self.tokens} chunks; watching the server..."
-        self.start_button.disabled, self.stop_button.disabled = False, True
-
-    def _chart_loop(self) -> None:
-        while not self._closed.wait(self.refresh_s):
-            try:
-                self._draw()
-            except Exception:  # a drawing glitch must not kill the panel
-                logger.exception("stop panel: chart update failed")
-
-    def _draw(self) -> None:
-        from matplotlib.figure import Figure
-
-        df = self.monitor.to_frame()
-        df = df[df["t"] >= df["t"].max() - self.window_s]
-        fig = Figure(figsize=(7, 2.2), dpi=80, layout="constrained")
-        ax = fig.subplots()
-        ax.plot(df["t"], df["cpu_percent"], color="tab:green")
-        if self.stopped_t is not None:
-            ax.axvline(self.stopped_t, color="black", linestyle="--", linewidth=1)
-        ax.set_ylim(0, max(105.0, float(df["cpu_percent"].max() or 0) + 5))
-        ax.set_ylabel("CPU %")
-        ax.set_xlabel(f"seconds (pid {self.monitor.pid}; dashed: Stop)")
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        if self.tokens_at_stop is not None:
-            after = self.server_tokens_since_stop()
-            self.status.value = (f"stopped after {self.tokens} chunks; the server generated "
-                                 f"<b>{after}</b> token(s) after Stop")
-        # One image, replaced in place: the same dict append_display_data builds, without the growing list.
-        import base64
-
-        self.chart.outputs = ({"output_type": "display_data", "metadata": {},
-                               "data": {"image/png": base64.b64encode(buf.getvalue()).decode(),
-                                        "text/plain": "<CPU chart>"}},)
