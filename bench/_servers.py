@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import tarfile
+import tempfile
 import os
 import shlex
 import sys
@@ -42,7 +45,9 @@ class ServerSpec:
     name: str
     label: str
     argv: list[str]
-    startup_timeout_s: float = 240.0
+    startup_timeout_s: float = 900.0  # ours compiles its decode step at start-up (minutes on a cold cache)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    cwd: Path = REPO
 
     def command(self, port: int, mdir: Path) -> list[str]:
         return [a.format(port=port, model_dir=mdir, python=sys.executable) for a in self.argv]
@@ -53,18 +58,41 @@ def _transformers_cli() -> str:
     return str(exe) if exe.exists() else "transformers"
 
 
-def server_specs(ours_cmd: str | None = None) -> dict[str, ServerSpec]:
+def baseline_tree(ref: str) -> Path:
+    """This repository at ``ref`` (``git archive``, unpacked once into the temp dir): the previous engine."""
+    target = Path(tempfile.gettempdir()) / "llama_lab_bench" / f"baseline-{ref}"
+    if (target / "llama_lab").is_dir():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", ref], check=True,
+                             capture_output=True).stdout
+    with tempfile.TemporaryFile() as f:
+        f.write(archive)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(target, filter="data")
+    return target
+
+
+def server_specs(ours_cmd: str | None = None, baseline_ref: str | None = None) -> dict[str, ServerSpec]:
     ours = shlex.split(ours_cmd) if ours_cmd else [
         "{python}", "-m", "llama_lab", "serve", "--model", "default", "--host", "127.0.0.1", "--port", "{port}",
-        "--dtype", "bf16",
+        "--dtype", "bf16", "--compile",
     ]
     peer = [_transformers_cli(), "serve", "{model_dir}", "--host", "127.0.0.1", "--port", "{port}",
             "--device", "cpu", "--dtype", BENCH_DTYPE]
-    return {
+    specs = {
         "ours": ServerSpec("ours", "llama-lab serve", ours),
         "peer": ServerSpec("peer", "transformers serve", peer),
         "peer-cb": ServerSpec("peer-cb", "transformers serve --continuous-batching", [*peer, "--continuous-batching"]),
     }
+    if baseline_ref:
+        tree = baseline_tree(baseline_ref)
+        old = ["{python}", "-m", "llama_lab", "serve", "--model", "default", "--host", "127.0.0.1", "--port", "{port}",
+               "--dtype", "bf16"]
+        specs["previous"] = ServerSpec("previous", f"llama-lab serve @{baseline_ref}", old,
+                                       env={"PYTHONPATH": str(tree)}, cwd=tree)
+    return specs
 
 
 class RunningServer(ServerProcess):
@@ -74,7 +102,8 @@ class RunningServer(ServerProcess):
         self.spec = spec
         port = free_port()
         self.cmd = spec.command(port, mdir)
-        super().__init__(self.cmd, port=port, startup_timeout_s=spec.startup_timeout_s, cwd=REPO, name=spec.name)
+        super().__init__(self.cmd, port=port, startup_timeout_s=spec.startup_timeout_s, cwd=spec.cwd, env=spec.env,
+                         name=spec.name)
         self.base_url = self.url
         self.model_id = "default"
 

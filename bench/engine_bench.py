@@ -1,97 +1,223 @@
-"""Engine vs raw ``model.generate``: load time, memory and single-stream decode speed per load mode.
+"""Decode speed of the engine against raw ``model.generate`` and the previous engine, in one run.
 
-    python bench/engine_bench.py [--modes full,8bit,4bit,cpu] [--tokens 128] [--repeats 3] [--model default]
+    python bench/engine_bench.py                    # embedded SmolLM2, bf16: all sides, every sweep
+    python bench/engine_bench.py --quick            # shorter sweeps (a few minutes)
+    python bench/engine_bench.py --model random:llama-3-8b --impls raw,eager,compiled   # on a GPU
 
-Each mode runs in a fresh subprocess so its memory figures are its own. Both sides decode the
-same prompt greedily for exactly ``--tokens`` tokens (eos ignored) in the same dtype, on the
-same thread (``engine.call``); the figure is tokens / wall time including prefill, median of
-the repeats, alternating the order.
-The last stdout line is one JSON object.
+Sides (each in a fresh process, same model, dtype and thread count):
+  raw       Hugging Face ``model.generate`` (greedy, eos ignored; batches left-padded)
+  previous  the engine as it was at ``--baseline-ref`` (a DynamicCache grown by concatenation),
+            checked out of this repository's history with ``git archive``
+  eager     this engine, ``compile=False``
+  compiled  this engine, ``compile=True`` (warm-up/compile time reported)
+
+Figures: single-stream decode tokens/s after the first token at each ``--contexts`` prompt length
+(median of ``--repeats``, after a warm-up request at that length), the time to first token of a
+``--ttft-tokens`` prompt, and the aggregate tokens/s of ``--batches`` concurrent requests. The
+table ends with the ratios the engine's bar is about; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
-PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to program computers."}]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _servers import baseline_tree  # noqa: E402
+
+TEXT = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps, listening to the sea "
+        "and writing down what the ships carried past the rocks. ")
+BATCH_TOPICS = ["a dragon", "a river", "a robot", "a garden", "a storm", "a library", "a violin", "a desert"]
 
 
-def worker(model: str, mode: str, tokens: int, repeats: int) -> dict:
-    import psutil
+# ---------------------------------------------------------------- the worker (one side, one process)
+
+def _prompt_of(tokenizer, n: int) -> list[int]:
+    ids = tokenizer.encode(TEXT * (n // 20 + 2))
+    return ids[:n]
+
+
+def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from llama_lab import load_model
     from llama_lab.engine import Engine, SamplingParams
 
-    lm = load_model(model, mode)
-    ids = lm.chat_prompt_ids(PROMPT)
-    inp = torch.tensor([ids], device=lm.device)
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    engine = Engine(lm)
+    lm = load_model(args.model, args.mode)
+    tok = lm.tokenizer
+    out: dict = {"impl": args.worker, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
+                 "threads": torch.get_num_threads()}
+    engine = None
+    if args.worker in ("eager", "compiled"):
+        t0 = time.perf_counter()
+        engine = Engine(lm, max_batch_size=max(args.batches), max_active=1024, compile=args.worker == "compiled")
+        out["warmup_s"] = round(time.perf_counter() - t0, 1)
+        out["engine"] = engine.describe()
+    elif args.worker == "previous":
+        engine = Engine(lm, max_batch_size=max(args.batches), max_active=1024)
 
-    def run_engine() -> float:
-        t = time.perf_counter()
-        out = engine.generate(ids, params)
-        assert out.completion_tokens == tokens, out.completion_tokens
-        return tokens / (time.perf_counter() - t)
+    def greedy(n: int) -> "SamplingParams":
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
-    def raw_generate() -> float:
+    def on_model_thread(fn):
+        # torch keeps one OpenMP team per calling thread; run raw generate where the engine would
+        return engine.call(fn).result() if engine is not None else fn()
+
+    def raw_generate(prompts: list[list[int]], n: int) -> float:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=lm.device)
         t = time.perf_counter()
         with torch.inference_mode():
-            out = lm.model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=tokens,
-                                    min_new_tokens=tokens, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
-        assert out.shape[1] - len(ids) == tokens
-        return tokens / (time.perf_counter() - t)
+            lm.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=pad)
+        return time.perf_counter() - t
 
-    def run_raw() -> float:
-        # On the engine's own thread: torch keeps one OpenMP team per calling thread, and two
-        # teams spinning on 2 cores slow both sides by ~40% (measured), which is not the engine.
-        return engine.call(raw_generate).result()
+    def single(n_ctx: int, n: int) -> tuple[float, float]:
+        """(decode tok/s after the first token, time to first token)."""
+        prompt = _prompt_of(tok, n_ctx)
+        if args.worker == "raw":
+            first = raw_generate([prompt], 1)
+            total = raw_generate([prompt], n)
+            return (n - 1) / max(total - first, 1e-9), first
+        res = engine.generate(prompt, greedy(n))
+        assert res.completion_tokens == n, res.completion_tokens
+        return (n - 1) / (res.total_s - res.first_token_s), res.first_token_s
 
-    run_engine(), run_raw()  # warm-up
-    eng, raw = [], []
-    for i in range(repeats):
-        order = (run_engine, run_raw) if i % 2 == 0 else (run_raw, run_engine)
-        for fn in order:
-            (eng if fn is run_engine else raw).append(fn())
-    engine.close()
-    return {"mode": mode, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
-            "load_s": round(lm.load_seconds, 2), "weights_mib": round(lm.weights_bytes / 2**20, 1),
-            "rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
-            "engine_tok_s": round(statistics.median(eng), 2), "raw_generate_tok_s": round(statistics.median(raw), 2),
-            "ratio": round(statistics.median(eng) / statistics.median(raw), 3)}
+    contexts = {}
+    for n_ctx in args.contexts:
+        single(n_ctx, 4)  # warm-up at this length
+        runs = [single(n_ctx, args.tokens) for _ in range(args.repeats)]
+        rates = [r[0] for r in runs]
+        contexts[str(n_ctx)] = {"tok_s": round(statistics.median(rates), 2),
+                                "spread": [round(min(rates), 2), round(max(rates), 2)]}
+    out["contexts"] = contexts
+    if args.ttft_tokens:
+        out["ttft_s"] = round(single(args.ttft_tokens, 2)[1], 2)
+
+    batches = {}
+    for b in args.batches:
+        prompts = [tok.encode(f"Write a long story about {BATCH_TOPICS[i % len(BATCH_TOPICS)]} number {i}.")
+                   for i in range(b)]
+        n = args.batch_tokens
+        if args.worker == "raw":
+            on_model_thread(lambda: raw_generate(prompts[:1], 2))
+            wall = on_model_thread(lambda: raw_generate(prompts, n))
+        else:
+            engine.generate(prompts[0], greedy(2))
+            results: list = [None] * b
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], greedy(n))))
+                       for i in range(b)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t
+            assert all(r.completion_tokens == n for r in results)
+        batches[str(b)] = round(b * n / wall, 1)
+    out["batches"] = batches
+    if engine is not None:
+        engine.close()
+    return out
+
+
+# ---------------------------------------------------------------- the driver
+
+def run_side(impl: str, args: argparse.Namespace, argv: list[str]) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cwd = None
+    if impl == "previous":
+        tree = baseline_tree(args.baseline_ref)
+        env["PYTHONPATH"] = str(tree)
+        cwd = str(tree)
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", impl, *argv],
+                          capture_output=True, text=True, env=env, cwd=cwd)
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def report(rows: dict[str, dict], args: argparse.Namespace) -> dict:
+    ctx = [str(c) for c in args.contexts]
+    bat = [str(b) for b in args.batches]
+    head = (f"{'side':<10}{'warm-up s':>10}" + "".join(f"{'ctx ' + c:>11}" for c in ctx) + f"{'long/short':>11}"
+            + (f"{'TTFT ' + str(args.ttft_tokens):>11}" if args.ttft_tokens else "")
+            + "".join(f"{'x' + b + ' agg':>10}" for b in bat))
+    print(f"model={args.model} mode={args.mode}; single stream: decode tok/s after the first token "
+          f"(median of {args.repeats}, {args.tokens} tokens); batches: aggregate tok/s, {args.batch_tokens} tokens each")
+    print(head)
+    for name, r in rows.items():
+        tok = [r["contexts"][c]["tok_s"] for c in ctx]
+        line = f"{name:<10}{r.get('warmup_s', '-')!s:>10}" + "".join(f"{t:>11}" for t in tok)
+        line += f"{round(tok[-1] / tok[0], 2):>11}"
+        if args.ttft_tokens:
+            line += f"{r.get('ttft_s', '-')!s:>11}"
+        line += "".join(f"{r['batches'][b]:>10}" for b in bat)
+        print(line)
+    best = "compiled" if "compiled" in rows else ("eager" if "eager" in rows else None)
+    summary: dict = {}
+    if best:
+        me = rows[best]
+        for peer in ("raw", "previous"):
+            if peer in rows:
+                p = rows[peer]
+                summary[f"{best}_vs_{peer}"] = {
+                    "single_by_context": {c: ratio(me["contexts"][c]["tok_s"], p["contexts"][c]["tok_s"]) for c in ctx},
+                    "batch_aggregate": {b: ratio(me["batches"][b], p["batches"][b]) for b in bat},
+                    "ttft": ratio(p.get("ttft_s"), me.get("ttft_s")),  # > 1: ours is faster
+                }
+        summary[f"{best}_long_vs_short"] = ratio(me["contexts"][ctx[-1]]["tok_s"], me["contexts"][ctx[0]]["tok_s"])
+        print("ratios:", json.dumps(summary))
+    return summary
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--modes", default="full,8bit,4bit,cpu")
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--mode", default="full")
+    ap.add_argument("--impls", default="raw,previous,eager,compiled")
+    ap.add_argument("--contexts", default="10,1000,4000")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per single-stream run")
+    ap.add_argument("--batch-tokens", type=int, default=64, help="tokens per request in the batch sweep")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ttft-tokens", type=int, default=6000, help="prompt length for the time-to-first-token figure (0: skip)")
+    ap.add_argument("--baseline-ref", default="2c15f58", help="git ref of the previous engine")
+    ap.add_argument("--quick", action="store_true", help="contexts 10,1000; batches 1,16; 64 tokens; 1 repeat; TTFT 2000")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.contexts, args.batches, args.tokens, args.repeats = "10,1000", "1,16", 64, 1
+        args.ttft_tokens = min(args.ttft_tokens, 2000)
+    argv = ["--model", args.model, "--mode", args.mode, "--contexts", args.contexts, "--batches", args.batches,
+            "--tokens", str(args.tokens), "--batch-tokens", str(args.batch_tokens), "--repeats", str(args.repeats),
+            "--ttft-tokens", str(args.ttft_tokens)]
+    args.contexts = [int(c) for c in str(args.contexts).split(",")]
+    args.batches = [int(b) for b in str(args.batches).split(",")]
     if args.worker:
-        print(json.dumps(worker(args.model, args.worker, args.tokens, args.repeats)))
+        print(json.dumps(worker(args)))
         return
-    rows = []
-    for mode in args.modes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", args.model,
-                              "--tokens", str(args.tokens), "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = f"{'mode':<6} {'dtype':<9} {'load s':>7} {'weights MiB':>12} {'RSS MiB':>8} {'engine tok/s':>13} {'generate tok/s':>15} {'ratio':>6}"
-    print(f"model={args.model} tokens={args.tokens} repeats={args.repeats} (median; single stream, greedy)")
-    print(header)
-    for r in rows:
-        print(f"{r['mode']:<6} {r['dtype']:<9} {r['load_s']:>7} {r['weights_mib']:>12} {r['rss_mib']:>8} "
-              f"{r['engine_tok_s']:>13} {r['raw_generate_tok_s']:>15} {r['ratio']:>6}")
-    print(json.dumps({"bench": "engine", "model": args.model, "tokens": args.tokens, "rows": rows,
-                      "min_ratio": min(r["ratio"] for r in rows)}))
+    rows = {}
+    for impl in args.impls.split(","):
+        started = time.perf_counter()
+        rows[impl] = run_side(impl, args, argv)
+        print(f"  {impl}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    summary = report(rows, args)
+    print(json.dumps({"bench": "engine", "model": args.model, "mode": args.mode, "rows": rows, "summary": summary}))
 
 
 if __name__ == "__main__":

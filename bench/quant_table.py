@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="compute dtype override")
     p.add_argument("--out", default=None, help="CSV path (default data/quant_table_<cpu|gpu>.csv)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per speed figure (median and spread shown)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the engine's decode step (default: the engine's default, on unless LLAMA_LAB_COMPILE=0)")
     return p.parse_args(argv)
 
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     overrides = dict(source=args.source, batch=args.batch, isolate=not args.no_isolate,
-                     device=args.device, dtype=args.dtype)
+                     device=args.device, dtype=args.dtype, repeats=args.repeats, compile=args.compile)
     if args.decode_tokens is not None:
         overrides["decode_tokens"] = args.decode_tokens
     if args.modes:

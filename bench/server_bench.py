@@ -63,6 +63,7 @@ CONC_STREAMS, CONC_TOKENS = 16, 64
 ABANDON_STREAMS, ABANDON_TOKENS = 64, 64
 LEAVE_WINDOW_S = 3.0
 LONG_PROMPT_TOKENS = 6000
+LONG_CONTEXT_TOKENS = 4000  # the long-context decode figure (issue 9: >= 0.7x the short-context speed)
 CLIENT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 MAX_FOREIGN_CORES = 0.3  # other processes' load above which a timed figure is marked noisy (*)
 
@@ -328,6 +329,19 @@ async def scenario_single(client, srv, repeats: int) -> dict:
     }
 
 
+async def scenario_single_long(client, srv, text: str) -> dict:
+    """One stream after a ~4,000-token prompt: does decoding slow down as the context grows?"""
+    await wait_idle(srv, timeout=120)
+    await wait_quiet(srv)
+    load = ForeignLoad(srv).start()
+    r = await stream_chat(client, srv, [{"role": "user", "content": text}], SINGLE_TOKENS // 2)
+    if r.error or not r.tokens:
+        raise RuntimeError(f"{srv.spec.name}: long-context stream failed: {r.error}")
+    decode_s = max((r.t_last or 0.0) - (r.ttft or 0.0), 1e-9)
+    return {"decode_tok_s": round((r.tokens - 1) / decode_s, 2), "ttft_ms": round(1000 * r.ttft, 1),
+            "tokens": r.tokens, "foreign_cores": round(load.cores(), 2)}
+
+
 async def scenario_concurrent(client, srv, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
@@ -457,7 +471,7 @@ async def probes(client, srv) -> dict:
     return {"options_status": pre.status_code, "unknown_field_status": unk.status_code}
 
 
-async def bench_server(srv: RunningServer, args, long_text: str) -> dict:
+async def bench_server(srv: RunningServer, args, long_text: str, long_context_text: str) -> dict:
     async with new_client() as client:
         await warmup(client, srv)
         res: dict = {"label": srv.spec.label, "cmd": srv.cmd, "startup_s": round(srv.startup_s, 1),
@@ -465,6 +479,9 @@ async def bench_server(srv: RunningServer, args, long_text: str) -> dict:
         res["probes"] = await probes(client, srv)
         res["single"] = await scenario_single(client, srv, args.repeats)
         logger.info("%s single: %s", srv.spec.name, res["single"]["tok_s"])
+        if not args.quick:
+            res["single_long"] = await scenario_single_long(client, srv, long_context_text)
+            logger.info("%s single at %d tokens: %s", srv.spec.name, LONG_CONTEXT_TOKENS, res["single_long"]["decode_tok_s"])
         heavy = not (args.quick and srv.spec.name == "peer")
         if heavy:
             res["concurrent"] = await scenario_concurrent(client, srv, max(1, args.repeats - 1))
@@ -520,6 +537,11 @@ def bar_checks(raw: dict | None, res: dict) -> dict:
         "conc16_vs_peer_cb_ge_1.0": ge(agg, _get(cb, "concurrent", "agg_tok_s"), 1.0),
         "conc16_vs_own_single_ge_4": ge(agg, single, 4.0),
     }
+    prev = res.get("previous")
+    checks["conc16_vs_previous_ge_1.5"] = ge(agg, _get(prev, "concurrent", "agg_tok_s"), 1.5)
+    checks["single_vs_raw_ge_2.0"] = ge(single, _get(raw, "tok_s"), 2.0)
+    long_rate, short_rate = _get(ours, "single_long", "decode_tok_s"), single
+    checks["long_context_ge_0.7_short"] = ge(long_rate, short_rate, 0.7)
     for case in LEAVE_CASES:
         cpu = _get(ours, "leave", case, "cpu_s")
         checks[f"leave_{case}_cpu_lt_0.25"] = None if cpu is None else cpu < 0.25
@@ -532,11 +554,13 @@ def bar_checks(raw: dict | None, res: dict) -> dict:
 
 
 def print_report(raw: dict | None, res: dict, checks: dict) -> None:
-    names = [n for n in ("peer", "peer-cb", "ours") if n in res]
+    names = [n for n in ("peer", "peer-cb", "previous", "ours") if n in res]
     rows = [
         ("single: tok/s (128 tok)", ("single", "tok_s")),
         ("single: TTFT ms", ("single", "ttft_ms")),
         ("single: tokens produced", ("single", "tokens")),
+        ("single @~4000-token prompt: decode tok/s", ("single_long", "decode_tok_s")),
+        ("single @~4000-token prompt: TTFT ms", ("single_long", "ttft_ms")),
         ("16x64: aggregate tok/s", ("concurrent", "agg_tok_s")),
         ("16x64: TTFT p50 ms", ("concurrent", "ttft_p50_ms")),
         ("16x64: TTFT max ms", ("concurrent", "ttft_max_ms")),
@@ -604,8 +628,11 @@ async def amain(args) -> dict:
     mdir = model_dir(args.model_dir)
     logger.info("model dir: %s", mdir)
     long_text = long_prompt_text(mdir, LONG_PROMPT_TOKENS)
-    specs = server_specs(args.ours_cmd)
-    names = {"ours": ["ours"], "peer": ["peer", "peer-cb"], None: ["peer", "peer-cb", "ours"]}[args.only]
+    long_context_text = long_prompt_text(mdir, LONG_CONTEXT_TOKENS)
+    specs = server_specs(args.ours_cmd, None if args.no_baseline else args.baseline_ref)
+    names = {"ours": ["ours"], "peer": ["peer", "peer-cb"], "previous": ["previous"],
+             None: ["peer", "peer-cb", "previous", "ours"]}[args.only]
+    names = [n for n in names if n in specs]
     raw = None
     if not args.no_raw:
         raw = await run_raw(mdir, args.repeats, long_text)
@@ -614,7 +641,7 @@ async def amain(args) -> dict:
     for name in names:
         try:
             with RunningServer(specs[name], mdir) as srv:
-                res[name] = await bench_server(srv, args, long_text)
+                res[name] = await bench_server(srv, args, long_text, long_context_text)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other servers
             logger.error("%s failed: %s", name, exc)
             res[name] = {"label": specs[name].label, "error": str(exc)[:2000]}
@@ -626,7 +653,10 @@ async def amain(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", choices=["ours", "peer"], help="run only our server, or only transformers serve (plain + CB)")
+    ap.add_argument("--only", choices=["ours", "peer", "previous"],
+                    help="run only our server, only transformers serve (plain + CB), or only the previous engine's server")
+    ap.add_argument("--baseline-ref", default="2c15f58", help="git ref whose server is the 'previous' side")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the previous engine's server")
     ap.add_argument("--quick", action="store_true", help="one repeat; plain transformers serve skips 16x64 and 64-abandon")
     ap.add_argument("--repeats", type=int, default=None, help="repeats of the timed scenarios (default 3, quick 1)")
     ap.add_argument("--model-dir", help="HF-layout model directory (default: llama_lab's cached copy of the embedded GGUF)")

@@ -1,8 +1,17 @@
-"""Shared fixtures: models are loaded once per session; servers bind free 127.0.0.1 ports."""
+"""Shared fixtures: models are loaded once per session; servers bind free 127.0.0.1 ports.
+
+Engines and servers decode eagerly here unless a test asks for compilation (``compile=True``,
+``--compile``): compiling is tested on its own, and the rest of the suite stays fast. Subprocess
+servers inherit this through ``LLAMA_LAB_COMPILE``.
+"""
 
 from __future__ import annotations
 
-import subprocess
+import os
+
+os.environ.setdefault("LLAMA_LAB_COMPILE", "0")
+
+import subprocess  # noqa: E402
 import sys
 import time
 from pathlib import Path

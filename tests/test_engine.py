@@ -153,14 +153,22 @@ def test_cancel_interrupts_a_prefill_chunk_mid_forward(tiny_model):
         long_prompt = tiny_model.tokenizer.encode("word " * 2000)[:2000]
         events: queue.SimpleQueue = queue.SimpleQueue()
         entered = threading.Event()
-        layer = tiny_model.model.model.layers[0]  # the next layer's check sees the cancel
-        hook = layer.register_forward_pre_hook(lambda m, a: (entered.set(), time.sleep(0.2)) and None)
+        model = engine.runner.model
+        real_layer = model._layer
+
+        def slow_first_layer(i, *args):  # the next layer's check sees the cancel
+            if i == 0:
+                entered.set()
+                time.sleep(0.2)
+            return real_layer(i, *args)
+
+        model._layer = slow_first_layer
         try:
             handle = engine.submit(long_prompt, SamplingParams(max_tokens=5), events.put)
             assert entered.wait(30)
-            handle.cancel()  # while the first layer's hook sleeps: the chunk has not finished
+            handle.cancel()  # while the first layer runs: the chunk has not finished
             delta = events.get(timeout=30)
         finally:
-            hook.remove()
+            del model._layer
         assert delta.finish_reason == "cancelled"
         assert engine.stats.prefill_chunks == 0, "the cancelled chunk must not complete"

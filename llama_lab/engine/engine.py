@@ -1,11 +1,16 @@
 """The generation engine: one thread owns the model and decodes every running request together.
 
-Requests are prefilled one at a time (in chunks, so a cancel lands between chunks) and then
-joined to a left-padded batch that advances one token per step for all of them: continuous
-batching on top of a plain ``DynamicCache``. Each request keeps its own sampling parameters and
-random generator. A cancelled request is dropped before the next forward pass, so it costs at
-most the one step already running. When nothing is queued, the thread sleeps on a condition
-variable: an idle server uses no CPU.
+Each loop turn: admit waiting requests while the batch and the KV cache have room (a request
+reserves its prompt plus ``max_tokens`` up front, so a running request never waits for memory),
+run one prefill chunk (up to ``prefill_chunk`` prompt tokens, from one or more prompts), then one
+decode step for every running request. A long prompt therefore never stalls the streams already
+running. Sampling runs for the whole batch on the model's device; each request keeps its own
+parameters and seeded generator. A cancelled request is dropped before the next forward pass, so
+it costs at most the step already running; a prompt being prefilled stops between layers. When
+nothing is queued the thread sleeps on a condition variable: an idle server uses no CPU.
+
+The model work is done by a runner: ``PagedRunner`` (``FastLlama`` over a paged KV cache, decode
+compiled) for Llama-family models, ``HFRunner`` (the model's own forward) for anything else.
 
 The one streaming generator (``stream``, or ``submit`` with a sink) is the only way out; ``generate``
 drains it. The server's asyncio glue lives in ``llama_lab.server.generation``.
@@ -14,11 +19,12 @@ drains it. The server's asyncio glue lives in ``llama_lab.server.generation``.
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
-import inspect
 import itertools
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -29,7 +35,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from llama_lab.engine.detokenizer import Detokenizer
-from llama_lab.engine.sampling import SamplingParams, apply_penalties, sample_row, token_logprobs
+from llama_lab.engine.llama import PrefillCancelled, unsupported_reason
+from llama_lab.engine.sampling import RowState, SamplingParams, choose_tokens, logprob_entries, record_tokens
 from llama_lab.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -39,10 +46,6 @@ __all__ = ["Engine", "Delta", "Completion", "RequestHandle", "EngineOverloaded",
 
 class EngineOverloaded(RuntimeError):
     """The waiting queue is full; the server maps this to 429."""
-
-
-class _PrefillCancelled(Exception):
-    """Raised inside the model's forward pass to abandon a cancelled prompt."""
 
 
 class EngineClosed(RuntimeError):
@@ -122,42 +125,66 @@ class RequestHandle:
         return max(0, self.last_step - self.cancel_step)
 
 
-@dataclasses.dataclass
-class _Running:
-    """Engine-thread state of one request in the decode batch."""
+@dataclasses.dataclass(eq=False)
+class _Seq:
+    """Engine-thread state of one admitted request."""
 
     handle: RequestHandle
+    cache: Any  # the runner's per-sequence state (SeqCache / HFSeq)
     detok: Detokenizer
-    generator: torch.Generator
-    last_token: int
-    length: int  # real (unpadded) tokens in the cache for this row
+    sampler: RowState
+    prefilled: int = 0  # prompt tokens already in the cache
+    last_token: int = -1
     output: list[int] = dataclasses.field(default_factory=list)
-    seen: set[int] = dataclasses.field(default_factory=set)
-    counts: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.handle.prompt_ids) + len(self.output)
+
+
+def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0) -> Any:
+    """``PagedRunner`` where ``FastLlama`` covers the model, else the transformers fallback."""
+    from llama_lab.engine.hf_runner import HFRunner
+    from llama_lab.engine.paged_runner import PagedRunner
+
+    reason = unsupported_reason(loaded.model)
+    if reason is None:
+        return PagedRunner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens)
+    logger.warning("%s: %s; using the transformers forward (slower)", loaded.name, reason)
+    return HFRunner(loaded)
+
+
+def default_compile() -> bool:
+    """Compile unless ``LLAMA_LAB_COMPILE`` says no (the same variable as the server's ``--no-compile``)."""
+    return os.environ.get("LLAMA_LAB_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 class Engine:
-    """Owns one loaded model and runs all generation for it on a single background thread."""
+    """Owns one loaded model and runs all generation for it on a single background thread.
+
+    ``compile`` (default: on, unless ``LLAMA_LAB_COMPILE=0``) compiles the decode step at
+    construction; the constructor returns when it is ready, so warm-up happens at load and never
+    inside the first request. ``compile=False`` starts at once and decodes eagerly.
+    """
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_active: int = 256,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, compile: bool | None = None, kv_cache_tokens: int = 0) -> None:
+        if compile is None:
+            compile = default_compile()
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_active = max_active  # running + waiting; beyond it submit() raises EngineOverloaded
-        self._active = 0
         self.prefill_chunk = prefill_chunk
         self.stats = EngineStats()
+        self._active = 0
         self._cond = threading.Condition()
-        self._waiting: list[RequestHandle] = []
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._ids = itertools.count(1)
         self._closed = False
         self._vocab_limit = len(loaded.tokenizer)
-        # transformers 5.x renamed ``past_key_values`` to ``cache``; accept both releases
-        params = inspect.signature(loaded.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._prefilling: RequestHandle | None = None
-        self._install_cancel_hooks()
+        self.runner = make_runner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens)
+        self.warmup_seconds: float | None = None
         self._thread = threading.Thread(target=self._loop, name=f"llama-lab-engine-{loaded.name}", daemon=True)
         self._thread.start()
         # An engine left open at interpreter exit would be torn down mid-wait by torch's thread
@@ -165,6 +192,11 @@ class Engine:
         ref = weakref.ref(self)
         self._atexit = lambda: (engine := ref()) is not None and engine.close(timeout=2)
         atexit.register(self._atexit)
+        try:  # on the engine thread: torch keeps one OpenMP team per thread, and the model has one user
+            self.warmup_seconds = self.call(self.runner.warm_up).result()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------ public API
 
@@ -220,15 +252,28 @@ class Engine:
             self._cond.notify()
         return fut
 
+    def describe(self) -> dict[str, Any]:
+        """How the engine runs: runner, decode mode, attention, KV cache, warm-up time."""
+        runner = self.runner
+        cache = getattr(runner, "cache", None)
+        return {
+            "runner": type(runner).__name__, "decode": runner.mode, "attention": runner.attention,
+            "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 2),
+            "compile_error": runner.compile_error,
+            "kv_cache_tokens": cache.capacity_tokens if cache is not None else None,
+            "kv_block_size": cache.shape.block_size if cache is not None else None,
+        }
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; waiting and running requests end with finish_reason 'cancelled'."""
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout)
-        for hook in self._hooks:  # the model may outlive this engine (notebooks, tests)
-            hook.remove()
-        self._hooks = []
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> "Engine":
@@ -238,214 +283,211 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Engine({self.loaded.name!r}, running={self.stats.running}, waiting={self.stats.waiting}, "
-                f"steps={self.stats.steps}, max_batch_size={self.max_batch_size})")
+        return (f"Engine({self.loaded.name!r}, {self.runner.mode}, running={self.stats.running}, "
+                f"waiting={self.stats.waiting}, steps={self.stats.steps}, max_batch_size={self.max_batch_size})")
 
     # ------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
-        batch: list[_Running] = []
-        cache: Any = None
-        mask: torch.Tensor | None = None
+        prefilling: list[_Seq] = []
+        running: list[_Seq] = []
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self._waiting or self._calls or batch):
+                    while not (self._closed or self._waiting or self._calls or prefilling or running):
                         self._cond.wait()
                     if self._closed:
                         break
                     calls, self._calls = self._calls, []
-                    room = self.max_batch_size - len(batch)
-                    admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-                    self.stats.waiting = len(self._waiting)
                 for fn, fut in calls:
                     if fut.set_running_or_notify_cancel():
                         try:
                             fut.set_result(fn())
                         except BaseException as exc:  # handed to the caller, not raised here
                             fut.set_exception(exc)
-                for handle in admitted:
-                    try:
-                        joined = self._prefill(handle)
-                    except Exception as exc:  # one bad prompt (e.g. out of memory) fails alone
-                        logger.exception("prefill failed for request %s", handle.id)
-                        self._finish(handle, [], "error", error=str(exc))
-                        continue
-                    if joined is not None:
-                        run, row_cache = joined
-                        batch, cache, mask = _merge(batch, cache, mask, run, row_cache)
-                had_work = bool(batch)
-                batch, cache, mask = self._drop_finished(batch, cache, mask)
-                self.stats.running = len(batch)
-                if had_work and not batch:
+                had_work = bool(prefilling or running)
+                self._admit(prefilling, running)
+                if prefilling:
+                    self._prefill_step(prefilling, running)
+                running[:] = self._drop_finished(running)
+                self.stats.running = len(running) + len(prefilling)
+                if running:
+                    self._decode_step(running)
+                elif had_work and not prefilling:
                     _release_freed_memory()
-                if batch:
-                    try:
-                        batch, cache, mask = self._decode_step(batch, cache, mask)
-                    except Exception as exc:  # a broken step fails its batch, not the engine
-                        logger.exception("decode step failed")
-                        for run in batch:
-                            self._finish(run.handle, run.output, "error", error=str(exc))
-                        batch, cache, mask = [], None, None
         finally:
             with self._cond:
                 self._closed = True
-                pending, self._waiting = self._waiting, []
+                pending, self._waiting = list(self._waiting), collections.deque()
                 calls, self._calls = self._calls, []
-            for run in batch:
-                self._finish(run.handle, run.output, "cancelled")
+            for seq in prefilling + running:
+                self._finish(seq, "cancelled")
             for handle in pending:
-                self._finish(handle, [], "cancelled")
+                self._finish_unadmitted(handle, "cancelled")
             for _, fut in calls:
                 fut.cancel()
 
-    def _install_cancel_hooks(self) -> None:
-        """Let a cancel interrupt a prefill forward pass between decoder layers.
-
-        A long prompt's chunk can take a second on a CPU; checking only between chunks would
-        leave the device busy that long after the client left.
-        """
-        decoder = getattr(self.loaded.model, "model", None)
-        self._hooks = [layer.register_forward_pre_hook(self._check_prefill_cancel)
-                       for layer in getattr(decoder, "layers", ())]
-
-    def _check_prefill_cancel(self, module: Any, args: Any) -> None:
-        handle = self._prefilling
-        if handle is not None and handle.cancelled.is_set():
-            raise _PrefillCancelled
-
-    @torch.inference_mode()
-    def _prefill(self, handle: RequestHandle) -> tuple[_Running, Any] | None:
-        """Run the prompt through the model in chunks; sample the first token."""
-        from transformers import DynamicCache
-
-        if handle.cancelled.is_set():
-            self._finish(handle, [], "cancelled")
-            return None
-        model, ids = self.loaded.model, handle.prompt_ids
-        cache = DynamicCache(config=model.config)
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            if handle.cancelled.is_set():  # a client that leaves during a long prefill
-                self._finish(handle, [], "cancelled")
-                return None
-            chunk = torch.tensor([ids[start:start + self.prefill_chunk]], device=self.loaded.device)
-            self._prefilling = handle
+    def _admit(self, prefilling: list[_Seq], running: list[_Seq]) -> None:
+        """Move waiting requests into the batch while there is room in it and in the KV cache."""
+        while True:
+            with self._cond:
+                if not self._waiting or len(prefilling) + len(running) >= self.max_batch_size:
+                    return
+                handle = self._waiting[0]
+                if handle.cancelled.is_set():
+                    self._waiting.popleft()
+                    self.stats.waiting = len(self._waiting)
+                    cancelled = True
+                else:
+                    cancelled = False
+            if cancelled:
+                self._finish_unadmitted(handle, "cancelled")
+                continue
+            p = handle.params
+            need = min(len(handle.prompt_ids) + p.max_tokens, self.loaded.context_length)
+            cache = self.runner.reserve(need)
+            if cache is None:
+                return  # the head waits for blocks to come back (first come, first served)
+            with self._cond:
+                self._waiting.popleft()
+                self.stats.waiting = len(self._waiting)
             try:
-                out = model(input_ids=chunk, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-            except _PrefillCancelled:
-                self._finish(handle, [], "cancelled")
-                return None
-            finally:
-                self._prefilling = None
-            logits = out.logits[:, -1, :]
-            self.stats.prefill_chunks += 1
-        self.stats.prompt_tokens += len(ids)
-        p = handle.params
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-        run = _Running(handle=handle, detok=Detokenizer(self.loaded.tokenizer, ids, p.stop), generator=gen,
-                       last_token=-1, length=len(ids), seen=set(ids) if p.repetition_penalty != 1.0 else set())
-        self._accept(run, logits[0])
-        if handle.done.is_set():
-            return None
-        return run, cache
+                sampler = RowState(p, handle.prompt_ids, self._vocab_limit, self.runner.device,
+                                   p.seed if p.seed is not None else secrets.randbits(63))
+            except Exception as exc:
+                self.runner.release(cache)
+                self._finish_unadmitted(handle, "error", str(exc))
+                continue
+            prefilling.append(_Seq(handle=handle, cache=cache, sampler=sampler,
+                                   detok=Detokenizer(self.loaded.tokenizer, handle.prompt_ids, p.stop)))
 
-    @torch.inference_mode()
-    def _decode_step(self, batch: list[_Running], cache: Any, mask: torch.Tensor | None):
-        dev = self.loaded.device
-        tokens = torch.tensor([[r.last_token] for r in batch], device=dev)
-        positions = torch.tensor([[r.length] for r in batch], device=dev)
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=dev)], dim=1)
-        out = self.loaded.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                use_cache=True, **{self._cache_kw: cache})
+    def _prefill_step(self, prefilling: list[_Seq], running: list[_Seq]) -> None:
+        """One chunk of prompt tokens (from one or more prompts, first come first served)."""
+        for seq in [s for s in prefilling if s.handle.cancelled.is_set()]:
+            prefilling.remove(seq)
+            self._finish(seq, "cancelled")
+        if not prefilling:
+            return
+        from llama_lab.engine.paged_runner import PrefillJob
+
+        budget, jobs, members = self.prefill_chunk, [], []
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            ids = seq.handle.prompt_ids
+            take = ids[seq.prefilled:seq.prefilled + budget]
+            budget -= len(take)
+            jobs.append(PrefillJob(seq=seq.cache, tokens=take, want_logits=seq.prefilled + len(take) == len(ids)))
+            members.append(seq)
+        try:
+            logits = self.runner.prefill(jobs, lambda: all(s.handle.cancelled.is_set() for s in members))
+        except PrefillCancelled:
+            for seq in members:
+                prefilling.remove(seq)
+                self._finish(seq, "cancelled")
+            return
+        except Exception as exc:  # one bad prompt (e.g. out of memory) fails its chunk, not the engine
+            logger.exception("prefill failed")
+            for seq in members:
+                prefilling.remove(seq)
+                self._finish(seq, "error", str(exc))
+            return
+        self.stats.prefill_chunks += 1
+        done = []
+        for seq, job in zip(members, jobs):
+            seq.prefilled += len(job.tokens)
+            if job.want_logits:
+                done.append(seq)
+                self.stats.prompt_tokens += len(seq.handle.prompt_ids)
+        if done:
+            assert logits is not None
+            for seq in done:
+                prefilling.remove(seq)
+            self._sample(done, logits)
+            running.extend(s for s in done if not s.handle.done.is_set())
+
+    def _decode_step(self, running: list[_Seq]) -> None:
+        try:
+            logits = self.runner.decode([s.cache for s in running], [s.last_token for s in running])
+        except Exception as exc:  # a broken step fails its batch, not the engine
+            logger.exception("decode step failed")
+            for seq in running:
+                self._finish(seq, "error", str(exc))
+            running.clear()
+            return
         self.stats.steps += 1
         step = self.stats.steps
-        logits = out.logits[:, -1, :]
-        greedy_ids = None
-        if all(r.handle.params.greedy and not r.handle.params.penalized and not r.handle.params.logprobs for r in batch):
-            greedy_ids = torch.argmax(logits[:, : self._vocab_limit], dim=-1).tolist()
-        for i, run in enumerate(batch):
-            run.length += 1
-            run.handle.steps_run += 1
-            run.handle.last_step = step
-            self._accept(run, logits[i], greedy_ids[i] if greedy_ids is not None else None)
-        return batch, cache, mask  # the cache grew in place
+        for seq in running:
+            seq.handle.steps_run += 1
+            seq.handle.last_step = step
+        self._sample(running, logits)
 
-    def _accept(self, run: _Running, logits: torch.Tensor, token: int | None = None) -> None:
-        """Choose the next token for one request, emit its text, decide whether it is finished."""
-        p, handle = run.handle.params, run.handle
-        entry = None
-        if token is None:
-            raw = logits[: self._vocab_limit].float()
-            scores = raw.clone() if p.penalized else raw
-            if p.penalized:
-                if run.counts is None:
-                    run.counts = torch.zeros_like(raw)
-                seen = torch.tensor(sorted(run.seen), dtype=torch.long, device=raw.device)
-                scores = apply_penalties(scores, seen, run.counts, p)
-            token = sample_row(scores, p, run.generator)
-            if p.logprobs:
-                entry = token_logprobs(raw, token, p.top_logprobs, self.loaded.tokenizer)
-        run.last_token = token
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Choose every row's next token on the device; one copy of the ids to the host."""
+        rows = [s.sampler for s in seqs]
+        raw = logits[:, : self._vocab_limit]
+        try:
+            tokens = choose_tokens(raw, rows)
+            record_tokens(rows, tokens)
+            entries = logprob_entries(raw, tokens, rows, self.loaded.tokenizer)
+            ids = tokens.tolist()
+        except Exception as exc:
+            logger.exception("sampling failed")
+            for seq in seqs:
+                self._finish(seq, "error", str(exc))
+            return
+        for seq, token, entry in zip(seqs, ids, entries):
+            self._accept(seq, int(token), entry)
+
+    def _accept(self, seq: _Seq, token: int, entry: dict[str, Any] | None) -> None:
+        """Record one chosen token, emit its text, decide whether the request is finished."""
+        p, handle = seq.handle.params, seq.handle
+        seq.last_token = token
         is_stop = token in self.loaded.stop_token_ids and not p.ignore_eos
         if not is_stop:
-            run.output.append(token)
-            if run.counts is not None:
-                run.counts[token] += 1
-            if p.repetition_penalty != 1.0:
-                run.seen.add(token)
+            seq.output.append(token)
         self.stats.completion_tokens += 1
-        text = "" if is_stop else run.detok.add(token)
+        text = "" if is_stop else seq.detok.add(token)
         finish = None
-        if is_stop or run.detok.stopped:
+        if is_stop or seq.detok.stopped:
             finish = "stop"
-        elif len(run.output) >= p.max_tokens or run.length + 1 >= self.loaded.context_length:
+        elif len(seq.output) >= p.max_tokens or seq.length + 1 >= self.loaded.context_length:
             finish = "length"
         if finish:
-            text += run.detok.flush()
+            text += seq.detok.flush()
         if text or finish or entry:
             handle._sink(Delta(text=text, token_ids=[] if is_stop else [token], finish_reason=finish,
                                logprobs=[entry] if entry else [], prompt_tokens=len(handle.prompt_ids),
-                               completion_tokens=len(run.output)))
+                               completion_tokens=len(seq.output)))
         if finish:
+            self.runner.release(seq.cache)
             self._mark_done(handle, finish)
 
-    def _drop_finished(self, batch: list[_Running], cache: Any, mask: torch.Tensor | None):
+    def _drop_finished(self, running: list[_Seq]) -> list[_Seq]:
         """Remove finished and cancelled rows before the next forward pass."""
         keep = []
-        for i, run in enumerate(batch):
-            if run.handle.done.is_set():
+        for seq in running:
+            if seq.handle.done.is_set():
                 continue
-            if run.handle.cancelled.is_set():
-                self._finish(run.handle, run.output, "cancelled")
+            if seq.handle.cancelled.is_set():
+                self._finish(seq, "cancelled")
                 continue
-            keep.append(i)
-        if len(keep) == len(batch):
-            return batch, cache, mask
-        if not keep:
-            return [], None, None
-        index = torch.tensor(keep, device=self.loaded.device)
-        batch = [batch[i] for i in keep]
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        if mask is not None:
-            mask = mask[index]
-            lead = int((mask.sum(0) == 0).long().cumprod(0).sum())  # columns padded in every row
-            if lead:
-                mask = mask[:, lead:]
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-            if bool(mask.all()):
-                mask = None
-        return batch, cache, mask
+            keep.append(seq)
+        return keep
 
-    def _finish(self, handle: RequestHandle, output: list[int], reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        self.runner.release(seq.cache)
+        if not seq.handle.done.is_set():
+            seq.handle._sink(Delta(text="", token_ids=[], finish_reason=reason,
+                                   prompt_tokens=len(seq.handle.prompt_ids), completion_tokens=len(seq.output),
+                                   error=error))
+            self._mark_done(seq.handle, reason)
+
+    def _finish_unadmitted(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
         if handle.done.is_set():
             return
         handle._sink(Delta(text="", token_ids=[], finish_reason=reason, prompt_tokens=len(handle.prompt_ids),
-                           completion_tokens=len(output), error=error))
+                           error=error))
         self._mark_done(handle, reason)
 
     def _mark_done(self, handle: RequestHandle, reason: str) -> None:
@@ -458,40 +500,14 @@ class Engine:
             self.stats.requests_finished += 1
 
 
-def _merge(batch: list[_Running], cache: Any, mask: torch.Tensor | None, run: _Running, row_cache: Any):
-    """Join a freshly prefilled request to the running batch, left-padding the shorter side."""
-    if not batch:
-        return [run], row_cache, None
-    t_old, t_new = cache.get_seq_length(), row_cache.get_seq_length()
-    t = max(t_old, t_new)
-    dev = row_cache.layers[0].keys.device
-    if mask is None:
-        mask = torch.ones((len(batch), t_old), dtype=torch.long, device=dev)
-    new_mask = torch.ones((1, t_new), dtype=torch.long, device=dev)
-    mask = torch.cat([_left_pad(mask, t), _left_pad(new_mask, t)], dim=0)
-    for old, new in zip(cache.layers, row_cache.layers):
-        old.keys = torch.cat([_left_pad(old.keys, t, dim=2), _left_pad(new.keys, t, dim=2)], dim=0)
-        old.values = torch.cat([_left_pad(old.values, t, dim=2), _left_pad(new.values, t, dim=2)], dim=0)
-    return [*batch, run], cache, mask
-
-
 def _release_freed_memory() -> None:
-    """Hand freed KV-cache memory back to the OS when the batch empties (glibc keeps it otherwise)."""
+    """Hand freed memory back to the OS when the batch empties (glibc keeps it otherwise)."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _left_pad(x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
-    missing = length - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 def collect(deltas: Iterator[Delta], started: float) -> Completion:

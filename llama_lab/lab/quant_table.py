@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import platform
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ class BenchSettings:
     ppl_path: str = str(PERPLEXITY_TEXT)
     ppl_max_tokens: int = 512
     interval_s: float = 0.05
+    repeats: int = 3  # timed runs per speed figure (median reported, spread shown), after a warm-up of the same shapes
+    compile: bool | None = None  # the engine's default (compiled decode unless LLAMA_LAB_COMPILE=0)
     isolate: bool = True  # one spawned process per mode: honest RSS
     device: str | None = None
     dtype: str | None = None
@@ -124,8 +127,14 @@ class ModeResult:
     process_rss_bytes: float = math.nan  # absolute RSS after the load
     peak_mem_bytes: float = math.nan  # peak while generating (CPU: exact, from VmHWM)
     ttft_s: float = math.nan
-    decode_tok_s_b1: float = math.nan
-    decode_tok_s_batch: float = math.nan  # aggregate over `batch` concurrent requests
+    decode_tok_s_b1: float = math.nan  # median of `repeats` timed runs
+    decode_tok_s_b1_min: float = math.nan
+    decode_tok_s_b1_max: float = math.nan
+    decode_tok_s_batch: float = math.nan  # aggregate over `batch` concurrent requests, median of `repeats`
+    decode_tok_s_batch_min: float = math.nan
+    decode_tok_s_batch_max: float = math.nan
+    repeats: int = 0
+    engine_decode: str = ""  # "compiled" / "eager": how the engine ran the decode step
     batch: int = 0
     batch_method: str = ""
     decode_tokens: int = 0
@@ -369,38 +378,51 @@ def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
 
         prompts = [lm.chat_prompt_ids([{"role": "user", "content": p}]) for p in DECODE_PROMPTS]
         prompts = [prompts[i % len(prompts)] for i in range(max(settings.batch, 1))]
-        engine = Engine(lm, max_batch_size=max(settings.batch, 1))
+        engine = Engine(lm, max_batch_size=max(settings.batch, 1), compile=settings.compile)
+        r.engine_decode = engine.describe()["decode"]
         try:
             with mon.phase("quality"):
                 text = Path(settings.ppl_path).read_text(encoding="utf-8")
                 # on the engine's thread: a second thread running torch keeps its own OpenMP team,
                 # which then competes with the engine's and slows later decoding by ~40% on 2 cores
                 r.perplexity, r.ppl_tokens = engine.call(lambda: perplexity(lm, text, settings.ppl_max_tokens)).result()
-            with mon.phase("warmup"):  # first calls pay for lazy init and kernel selection
-                engine.generate(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+            with mon.phase("warmup"):  # the same shapes as the timed runs: lazy init and kernel choices are paid here
+                timed_requests(engine, prompts[:1], settings.decode_tokens)
+                timed_requests(engine, prompts[: settings.batch], settings.decode_tokens)
 
             if lm.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(lm.device)
             exact_peak = reset_peak_rss()
             gen_start = mon.sample_now().t
 
-            with mon.phase("batch 1") as ph1:
-                b1 = timed_requests(engine, prompts[:1], settings.decode_tokens)[0]
-            r.ttft_s = b1.first - b1.submitted
-            r.decode_tok_s_b1 = decode_rate([b1])
-            # energy over the whole request (prefill included): phase edges sit exactly on samples
-            e1 = mon.summary(ph1.start, ph1.end).energy_j
-            if not math.isnan(e1) and b1.tokens:
-                r.energy_j_per_token = e1 / b1.tokens
-            mon.add_phase("prefill", mon.clock(b1.submitted), mon.clock(b1.first))
-            mon.add_phase("decode", mon.clock(b1.first), mon.clock(b1.last))
+            r.repeats = max(1, settings.repeats)
+            rates, ttfts, energies = [], [], []
+            for _ in range(r.repeats):
+                with mon.phase("batch 1") as ph1:
+                    b1 = timed_requests(engine, prompts[:1], settings.decode_tokens)[0]
+                ttfts.append(b1.first - b1.submitted)
+                rates.append(decode_rate([b1]))
+                # energy over the whole request (prefill included): phase edges sit exactly on samples
+                e1 = mon.summary(ph1.start, ph1.end).energy_j
+                if not math.isnan(e1) and b1.tokens:
+                    energies.append(e1 / b1.tokens)
+                mon.add_phase("prefill", mon.clock(b1.submitted), mon.clock(b1.first))
+                mon.add_phase("decode", mon.clock(b1.first), mon.clock(b1.last))
+            r.ttft_s = statistics.median(ttfts)
+            r.decode_tok_s_b1, r.decode_tok_s_b1_min, r.decode_tok_s_b1_max = statistics.median(rates), min(rates), max(rates)
+            if energies:
+                r.energy_j_per_token = statistics.median(energies)
 
-            with mon.phase(f"batch {settings.batch}"):
-                many = timed_requests(engine, prompts[: settings.batch], settings.decode_tokens)
-            r.decode_tok_s_batch = decode_rate(many)
-            r.batch_method = f"engine, {settings.batch} concurrent requests"
-            mon.add_phase("prefill", mon.clock(min(t.submitted for t in many)), mon.clock(max(t.first for t in many)))
-            mon.add_phase("decode", mon.clock(max(t.first for t in many)), mon.clock(max(t.last for t in many)))
+            rates = []
+            for _ in range(r.repeats):
+                with mon.phase(f"batch {settings.batch}"):
+                    many = timed_requests(engine, prompts[: settings.batch], settings.decode_tokens)
+                rates.append(decode_rate(many))
+                mon.add_phase("prefill", mon.clock(min(t.submitted for t in many)), mon.clock(max(t.first for t in many)))
+                mon.add_phase("decode", mon.clock(max(t.first for t in many)), mon.clock(max(t.last for t in many)))
+            r.decode_tok_s_batch = statistics.median(rates)
+            r.decode_tok_s_batch_min, r.decode_tok_s_batch_max = min(rates), max(rates)
+            r.batch_method = f"engine ({r.engine_decode}), {settings.batch} concurrent requests"
 
             gen_stats = mon.summary(gen_start, None)
             if lm.device.type == "cuda":
@@ -535,7 +557,7 @@ def theory_table(preset: str = "llama-3-8b") -> str:
 def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None = None) -> str:
     """A readable fixed-width table; ``seed_mib`` adds the seed's nvidia-smi figures beside ours."""
     header = ["mode", "load s", "weights MiB", "theory MiB", "w/theory", "device MiB", "RSS MiB", "peak MiB",
-              "TTFT s", "tok/s b1", "tok/s bN", "J/tok", "ppl"]
+              "TTFT s", "tok/s b1", "b1 spread", "tok/s bN", "bN spread", "J/tok", "ppl"]
     if seed_mib:
         header.append("seed 8B MiB")
     rows = []
@@ -548,7 +570,9 @@ def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None 
             r.mode, _fmt(r.load_s, ".1f"), _fmt(r.weights_bytes / MIB, ".0f"), _fmt(r.theoretical_bytes / MIB, ".0f"),
             f"{r.weights_vs_theory:.2f} {ok}", _fmt(r.device_mem_bytes / MIB, ".0f"),
             _fmt(r.process_rss_bytes / MIB, ".0f"), _fmt(r.peak_mem_bytes / MIB, ".0f"), _fmt(r.ttft_s, ".3f"),
-            _fmt(r.decode_tok_s_b1, ".1f"), _fmt(r.decode_tok_s_batch, ".1f"), _fmt(r.energy_j_per_token, ".3f"),
+            _fmt(r.decode_tok_s_b1, ".1f"), f"{_fmt(r.decode_tok_s_b1_min, '.1f')}-{_fmt(r.decode_tok_s_b1_max, '.1f')}",
+            _fmt(r.decode_tok_s_batch, ".1f"),
+            f"{_fmt(r.decode_tok_s_batch_min, '.1f')}-{_fmt(r.decode_tok_s_batch_max, '.1f')}", _fmt(r.energy_j_per_token, ".3f"),
             _fmt(r.perplexity, ".2f"),
         ]
         if seed_mib:
@@ -566,7 +590,8 @@ def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None 
     if first is not None:
         lines.append(f"model {first.model} ({first.params / 1e6:.1f}M params, {'RANDOM' if first.random_weights else 'trained'} "
                      f"weights) on {first.device}; batch N={first.batch} via {first.batch_method}; "
-                     f"{first.decode_tokens} decode tokens; energy: {first.energy_source}")
+                     f"{first.decode_tokens} decode tokens; speeds: median of {first.repeats} runs after a warm-up "
+                     f"of the same shapes (spread: min-max); energy: {first.energy_source}")
         lines.append(f"w/theory: framework weights / (params x bits/8, embeddings and head in the compute dtype); "
                      f"ok = within {WEIGHTS_TOLERANCE:.0%}")
     return "\n".join(lines)
@@ -584,6 +609,8 @@ def summary_json(results: Sequence[ModeResult]) -> dict[str, Any]:
             "theory_mib": round(r.theoretical_bytes / MIB, 1), "weights_within_15pct": r.weights_within_tolerance,
             "device_mib": round_or_none(r.device_mem_bytes / MIB, 1), "peak_mib": round_or_none(r.peak_mem_bytes / MIB, 1),
             "ttft_s": round_or_none(r.ttft_s, 4), "tok_s_b1": round_or_none(r.decode_tok_s_b1, 2),
+            "tok_s_b1_spread": [round_or_none(r.decode_tok_s_b1_min, 2), round_or_none(r.decode_tok_s_b1_max, 2)],
+            "engine_decode": r.engine_decode,
             f"tok_s_b{r.batch}": round_or_none(r.decode_tok_s_batch, 2), "j_per_token": round_or_none(r.energy_j_per_token, 4),
             "perplexity": round_or_none(r.perplexity, 3), "answer": r.greedy_answer,
         }

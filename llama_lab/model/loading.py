@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -144,14 +145,22 @@ def converted_gguf_dir(gguf: Path) -> Path:
     return target
 
 
+def shipped_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer files, shipped inside the package (Apache-2.0, 3.5 MB).
+
+    Random presets use it, so an offline GPU box can profile the 8B shape with nothing but this
+    package and its dependencies: no embedded model, no hub.
+    """
+    return Path(str(files("llama_lab.model") / "tokenizer"))
+
+
 def _random_model_dir(preset: str, mode: LoadMode) -> tuple[Any, Any]:
-    """Config and tokenizer for a random-weight preset; tokenizer from the embedded model."""
+    """Config and tokenizer for a random-weight preset; the tokenizer ships with the package."""
     from transformers import AutoTokenizer, LlamaConfig
 
     if preset not in ARCH_PRESETS:
         raise LoadError(f"unknown architecture preset {preset!r}; choose one of: {', '.join(ARCH_PRESETS)}")
-    tok_dir = converted_gguf_dir(embedded_gguf_path())
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(shipped_tokenizer_dir())
     fields = dict(ARCH_PRESETS[preset])
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = len(tokenizer)

@@ -54,7 +54,7 @@ async def health(request: Request) -> dict[str, Any]:
     state = request.app.state
     loaded, stats = state.engine.loaded, state.engine.stats
     return {"status": "ok", "model": state.served[0], "mode": loaded.mode.value, "device": str(loaded.device),
-            "running": stats.running, "waiting": stats.waiting}
+            "running": stats.running, "waiting": stats.waiting, "engine": state.engine.describe()}
 
 
 @router.get("/metrics")

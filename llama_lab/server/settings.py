@@ -49,7 +49,11 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(2048, ge=1, description="completion cap when a request gives no max_tokens (protects against clients that never stop)")
     default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request gives none")
     default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request gives none")
-    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (a cancel lands between steps)")
+    prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (running streams advance between steps)")
+    compile: bool = Field(True, description="compile the decode step at start-up (torch.compile; the first start on a "
+                                            "machine takes a few minutes, later starts reuse the cache); --no-compile starts at once and decodes eagerly")
+    kv_cache_tokens: int = Field(0, ge=0, description="KV cache size in tokens (0: every batch slot can use the whole context, "
+                                                      "capped by memory)")
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("log_level")
@@ -91,4 +95,4 @@ def build_engine(settings: ServerSettings, loaded: "LoadedModel | None" = None) 
     if loaded is None:
         loaded = load_model(settings.model, settings.mode, device=gpu_device(settings.gpus), dtype=settings.dtype)
     return Engine(loaded, max_batch_size=settings.max_batch_size, max_active=settings.max_concurrency,
-                  prefill_chunk=settings.prefill_chunk)
+                  prefill_chunk=settings.prefill_chunk, compile=settings.compile, kv_cache_tokens=settings.kv_cache_tokens)

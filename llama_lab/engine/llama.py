@@ -1,0 +1,239 @@
+"""The Llama decoder as a few plain functions over the paged KV cache (gpt-fast's shape of code).
+
+``FastLlama`` takes its weights from a loaded Hugging Face model without copying them twice: q/k/v
+and gate/up are fused into one matrix each (one matrix product instead of three, and two), and
+the Hugging Face modules are pointed at slices of the fused tensors, so both views share memory.
+One forward handles any set of tokens: each token carries its position and its sequence's row in
+the block table, which covers a decode step (one token per sequence) and a prefill chunk alike.
+
+``decode`` is the function ``torch.compile`` sees (fixed code path, dynamic token count);
+``prefill`` runs eagerly with a cancel check between layers, so a client that leaves during a
+long prompt frees the machine within one layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from llama_lab.engine.attention import AttentionFn, reference_attention, reference_prefill
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose decoder layer is Llama's: attention q/k/v/o, gated MLP, two RMSNorms.
+SUPPORTED_TYPES = {"llama", "mistral", "qwen2"}
+STATIC_ROPE = {"default", "llama3", "linear"}
+
+
+class PrefillCancelled(Exception):
+    """Raised between layers when every sequence of a prefill chunk was cancelled."""
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``FastLlama`` cannot run this model (None when it can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"architecture {kind!r} is not one of {sorted(SUPPORTED_TYPES)}"
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not layers or not hasattr(model, "lm_head"):
+        return "the model has no decoder layers / lm_head where a Llama has them"
+    attn = layers[0].self_attn
+    if any(hasattr(attn, name) for name in ("q_norm", "k_norm")):
+        return "per-head q/k norms are not supported"
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) and window < getattr(config, "max_position_embeddings", 0):
+        return f"sliding-window attention ({window}) is not supported"
+    rope = getattr(getattr(decoder, "rotary_emb", None), "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r} (length-dependent) is not supported"
+    return None
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _fuse(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears; the originals become views of it (no second copy)."""
+    weight = torch.cat([m.weight.data for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias.data if m.bias is not None else torch.zeros(m.out_features, dtype=weight.dtype,
+                                                                              device=weight.device) for m in modules])
+    start = 0
+    for m in modules:
+        m.weight.data = weight[start:start + m.out_features]
+        if m.bias is not None and bias is not None:
+            m.bias.data = bias[start:start + m.out_features]
+        start += m.out_features
+    return weight, bias
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` around existing tensors (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+@dataclasses.dataclass
+class Step:
+    """The tensors of one forward: per token its id, position, sequence row and cache slot."""
+
+    tokens: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+    rows: torch.Tensor  # [N] long: row in block_tables
+    blocks: torch.Tensor  # [N] long: cache block the token's k/v go to
+    offsets: torch.Tensor  # [N] long: position inside that block
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    logit_rows: torch.Tensor  # [R] long: tokens whose next-token logits are wanted
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The fields in order, as they are (``dataclasses.astuple`` would deep-copy them)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+class FastLlama(nn.Module):
+    """A Llama-family decoder over a paged KV cache; weights shared with the Hugging Face model."""
+
+    def __init__(self, hf_model: Any, attention: AttentionFn | None) -> None:
+        super().__init__()
+        reason = unsupported_reason(hf_model)
+        if reason:
+            raise ValueError(reason)
+        config = hf_model.config
+        decoder = hf_model.model
+        hf_model.requires_grad_(False)  # inference only; frozen weights are what torch.compile packs
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.eps = float(config.rms_norm_eps)
+        self.scale = self.head_dim ** -0.5
+        self.kernel = attention  # the CPU kernel, or None for the torch reference
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[config.hidden_act]
+        self.embed = decoder.embed_tokens.weight
+        self.norm = decoder.norm.weight
+        self.lm_head = hf_model.lm_head
+        self.quantized = False
+        self.layers = nn.ModuleList()
+        for hf_layer in decoder.layers:
+            attn, mlp = hf_layer.self_attn, hf_layer.mlp
+            layer = nn.Module()
+            layer.ln1, layer.ln2 = hf_layer.input_layernorm.weight, hf_layer.post_attention_layernorm.weight
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, attn.o_proj, mlp.down_proj)
+            if all(_is_plain_linear(m) for m in projections):
+                layer.qkv = _linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
+                layer.gate_up = _linear(*_fuse([mlp.gate_proj, mlp.up_proj]))
+                layer.fused = True
+            else:  # bitsandbytes (or other) linears: call the modules as they are
+                layer.q, layer.k, layer.v, layer.gate, layer.up = (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                   mlp.gate_proj, mlp.up_proj)
+                layer.fused = False
+                self.quantized = True
+            layer.o, layer.down = attn.o_proj, mlp.down_proj
+            self.layers.append(layer)
+        rotary = decoder.rotary_emb
+        positions = torch.arange(config.max_position_embeddings, device=rotary.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, rotary.inv_freq.float())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        dtype = self.embed.dtype
+        self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
+
+    # ---------------------------------------------------------------- the math
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Hugging Face's LlamaRMSNorm, step for step, so eager and fast paths round alike.
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _qkv(self, layer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = h.shape[0]
+        if layer.fused:
+            q, k, v = layer.qkv(h).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                          self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = layer.q(h), layer.k(h), layer.v(h)
+        return (q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim),
+                v.reshape(n, self.num_kv_heads, self.head_dim))
+
+    def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if layer.fused:
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = layer.gate(h), layer.up(h)
+        return layer.down(self.act(gate) * up)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _layer(self, i: int, x: torch.Tensor, step: Step, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        layer = self.layers[i]
+        h = self._rms(x, layer.ln1)
+        q, k, v = self._qkv(layer, h)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        k_cache[step.blocks, :, step.offsets] = k
+        v_cache[step.blocks, :, step.offsets] = v
+        att = attend(q, k_cache, v_cache)
+        x = x + layer.o(att.reshape(x.shape[0], self.num_heads * self.head_dim))
+        return x + self._mlp(layer, self._rms(x, layer.ln2))
+
+    def _logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._rms(x[rows], self.norm)).float()
+
+    # ---------------------------------------------------------------- entry points
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
+                offsets: torch.Tensor, block_tables: torch.Tensor, logit_rows: torch.Tensor,
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
+        """One decode step (any token count): the function ``torch.compile`` sees."""
+        step = Step(tokens, positions, rows, blocks, offsets, block_tables, logit_rows)
+        x = self.embed[tokens]
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        kernel = self.kernel
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            if kernel is not None:
+                return kernel(q.contiguous(), kc, vc, block_tables, rows, positions, self.scale)
+            return reference_attention(q, kc, vc, block_tables, rows, positions, self.scale)
+
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, step, cos, sin, k_caches[i], v_caches[i], attend)
+        return self._logits(x, logit_rows)
+
+    def prefill(self, step: Step, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                segments: Sequence[tuple[int, int, int, int]], cancelled: Callable[[], bool]) -> torch.Tensor:
+        """Prompt chunks of one or more sequences, eagerly; ``segments`` lists (row, start, count,
+        first_position) per sequence for the reference attention. Raises ``PrefillCancelled``."""
+        x = self.embed[step.tokens]
+        cos, sin = self.cos[step.positions][:, None, :], self.sin[step.positions][:, None, :]
+        kernel = self.kernel
+
+        def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+            if kernel is not None:
+                return kernel(q.contiguous(), kc, vc, step.block_tables, step.rows, step.positions, self.scale)
+            parts = [reference_prefill(q[start:start + count], kc, vc, step.block_tables[row], first, self.scale)
+                     for row, start, count, first in segments]
+            return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        for i in range(len(self.layers)):
+            if cancelled():
+                raise PrefillCancelled
+            x = self._layer(i, x, step, cos, sin, k_caches[i], v_caches[i], attend)
+        return self._logits(x, step.logit_rows)

@@ -1,0 +1,268 @@
+"""The fast path: FastLlama over the paged cache, the CPU attention kernel, the compiled decode
+step, KV-cache admission, and the transformers fallback for other architectures."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from llama_lab import load_model
+from llama_lab.engine import Engine, SamplingParams, sampling
+from llama_lab.engine.attention import cpu_kernel, reference_attention, reference_prefill
+from llama_lab.engine.hf_runner import HFRunner
+from llama_lab.engine.paged_runner import PagedRunner, PrefillJob
+
+
+@pytest.fixture(scope="module")
+def tiny32():
+    """The tiny preset in fp32, so compiled and eager paths agree to the last bit of a seeded draw."""
+    return load_model("random:tiny", dtype="fp32", seed=3)
+
+
+def _prompt(lm, text="Tell me a story about a lighthouse."):
+    return lm.chat_prompt_ids([{"role": "user", "content": text}])
+
+
+# ---------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kv_heads,groups,head_dim", [(3, 3, 64), (2, 2, 32), (8, 4, 128)])
+def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_dim):
+    kernel = cpu_kernel()
+    if kernel is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    torch.manual_seed(0)
+    heads, block, blocks = kv_heads * groups, 16, 64
+    kc = torch.randn(blocks, kv_heads, block, head_dim, dtype=dtype)
+    vc = torch.randn(blocks, kv_heads, block, head_dim, dtype=dtype)
+    tables = torch.randperm(blocks)[:64].view(2, 32).to(torch.int32)
+    scale = head_dim ** -0.5
+    # decode: one token per sequence, at very different positions (one spans several key chunks)
+    q = torch.randn(6, heads, head_dim, dtype=dtype)
+    rows, pos = torch.tensor([0, 0, 1, 1, 1, 0]), torch.tensor([0, 300, 5, 100, 511, 70])
+    got = kernel(q, kc, vc, tables, rows, pos, scale)
+    want = reference_attention(q, kc, vc, tables, rows, pos, scale)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # prefill: ten consecutive tokens of one sequence, causal among themselves
+    qp = torch.randn(10, heads, head_dim, dtype=dtype)
+    got = kernel(qp, kc, vc, tables, torch.ones(10, dtype=torch.long), torch.arange(40, 50), scale)
+    want = reference_prefill(qp, kc, vc, tables[1], 40, scale)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- the model over the paged cache
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-reference"])
+def test_paged_forward_matches_transformers(tiny32, kernel, monkeypatch):
+    """Chunked, batched prefill over the paged cache gives the model's own logits."""
+    if not kernel:
+        monkeypatch.setenv("LLAMA_LAB_CPU_KERNEL", "0")
+        monkeypatch.setattr("llama_lab.engine.attention._STATE", {})
+    runner = PagedRunner(tiny32, max_batch_size=4, compile=False, kv_cache_tokens=4096, block_size=16)
+    assert runner.attention == ("cpu-kernel" if kernel and cpu_kernel() else "torch-reference")
+    a = _prompt(tiny32, "first prompt, a little longer than the other one")
+    b = _prompt(tiny32, "second")
+    sa, sb = runner.reserve(len(a) + 8), runner.reserve(len(b) + 8)
+    # a in two chunks, the second one batched with all of b
+    runner.prefill([PrefillJob(sa, a[:7], False)], lambda: False)
+    logits = runner.prefill([PrefillJob(sa, a[7:], True), PrefillJob(sb, b, True)], lambda: False)
+    with torch.inference_mode():
+        ref_a = tiny32.model(torch.tensor([a])).logits[0, -1]
+        ref_b = tiny32.model(torch.tensor([b])).logits[0, -1]
+    torch.testing.assert_close(logits[0], ref_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], ref_b, atol=1e-4, rtol=1e-4)
+    # one decode step for both, each at its own position
+    step = runner.decode([sa, sb], [5, 6])
+    with torch.inference_mode():
+        ref_a2 = tiny32.model(torch.tensor([a + [5]])).logits[0, -1]
+        ref_b2 = tiny32.model(torch.tensor([b + [6]])).logits[0, -1]
+    torch.testing.assert_close(step[0], ref_a2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step[1], ref_b2, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_are_shared_not_copied(tiny32):
+    """Fusing q/k/v and gate/up leaves the transformers modules as views of the fused tensors."""
+    runner = PagedRunner(tiny32, max_batch_size=2, compile=False, kv_cache_tokens=2048)
+    layer, hf = runner.model.layers[0], tiny32.model.model.layers[0]
+    assert hf.self_attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert hf.mlp.gate_proj.weight.untyped_storage().data_ptr() == layer.gate_up.weight.untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- the compiled decode step
+
+def test_compiled_decode_gives_the_eager_tokens(tiny32):
+    ids = _prompt(tiny32)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    with Engine(tiny32, compile=False) as eager:
+        want = [eager.generate(ids, p).token_ids for p in (greedy, seeded)]
+    with Engine(tiny32, compile=True, max_batch_size=4) as compiled:
+        assert compiled.describe()["decode"] == "compiled", compiled.describe()
+        got = [compiled.generate(ids, p).token_ids for p in (greedy, seeded)]
+        # a batch of three different requests uses the same graph (no recompile per batch size)
+        outs: list = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, compiled.generate(ids, seeded)))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert got == want
+    assert all(o.token_ids == want[1] for o in outs)
+
+
+def test_cancel_lands_within_one_step_on_the_compiled_path(tiny32):
+    with Engine(tiny32, compile=True) as engine:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        handle = engine.submit(_prompt(tiny32), SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True),
+                               events.put)
+        seen = 0
+        while seen < 5:
+            if events.get(timeout=60).token_ids:
+                seen += 1
+        handle.cancel()
+        while (delta := events.get(timeout=60)).finish_reason is None:
+            pass
+        assert delta.finish_reason == "cancelled"
+        assert handle.steps_after_cancel <= 1
+
+
+# ---------------------------------------------------------------- the KV cache
+
+def test_requests_wait_for_cache_blocks_and_reuse_them(tiny_model):
+    """A cache with room for one request at a time: the second waits, then gets the blocks back."""
+    with Engine(tiny_model, compile=False, kv_cache_tokens=tiny_model.context_length) as engine:
+        cache = engine.runner.cache
+        free0 = cache.free_blocks
+        ids = _prompt(tiny_model)
+        big = SamplingParams(max_tokens=tiny_model.context_length - len(ids) - 1, temperature=0, ignore_eos=True)
+        first = queue.SimpleQueue()
+        h1 = engine.submit(ids, big, first.put)
+        time.sleep(0.2)
+        second = engine.generate  # blocks until admitted and done
+        result = {}
+        t = threading.Thread(target=lambda: result.setdefault("out", second(ids, SamplingParams(max_tokens=3, temperature=0))))
+        t.start()
+        time.sleep(0.5)
+        assert engine.stats.waiting == 1, "the second request must wait for blocks"
+        h1.cancel()
+        t.join(60)
+        assert result["out"].completion_tokens >= 1
+        deadline = time.time() + 10
+        while cache.free_blocks != free0 and time.time() < deadline:
+            time.sleep(0.01)
+        assert cache.free_blocks == free0, "every block comes back"
+
+
+def test_speed_does_not_depend_on_the_cache_growing(tiny_model):
+    """No per-step concatenation: the cache tensors are allocated once and never replaced."""
+    with Engine(tiny_model, compile=False) as engine:
+        before = [t.data_ptr() for t in engine.runner.cache.k]
+        engine.generate(_prompt(tiny_model), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        assert [t.data_ptr() for t in engine.runner.cache.k] == before
+
+
+# ---------------------------------------------------------------- other architectures, other devices
+
+def test_other_architectures_use_the_transformers_runner():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    from llama_lab.model.loading import LoadedModel, shipped_tokenizer_dir
+    from llama_lab.model.presets import LoadMode
+
+    tok = AutoTokenizer.from_pretrained(shipped_tokenizer_dir())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                                        n_positions=512, eos_token_id=tok.eos_token_id)).eval()
+    lm = LoadedModel(model=model, tokenizer=tok, stop_token_ids=frozenset({tok.eos_token_id}), device=torch.device("cpu"),
+                     dtype=torch.float32, mode=LoadMode.FULL, source="test", name="gpt2-tiny", random_weights=True,
+                     load_seconds=0.0, weights_bytes=0, rss_delta_bytes=0, device_bytes=None, context_length=512)
+    ids = tok.encode("hello there")
+    with Engine(lm, compile=True) as engine:
+        assert isinstance(engine.runner, HFRunner)
+        outs: list = [None] * 2
+        ths = [threading.Thread(target=lambda i=i: outs.__setitem__(i, engine.generate(
+            ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)))) for i in range(2)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones(1, len(ids), dtype=torch.long), pad_token_id=0)
+    assert outs[0].token_ids == outs[1].token_ids == ref[0, len(ids):].tolist()
+
+
+def test_the_engine_makes_generators_on_the_models_device(tiny_model, monkeypatch):
+    """Reintroducing the GPU bug (a CPU generator for a CUDA model) fails here, on a CPU.
+
+    The runner is a stand-in that says its model lives on the meta device; every generator the
+    engine asks for must be on that device.
+    """
+    asked: list[torch.device] = []
+    monkeypatch.setattr(sampling, "make_generator",
+                        lambda device, seed: asked.append(torch.device(device)) or torch.Generator().manual_seed(seed))
+
+    class MetaRunner:
+        device, mode, attention, compile_error = torch.device("meta"), "stub", "stub", None
+
+        def warm_up(self):
+            return 0.0
+
+        def reserve(self, tokens):
+            return object()
+
+        def release(self, seq):
+            pass
+
+        def prefill(self, jobs, cancelled):
+            return torch.empty(len(jobs), len(tiny_model.tokenizer), device="meta")
+
+    monkeypatch.setattr("llama_lab.engine.engine.make_runner", lambda *a, **k: MetaRunner())
+    with Engine(tiny_model) as engine:
+        out = queue.SimpleQueue()
+        engine.submit(_prompt(tiny_model), SamplingParams(temperature=0.7, seed=1), out.put)
+        engine.submit(_prompt(tiny_model), SamplingParams(temperature=0.7), out.put)
+        for _ in range(2):
+            assert out.get(timeout=30).finish_reason is not None  # meta logits have no values: it ends in an error
+    assert asked == [torch.device("meta")] * 2
+
+
+# ---------------------------------------------------------------- the embedded model, compiled, end to end
+
+@pytest.mark.slow
+def test_compiled_server_on_the_embedded_model(cli_server, default_model):
+    """``llama-lab serve`` compiles at start-up (not in the first request), answers like the eager
+    engine, and stops within one step when a streaming client leaves."""
+    proc, url = cli_server("--model", "default", "--compile", timeout=900)
+    engine = httpx.get(url + "/health").json()["engine"]
+    assert engine["decode"] == "compiled" and engine["warmup_seconds"] is not None, engine
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 40,
+            "temperature": 0}
+    answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()
+    ids = default_model.chat_prompt_ids(body["messages"])
+    with Engine(default_model, compile=False) as eager:
+        want = eager.generate(ids, SamplingParams(max_tokens=40, temperature=0))
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["choices"][0]["message"]["content"] == want.text
+    # a client that leaves mid-stream: right after it left, the step counter moves at most one more step
+    long = {"messages": [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=long, timeout=300) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i == 10:
+                break
+    steps_at_leave = _steps(url)
+    time.sleep(1.5)
+    assert _steps(url) - steps_at_leave <= 1
+
+
+def _steps(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("llama_lab_engine_steps ")))
