@@ -205,6 +205,7 @@
       else link.removeAttribute("aria-current");
     }
     for (const view of Object.keys(VIEWS)) $("view-" + view).hidden = view !== S.view;
+    $("banner").hidden = true;  // a message belongs to the view it was shown in
     await refresh(false);
   }
 
@@ -284,7 +285,8 @@
       return h("div", { class: "test-result", dataset: { ok: test.ok } },
         test.ok ? badge(`✓ ${fmtMs(test.latency_ms)}`, "ok") : badge("✗ failed", "bad"),
         test.model ? h("span", { class: "muted small", text: ` ${test.model}` }) : null,
-        test.ok ? null : h("div", { class: "small error-text", text: test.error || `HTTP ${test.status_code}` }));
+        test.ok ? null : h("div", { class: "small error-text clamp", title: test.error || "", text: test.error || `HTTP ${test.status_code}`,
+          onclick: (e) => e.currentTarget.classList.toggle("clamp") }));
     }
     if (!c.last_test_at) return h("span", { class: "muted", text: "never" });
     return h("div", {},
@@ -293,8 +295,10 @@
   }
 
   function modelChips(c) {
-    const chips = c.models.map((m) => h("span", { class: "chip", text: m }));
-    for (const [from, to] of Object.entries(c.model_mapping || {})) chips.push(h("span", { class: "chip", text: `${from} → ${to}` }));
+    const chips = c.models.map((m) => h("span", { class: "chip", text: m, title: m }));
+    for (const [from, to] of Object.entries(c.model_mapping || {})) {
+      chips.push(h("span", { class: "chip", text: `${from} → ${to}`, title: `requests for ${from} go upstream as ${to}` }));
+    }
     return chips.length ? h("div", { class: "chips" }, chips) : h("span", { class: "muted", text: "any model" });
   }
 
@@ -446,7 +450,7 @@
         td("Token", h("div", { class: "name", text: t.name }), h("div", { class: "muted small mono", text: t.key_hint }),
           t.subnets.length ? h("div", { class: "muted small", text: `from ${t.subnets.join(", ")}` }) : null),
         td("Usage", usageCell(t)),
-        td("Models", t.models.length ? h("div", { class: "chips" }, t.models.map((m) => h("span", { class: "chip", text: m })))
+        td("Models", t.models.length ? h("div", { class: "chips" }, t.models.map((m) => h("span", { class: "chip", text: m, title: m })))
           : h("span", { class: "muted", text: "every model" })),
         td("Expires", t.expires_at === null ? h("span", { class: "muted", text: "never" })
           : h("span", { text: fmtDate(t.expires_at), title: fmtTime(t.expires_at) })),
@@ -727,10 +731,11 @@
     table.tBodies[0].replaceChildren(...(rows.length ? rows : [emptyRow(table, "No channels yet.")]));
   }
 
-  function niceCeil(v) {
-    if (v <= 0) return 1;
-    const p = 10 ** Math.floor(Math.log10(v));
-    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  /** A round tick step (1, 2 or 5 times a power of ten, at least 1) that covers ``v`` in about four steps. */
+  function niceStep(v) {
+    const raw = Math.max(1, v / 4);
+    const p = 10 ** Math.floor(Math.log10(raw));
+    for (const m of [1, 2, 5, 10]) if (m * p >= raw) return m * p;
     return 10 * p;
   }
 
@@ -774,12 +779,14 @@
     const ph = H - m.t - m.b;
     const sums = new Array(n).fill(0);
     for (const s of list) s.buckets.forEach((v, i) => { sums[i] += v; });
-    const top = niceCeil(Math.max(0, ...sums));
+    const tick = niceStep(Math.max(0, ...sums));
+    const ticks = Math.max(1, Math.ceil(Math.max(0, ...sums) / tick));
+    const top = tick * ticks;
     const chart = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `tokens used by ${group}` });
-    for (let i = 0; i <= 4; i++) {
-      const y = m.t + ph - (ph * i) / 4;
+    for (let i = 0; i <= ticks; i++) {
+      const y = m.t + ph - (ph * i) / ticks;
       chart.append(svg("line", { x1: m.l, x2: W - m.r, y1: y, y2: y, class: i ? "grid" : "axis" }));
-      chart.append(svg("text", { x: m.l - 6, y: y + 4, "text-anchor": "end", class: "tick" }, fmtShort((top * i) / 4)));
+      chart.append(svg("text", { x: m.l - 6, y: y + 4, "text-anchor": "end", class: "tick" }, fmtShort(tick * i)));
     }
     const bw = pw / n;
     const every = Math.max(1, Math.ceil(64 / bw));
