@@ -102,6 +102,11 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
     cpu.locator(".badge", has_text="disabled").wait_for()
     assert gpu.locator(".share").text_content() == "all of its traffic"
     assert [c.enabled for c in admin.channels()] == [True, False]
+    gpu.locator("button", has_text="Edit").click()
+    page.locator("#channel-form [name=priority]").fill("5")
+    page.locator("#channel-form button[type=submit]").click()
+    gpu.locator("td[data-label=Priority]", has_text="5").wait_for()
+    assert admin.channels()[0].priority == 5
     screenshot(page, "admin-channels-desktop")
 
     # Tokens: the key is shown once, with the settings to paste.
@@ -137,6 +142,7 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
     chat.click("#reconnect")
     chat.wait_for_function("() => document.querySelector('#model').value !== ''")
     assert chat.input_value("#model") == model
+    assert chat.text_content("#mode") == "–"  # a gateway does not say how its backends loaded the model
     chat.fill("#max-tokens", "12")
     chat.fill("#prompt", "Say hi.")
     chat.press("#prompt", "Enter")
@@ -176,14 +182,26 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
     assert "✗ failed" in health.locator("td[data-label='Last test']").text_content()
     screenshot(page, "admin-overview-desktop")
 
-    # Revoke: the playground now shows the gateway's refusal, and so does the openai SDK.
+    # A quota below the usage: the next chat is refused with a message that says so (429, not One API's 401).
     open_view(page, "tokens")
+    alice.locator("button", has_text="Edit").click()
+    page.locator("#token-form [name=quota]").fill("10")
+    page.locator("#token-form button[type=submit]").click()
+    alice.locator(".badge", has_text="quota used up").wait_for()
+    assert alice.locator("td[data-label=Usage]").text_content().startswith(f"{total} of 10")
+    chat.fill("#prompt", "Say hi again.")
+    chat.press("#prompt", "Enter")
+    chat.wait_for_function("() => document.querySelectorAll('.msg-assistant[data-outcome=\"error\"]').length === 1")
+    assert f"HTTP 429: Token 'alice' has exhausted its quota: {total} of 10 tokens used" in \
+        chat.locator(".msg-assistant .error").last.text_content()
+
+    # Revoke: the playground now shows the gateway's refusal, and so does the openai SDK.
     alice.locator("button", has_text="Revoke").click()
     alice.locator(".badge", has_text="revoked").wait_for()
     assert admin.tokens()[0].enabled is False
     chat.fill("#prompt", "Say hi again.")
     chat.press("#prompt", "Enter")
-    chat.wait_for_selector(".msg-assistant[data-outcome='error']")
+    chat.wait_for_function("() => document.querySelectorAll('.msg-assistant[data-outcome=\"error\"]').length === 2")
     assert "HTTP 401: Token 'alice' is disabled" in chat.locator(".msg-assistant .error").last.text_content()
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.AuthenticationError, match="disabled"):
@@ -197,7 +215,7 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
     assert page.locator("#logs-table tbody tr").count() == 2  # the playground's and the SDK's
     assert "is disabled" in page.locator("#logs-table tbody tr").first.locator("td[data-label=Error]").text_content()
     page.click("#f-reset")
-    page.wait_for_selector("#logs-table tbody tr[data-status='200']")
+    page.wait_for_selector("#logs-table tbody tr[data-status='429']")
     screenshot(page, "admin-logs-desktop")
 
     # A phone: every view fits the width, tables become cards.
@@ -208,6 +226,13 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
         assert horizontal_overflow(page) <= 0, f"{view} scrolls sideways on a phone"
         screenshot(page, f"admin-{view}-phone")
     assert page.locator("#logs-table thead").is_hidden()
+
+    # Delete: the token is gone; its requests stay in the log.
+    page.set_viewport_size(DESKTOP)
+    open_view(page, "tokens")
+    alice.locator("button", has_text="Delete").click()
+    page.wait_for_selector("#tokens-table tr.empty")
+    assert admin.tokens() == [] and len(admin.logs()) == 4
 
     tab.assert_no_script_errors()
     play.assert_no_script_errors()

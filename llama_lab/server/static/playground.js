@@ -69,6 +69,7 @@
   async function loadModels() {
     const base = endpoint();
     setServerState("unknown", `connecting to ${base}…`);
+    for (const id of ["mode", "device", "context", "load"]) $(id).textContent = "–";  // facts of the previous endpoint
     let data;
     try {
       const resp = await fetch(base + "/v1/models", { headers: headers(false) });
