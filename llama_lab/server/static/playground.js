@@ -76,9 +76,10 @@
       if (!resp.ok) throw new ServerError(`${base}/v1/models answered ${await errorMessage(resp)}`);
       data = await resp.json();
     } catch (err) {
-      setServerState("down", err instanceof ServerError ? err.message : unreachable(base, err));
+      if (base === endpoint()) setServerState("down", err instanceof ServerError ? err.message : unreachable(base, err));
       return;
     }
+    if (base !== endpoint()) return;  // the endpoint changed meanwhile: that call's answer counts
     const select = $("model");
     const previous = select.value || localStorage.getItem(PREFIX + "model");
     state.servedModels = Array.isArray(data.data) ? data.data : [];
@@ -101,6 +102,7 @@
       const resp = await fetch(base + "/health", { headers: headers(false) });
       if (!resp.ok) throw new ServerError(`${base}/health answered ${await errorMessage(resp)}`);
       const h = await resp.json();
+      if (base !== endpoint()) return;
       const model = $("model").value || h.model || "?";
       if (h.mode) $("mode").textContent = h.mode;
       $("device").textContent = h.device || "–";
@@ -110,7 +112,7 @@
       const activity = busy === null ? "" : busy ? ` · generating (${h.running} running, ${h.waiting} waiting)` : " · idle";
       setServerState(busy ? "busy" : "up", `${model} · ${where}${activity}`);
     } catch (err) {
-      setServerState("down", err instanceof ServerError ? err.message : unreachable(base, err));
+      if (base === endpoint()) setServerState("down", err instanceof ServerError ? err.message : unreachable(base, err));
     }
   }
 
