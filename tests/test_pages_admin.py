@@ -226,6 +226,13 @@ def test_admin_console_end_to_end(browser, tiny_server, tiny_engine, gateway):
         assert horizontal_overflow(page) <= 0, f"{view} scrolls sideways on a phone"
         screenshot(page, f"admin-{view}-phone")
     assert page.locator("#logs-table thead").is_hidden()
+    open_view(page, "channels")
+    page.click("#add-channel")
+    assert page.locator("#channel-form [name=clear_key]").is_hidden()  # only when editing a channel
+    box = page.locator("#channel-dialog").bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"]
+    screenshot(page, "admin-channel-form-phone", full_page=False)
+    page.locator("#channel-dialog [data-close]").click()
 
     # Delete: the token is gone; its requests stay in the log.
     page.set_viewport_size(DESKTOP)

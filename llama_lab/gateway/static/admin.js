@@ -502,6 +502,8 @@
     $("token-form-title").textContent = t ? `Edit token '${t.name}'` : "Create token";
     form.querySelector(".form-error").textContent = "";
     const f = form.elements;
+    const keep = f.expires.querySelector("option[value=keep]");
+    keep.hidden = keep.disabled = !t;  // "unchanged" only makes sense for an existing token
     f.expires.value = t ? "keep" : "30";
     if (t) {
       f.name.value = t.name;
