@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +35,7 @@ from llama_lab.gateway.settings import GatewaySettings
 from llama_lab.gateway.store import KEY_PREFIX, Store
 from llama_lab.web.cors import install_cors
 from llama_lab.web.errors import APIError, install_error_handlers
+from llama_lab.web.pages import add_page, add_redirect
 
 log = logging.getLogger(__name__)
 
@@ -365,4 +367,6 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
 
     app.include_router(openai_routes())
     app.include_router(admin_routes())
+    add_page(app, "/admin", Path(__file__).parent / "static", index="admin.html")  # the admin console
+    add_redirect(app, "/", "/admin")
     return app

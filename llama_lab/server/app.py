@@ -7,6 +7,7 @@ them from there, so several apps can live in one process (tests, notebooks).
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -18,6 +19,7 @@ from llama_lab.server.routes import router
 from llama_lab.server.settings import ServerSettings
 from llama_lab.web.cors import install_cors
 from llama_lab.web.errors import install_error_handlers
+from llama_lab.web.pages import add_page
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -38,6 +40,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.add_middleware(state.metrics.asgi_middleware)
     app.add_middleware(JsonBodies)
     app.include_router(router)
+    add_page(app, "/", Path(__file__).parent / "static")  # the playground
     return app
 
 
