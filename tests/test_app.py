@@ -458,3 +458,31 @@ def test_cors_star_allows_every_origin(tiny_engine):
         r = http.options("/v1/chat/completions", headers={"Origin": "http://evil.example", **PREFLIGHT})
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] in ("*", "http://evil.example")
+
+
+# ---------------------------------------------------------------- NextChat's usage panel
+
+
+def test_billing_routes_answer_nextchat_with_the_servers_own_token_counts(tiny_engine):
+    dates = {"start_date": "2026-11-01", "end_date": "2026-12-01"}  # what NextChat sends
+    with serve(tiny_engine, port=0, tokens_per_usd=1000) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for prefix in ("", "/v1"):  # NextChat's base URL may be given with or without /v1
+            sub = http.get(prefix + "/dashboard/billing/subscription")
+            assert sub.status_code == 200
+            assert sub.json()["hard_limit_usd"] >= 1e6  # no limit: NextChat shows it as is
+            usage = http.get(prefix + "/dashboard/billing/usage", params=dates)
+            assert usage.status_code == 200 and usage.json()["total_usage"] == 0
+        served = chat(http, max_tokens=3).json()["usage"]["total_tokens"]
+        streamed, _ = stream_chunks(http, messages=HI, max_tokens=2, stream_options={"include_usage": True})
+        served += streamed[-1]["usage"]["total_tokens"]
+        cents = http.get("/dashboard/billing/usage", params=dates).json()["total_usage"]
+        assert cents == pytest.approx(served / 1000 * 100)  # NextChat divides by 100 to show dollars
+        err = assert_openai_error(http.get("/dashboard/billing/usage", params={"start_date": "last week"}), 400)
+        assert err["param"] == "start_date"
+
+
+def test_billing_routes_need_the_api_key_when_one_is_set(tiny_engine):
+    with serve(tiny_engine, port=0, api_key="sk-right") as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for path in ("/dashboard/billing/subscription", "/dashboard/billing/usage"):
+            assert assert_openai_error(http.get(path), 401)["code"] == "invalid_api_key"
+            assert http.get(path, headers={"Authorization": "Bearer sk-right"}).status_code == 200

@@ -12,6 +12,7 @@ import base64
 import hmac
 import struct
 import time
+from datetime import date
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -20,6 +21,7 @@ from jinja2 import TemplateError
 from llama_lab.engine import EngineClosed
 from llama_lab.server.generation import respond
 from llama_lab.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llama_lab.web import billing
 from llama_lab.web.errors import APIError
 
 router = APIRouter()
@@ -78,6 +80,27 @@ async def list_models(request: Request) -> dict[str, Any]:
          "context_length": loaded.context_length, "load_mode": loaded.mode.value}
         for name in state.served
     ]}
+
+
+# ---------------------------------------------------------------- NextChat's usage panel
+
+
+async def billing_subscription(request: Request) -> dict[str, Any]:
+    """No limit: a local server has no quota (the gateway has)."""
+    return billing.subscription(None, request.app.state.settings.tokens_per_usd)
+
+
+async def billing_usage(request: Request, start_date: date | None = None, end_date: date | None = None) -> dict[str, Any]:
+    """Tokens served since the server started, in cents; the dates NextChat sends are not applied."""
+    state = request.app.state
+    return billing.usage(state.metrics.tokens_used, state.settings.tokens_per_usd)
+
+
+for _prefix in billing.BILLING_PREFIXES:
+    router.add_api_route(f"{_prefix}/dashboard/billing/subscription", billing_subscription, methods=["GET"],
+                         dependencies=[Depends(check_key)])
+    router.add_api_route(f"{_prefix}/dashboard/billing/usage", billing_usage, methods=["GET"],
+                         dependencies=[Depends(check_key)])
 
 
 # ---------------------------------------------------------------- generation routes
