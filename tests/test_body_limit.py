@@ -207,27 +207,49 @@ def test_health_and_a_stream_keep_answering_while_10mb_bodies_are_refused(tiny_s
     wait_idle(tiny_engine)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
-def test_a_too_long_prompt_just_under_the_limit_is_tokenized_off_the_event_loop(tiny_engine, path):
-    limit = 1 * 2**20  # smaller than the default so the test tokenizes ~0.5M tokens, not 2M; same code path
-    field = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}[path]
-    with serve(tiny_engine, port=0, max_body_bytes=limit, log_level="warning") as server:
-        def body(n: int) -> bytes:
-            text = "a " * n
-            return json.dumps({"messages": [{"role": "user", "content": text}]} if field == "messages" else {field: text}).encode()
+def _too_long_just_under(limit: int, field: str) -> bytes:
+    """A body of ``"a a a ..."`` (one token per 2 bytes) whose size is the limit, give or take one byte."""
+    def body(n: int) -> bytes:
+        text = "a " * n
+        return json.dumps({"messages": [{"role": "user", "content": text}]} if field == "messages" else {field: text}).encode()
 
-        n = (limit - len(body(0))) // 2
-        payload = body(n)
-        assert limit - 2 < len(payload) <= limit  # just under (or at) the limit
+    payload = body((limit - len(body(0))) // 2)
+    assert limit - 2 < len(payload) <= limit
+    return payload
+
+
+def _assert_context_length_400(r: httpx.Response, field: str, context_length: int) -> None:
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and err["param"] == field
+    assert f"maximum context length is {context_length} tokens" in err["message"]
+
+
+def test_a_too_long_prompt_just_under_the_default_limit_gets_the_context_length_400(tiny_server, tiny_engine):
+    payload = _too_long_just_under(DEFAULT_LIMIT, "messages")  # ~1M tokens to template and tokenize
+
+    def work():
+        return httpx.post(tiny_server.url + "/v1/chat/completions", content=payload, timeout=300)
+
+    latencies, gap, r = watch_while(tiny_server.url, work)
+    _assert_context_length_400(r, "messages", tiny_engine.loaded.context_length)
+    assert max(latencies) < HEALTH_BUDGET_S, f"/health took up to {max(latencies) * 1000:.0f} ms while tokenizing"
+    assert gap < 1.0, f"the concurrent stream stalled for {gap:.2f} s while tokenizing"
+    wait_idle(tiny_engine)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/embeddings"])
+def test_completions_and_embeddings_tokenize_off_the_event_loop_too(tiny_engine, path):
+    limit = 2**20  # half the default's work; the same code path
+    field = {"/v1/completions": "prompt", "/v1/embeddings": "input"}[path]
+    with serve(tiny_engine, port=0, max_body_bytes=limit, log_level="warning") as server:
+        payload = _too_long_just_under(limit, field)
 
         def work():
             return httpx.post(server.url + path, content=payload, timeout=120)
 
         latencies, gap, r = watch_while(server.url, work)
-        assert r.status_code == 400, r.text[:300]
-        err = r.json()["error"]
-        assert err["code"] == "context_length_exceeded" and err["param"] == field
-        assert f"maximum context length is {tiny_engine.loaded.context_length} tokens" in err["message"]
+        _assert_context_length_400(r, field, tiny_engine.loaded.context_length)
         assert max(latencies) < HEALTH_BUDGET_S, f"/health took up to {max(latencies) * 1000:.0f} ms while tokenizing"
         assert gap < 1.0, f"the concurrent stream stalled for {gap:.2f} s while tokenizing"
     wait_idle(tiny_engine)
