@@ -6,6 +6,8 @@
 
 Sides (each in a fresh process, same model, dtype and thread count):
   raw       Hugging Face ``model.generate`` (greedy, eos ignored; batches left-padded)
+  hf-cb     transformers' own continuous batching (``model.generate_batch``, paged cache): the
+            library we would otherwise build on
   previous  the engine as it was at ``--baseline-ref`` (a DynamicCache grown by concatenation),
             checked out of this repository's history with ``git archive``
   eager     this engine, ``compile=False``
@@ -82,9 +84,23 @@ def worker(args: argparse.Namespace) -> dict:
                               pad_token_id=pad)
         return time.perf_counter() - t
 
+    def hf_batch(prompts: list[list[int]], n: int, timestamps: bool = False):
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        t = time.perf_counter()
+        done = lm.model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False, warmup=False,
+                                       record_timestamps=timestamps)
+        wall = time.perf_counter() - t
+        assert all(len(o.generated_tokens) == n for o in done.values())
+        return (wall, list(done.values())) if timestamps else wall
+
     def single(n_ctx: int, n: int) -> tuple[float, float]:
         """(decode tok/s after the first token, time to first token)."""
         prompt = _prompt_of(tok, n_ctx)
+        if args.worker == "hf-cb":  # per-token timestamps: the manager's start-up is not decoding
+            _, (o,) = hf_batch([prompt], n, timestamps=True)
+            return (n - 1) / (o.timestamps[-1] - o.timestamps[0]), o.timestamps[0] - o.created_time
         if args.worker == "raw":
             first = raw_generate([prompt], 1)
             total = raw_generate([prompt], n)
@@ -93,6 +109,12 @@ def worker(args: argparse.Namespace) -> dict:
         assert res.completion_tokens == n, res.completion_tokens
         return (n - 1) / (res.total_s - res.first_token_s), res.first_token_s
 
+    if args.worker == "hf-cb":
+        from transformers import GenerationConfig
+
+        lm.model.generate_batch(inputs=[_prompt_of(tok, 16)], progress_bar=False, warmup=True,
+                                generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1,
+                                                                   pad_token_id=0))
     contexts = {}
     for n_ctx in args.contexts:
         single(n_ctx, 4)  # warm-up at this length
@@ -112,6 +134,10 @@ def worker(args: argparse.Namespace) -> dict:
         if args.worker == "raw":
             on_model_thread(lambda: raw_generate(prompts[:1], 2))
             wall = on_model_thread(lambda: raw_generate(prompts, n))
+        elif args.worker == "hf-cb":  # from the first request's arrival to the last token (manager start-up excluded)
+            hf_batch(prompts[:1], 2)
+            _, outs = hf_batch(prompts, n, timestamps=True)
+            wall = max(o.timestamps[-1] for o in outs) - min(o.created_time for o in outs)
         else:
             engine.generate(prompts[0], greedy(2))
             results: list = [None] * b
@@ -172,7 +198,7 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> dict:
     summary: dict = {}
     if best:
         me = rows[best]
-        for peer in ("raw", "previous"):
+        for peer in ("raw", "hf-cb", "previous"):
             if peer in rows:
                 p = rows[peer]
                 summary[f"{best}_vs_{peer}"] = {
@@ -189,7 +215,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--mode", default="full")
-    ap.add_argument("--impls", default="raw,previous,eager,compiled")
+    ap.add_argument("--impls", default="raw,hf-cb,previous,eager,compiled")
     ap.add_argument("--contexts", default="10,1000,4000")
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per single-stream run")

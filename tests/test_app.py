@@ -287,6 +287,25 @@ GARBAGE = {
     "top_logprobs 99": dict(json={"messages": HI, "logprobs": True, "top_logprobs": 99}),
     "top_logprobs without logprobs": dict(json={"messages": HI, "top_logprobs": 2}),
     "model is a number": dict(json={"messages": HI, "model": 5}),
+    # strict types: OpenAI answers 400 where a lax parser would coerce
+    "stream is a word": dict(json={"messages": HI, "stream": "yes"}),
+    "stream is 1": dict(json={"messages": HI, "stream": 1}),
+    "max_tokens is a numeric string": dict(json={"messages": HI, "max_tokens": "10"}),
+    "max_tokens is 2.0": dict(json={"messages": HI, "max_tokens": 2.0}),
+    "n is a numeric string": dict(json={"messages": HI, "n": "2"}),
+    "n is true": dict(json={"messages": HI, "n": True}),
+    "temperature is a numeric string": dict(json={"messages": HI, "temperature": "0.5"}),
+    "top_p is true": dict(json={"messages": HI, "top_p": True}),
+    "seed is a numeric string": dict(json={"messages": HI, "seed": "5"}),
+    "logprobs is a string": dict(json={"messages": HI, "logprobs": "true"}),
+    "include_usage is a word": dict(json={"messages": HI, "stream": True, "stream_options": {"include_usage": "yes"}}),
+    "stop list holds a number": dict(json={"messages": HI, "stop": ["a", 5]}),
+    "user message without content": dict(json={"messages": [{"role": "user"}]}),
+    "user content null": dict(json={"messages": [{"role": "user", "content": None}]}),
+    "system message without content": dict(json={"messages": [{"role": "system"}, {"role": "user", "content": "hi"}]}),
+    "assistant content null without tool calls": dict(json={"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "?"}]}),
+    "content part text is a number": dict(json={"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}),
 }
 
 
@@ -313,6 +332,9 @@ def test_json_body_without_a_content_type_is_accepted(http):
 
 @pytest.mark.parametrize("body,param", [
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": HI, "max_tokens": "10"}, "max_tokens"),
+    ({"messages": HI, "stream": "yes"}, "stream"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": HI, "stop": 5}, "stop"),
     ({"messages": HI, "max_tokens": -1}, "max_tokens"),
@@ -328,6 +350,10 @@ def test_validation_errors_name_the_field_as_the_client_wrote_it(http, body, par
     ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": [[], [1]]}, "prompt"),
     ("/v1/completions", {}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "2"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/embeddings", {"input": ["a", 5]}, "input"),
     ("/v1/embeddings", {"input": [10**9]}, "input"),
     ("/v1/embeddings", {"input": [-3]}, "input"),
     ("/v1/embeddings", {"input": [[], [1]]}, "input"),
@@ -341,8 +367,11 @@ def test_bad_prompts_and_inputs_get_400_naming_the_field(http, path, body, param
 def test_odd_but_valid_chat_requests_are_answered(http):
     odd = [
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
-        [{"role": "user", "content": None}],
         [{"role": "system", "content": "only a system prompt"}],
+        [{"role": "user", "content": ""}],
+        [{"role": "user", "content": "weather?"},  # the one message OpenAI lets go without content
+         {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
         [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
         [{"role": "user", "content": "nul \u0000 byte"}],
     ]
@@ -354,6 +383,10 @@ def test_odd_but_valid_chat_requests_are_answered(http):
     assert r.status_code == 200, r.text
     r = http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "seed": -5})
     assert r.status_code == 200
+    # integers are numbers: NextChat sends "top_p": 1 and "presence_penalty": 0
+    r = http.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 2, "temperature": 1, "top_p": 1,
+                                                "presence_penalty": 0, "frequency_penalty": 0, "stream": False})
+    assert r.status_code == 200, r.text
 
 
 def test_prompt_longer_than_the_context_is_a_400_worded_like_openai(http, tiny_model):
@@ -425,3 +458,31 @@ def test_cors_star_allows_every_origin(tiny_engine):
         r = http.options("/v1/chat/completions", headers={"Origin": "http://evil.example", **PREFLIGHT})
         assert r.status_code == 200
         assert r.headers["access-control-allow-origin"] in ("*", "http://evil.example")
+
+
+# ---------------------------------------------------------------- NextChat's usage panel
+
+
+def test_billing_routes_answer_nextchat_with_the_servers_own_token_counts(tiny_engine):
+    dates = {"start_date": "2026-11-01", "end_date": "2026-12-01"}  # what NextChat sends
+    with serve(tiny_engine, port=0, tokens_per_usd=1000) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for prefix in ("", "/v1"):  # NextChat's base URL may be given with or without /v1
+            sub = http.get(prefix + "/dashboard/billing/subscription")
+            assert sub.status_code == 200
+            assert sub.json()["hard_limit_usd"] >= 1e6  # no limit: NextChat shows it as is
+            usage = http.get(prefix + "/dashboard/billing/usage", params=dates)
+            assert usage.status_code == 200 and usage.json()["total_usage"] == 0
+        served = chat(http, max_tokens=3).json()["usage"]["total_tokens"]
+        streamed, _ = stream_chunks(http, messages=HI, max_tokens=2, stream_options={"include_usage": True})
+        served += streamed[-1]["usage"]["total_tokens"]
+        cents = http.get("/dashboard/billing/usage", params=dates).json()["total_usage"]
+        assert cents == pytest.approx(served / 1000 * 100)  # NextChat divides by 100 to show dollars
+        err = assert_openai_error(http.get("/dashboard/billing/usage", params={"start_date": "last week"}), 400)
+        assert err["param"] == "start_date"
+
+
+def test_billing_routes_need_the_api_key_when_one_is_set(tiny_engine):
+    with serve(tiny_engine, port=0, api_key="sk-right") as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for path in ("/dashboard/billing/subscription", "/dashboard/billing/usage"):
+            assert assert_openai_error(http.get(path), 401)["code"] == "invalid_api_key"
+            assert http.get(path, headers={"Authorization": "Bearer sk-right"}).status_code == 200

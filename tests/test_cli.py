@@ -53,5 +53,6 @@ def test_help_lists_the_flags():
     done = run_cli("serve", "--help")
     assert done.returncode == 0
     for flag in ("--model", "--base_model", "--port", "--host", "--api-key", "--model-name", "--cors-origins",
-                 "--max-concurrency", "--prefill-chunk", "--load_in_8bit", "--load_in_4bit", "--only_cpu", "--gpus"):
+                 "--max-concurrency", "--prefill-chunk", "--max-body-bytes", "--tokens-per-usd",
+                 "--load_in_8bit", "--load_in_4bit", "--only_cpu", "--gpus"):
         assert flag in done.stdout, flag

@@ -20,3 +20,9 @@ def test_lists_from_python_and_flags():
     assert ServerSettings(model_name="a,b").model_name == ["a", "b"]
     assert ServerSettings(model_name=["c"]).model_name == ["c"]
     assert "tauri://localhost" in ServerSettings().cors_origins
+
+
+def test_billing_unit_from_env_var_and_python(monkeypatch):
+    monkeypatch.setenv("LLAMA_LAB_TOKENS_PER_USD", "1000")
+    assert ServerSettings().tokens_per_usd == 1000
+    assert ServerSettings(tokens_per_usd=7).tokens_per_usd == 7

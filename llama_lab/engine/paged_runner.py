@@ -193,6 +193,9 @@ class PagedRunner:
         logged and the runner falls back to eager decoding.
         """
         started = time.perf_counter()
+        if self.compiled is not None:
+            logger.info("compiling the decode step (the first start on a machine takes a minute or more; later "
+                        "starts reuse the cache in %s; --no-compile skips it)", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         scratch = [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
         try:
             for _ in range(2):

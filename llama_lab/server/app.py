@@ -17,6 +17,7 @@ from llama_lab.server.metrics import ServerMetrics
 from llama_lab.server.protocol import Defaults
 from llama_lab.server.routes import router
 from llama_lab.server.settings import ServerSettings
+from llama_lab.web.body_limit import BodyLimit
 from llama_lab.web.cors import install_cors
 from llama_lab.web.errors import install_error_handlers
 from llama_lab.web.pages import add_page
@@ -36,6 +37,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                               top_p=settings.default_top_p)
     state.model_name = lambda requested: requested if requested in served else served[0]
     install_error_handlers(app)
+    # Added first, so it runs inside CORS and metrics: a 413 is counted and readable by a browser page.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     install_cors(app, settings.cors_origins, methods=["GET", "POST", "OPTIONS"])
     app.add_middleware(state.metrics.asgi_middleware)
     app.add_middleware(JsonBodies)

@@ -119,6 +119,10 @@ async def respond(request: Request, body: GenerationRequest, prompts: list[list[
         budget = completion_budget(len(ids), engine.loaded.context_length, body.requested_max_tokens(),
                                    defaults.max_tokens, param)
         jobs.append((ids, body.to_sampling_params(max_tokens=budget, defaults=defaults, index=i)))
+    echo_texts = None
+    if getattr(body, "echo", False):  # decoding a long prompt is tokenizer work: off the event loop
+        tokenizer = engine.loaded.tokenizer
+        echo_texts = await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in prompts])
     try:
         streams = AsyncStreams(engine, jobs)
     except EngineOverloaded as exc:
@@ -129,10 +133,8 @@ async def respond(request: Request, body: GenerationRequest, prompts: list[list[
     except ValueError as exc:
         raise APIError(400, str(exc), param=param) from None
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-    tokenizer = engine.loaded.tokenizer
     meta = _Meta(rid=rid, created=int(time.time()), model=state.model_name(body.model), kind=kind,
-                 prompt_tokens=sum(len(ids) for ids in prompts[:: max(1, body.n)]),
-                 echo_texts=[tokenizer.decode(ids) for ids in prompts] if getattr(body, "echo", False) else None)
+                 prompt_tokens=sum(len(ids) for ids in prompts[:: max(1, body.n)]), echo_texts=echo_texts)
     events = _guarded(request, streams, state.metrics)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -6,7 +6,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+               "/dashboard/billing/subscription", "/dashboard/billing/usage"}
 
 
 class ServerMetrics:
@@ -14,6 +15,7 @@ class ServerMetrics:
 
     def __init__(self, engine: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.tokens_used = 0  # prompt + completion since start, for NextChat's usage panel (event loop only)
         r = self.registry
         self.requests = Counter("llama_lab_requests", "HTTP requests by path and status", ["path", "status"], registry=r)
         self.prompt_tokens = Counter("llama_lab_prompt_tokens", "prompt tokens processed", registry=r)
@@ -52,6 +54,7 @@ class ServerMetrics:
     def count_tokens(self, final_delta: Any) -> None:
         self.prompt_tokens.inc(final_delta.prompt_tokens)
         self.completion_tokens.inc(final_delta.completion_tokens)
+        self.tokens_used += final_delta.prompt_tokens + final_delta.completion_tokens
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

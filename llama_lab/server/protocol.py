@@ -3,7 +3,9 @@
 The schemas are the contract and nothing else: they check shapes and ranges; limits that depend
 on the model (the context length) are the server's business (``generation.completion_budget``).
 Unknown fields are accepted and logged as ignored, never fatal: clients such as NextChat send
-fields a local model has no use for.
+fields a local model has no use for. Known fields are strict, as OpenAI's API is: ``"stream":
+"yes"``, ``"max_tokens": "10"`` or ``"n": 2.0`` are 400s, not silently coerced (an integer is
+still a valid number for float fields such as ``temperature``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llama_lab.engine.sampling import SamplingParams
 
@@ -33,8 +36,12 @@ def _replace_lone_surrogates(value: Any) -> Any:
     return value
 
 
+# Unknown fields are kept (and ignored); known ones are never coerced from another JSON type.
+_CONTRACT = ConfigDict(extra="allow", strict=True)
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONTRACT
 
     @model_validator(mode="before")
     @classmethod
@@ -114,21 +121,39 @@ class Defaults(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONTRACT
     include_usage: bool = False
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONTRACT
     type: str = "text"
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _CONTRACT
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    # declared after role and tool calls so its validator can read them; validated when absent too
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI lets only an assistant message that calls tools leave ``content`` out or null."""
+        if value is None:
+            data = info.data
+            if "role" not in data:  # the role itself was invalid: that error is the one to report
+                return value
+            if not (data["role"] == "assistant" and (data.get("tool_calls") or data.get("function_call"))):
+                raise PydanticCustomError("content_required",
+                                          "a {role} message needs 'content' (a string or a list of content parts); "
+                                          "only an assistant message with tool_calls may leave it out",
+                                          {"role": data["role"]})
+        return value
 
     def as_template_message(self) -> dict[str, Any]:
         from llama_lab.model.chat import message_text

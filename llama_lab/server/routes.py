@@ -1,4 +1,9 @@
-"""The server's routes, at module level: each reads the engine and settings from ``request.app.state``."""
+"""The server's routes, at module level: each reads the engine and settings from ``request.app.state``.
+
+Chat templates and tokenizers run in a worker thread (``asyncio.to_thread``), never on the event
+loop, which must keep answering ``/health`` and streaming other requests while a long prompt is
+tokenized, and never on the engine thread, which must keep decoding.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import base64
 import hmac
 import struct
 import time
+from datetime import date
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -15,6 +21,7 @@ from jinja2 import TemplateError
 from llama_lab.engine import EngineClosed
 from llama_lab.server.generation import respond
 from llama_lab.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llama_lab.web import billing
 from llama_lab.web.errors import APIError
 
 router = APIRouter()
@@ -75,13 +82,34 @@ async def list_models(request: Request) -> dict[str, Any]:
     ]}
 
 
+# ---------------------------------------------------------------- NextChat's usage panel
+
+
+async def billing_subscription(request: Request) -> dict[str, Any]:
+    """No limit: a local server has no quota (the gateway has)."""
+    return billing.subscription(None, request.app.state.settings.tokens_per_usd)
+
+
+async def billing_usage(request: Request, start_date: date | None = None, end_date: date | None = None) -> dict[str, Any]:
+    """Tokens served since the server started, in cents; the dates NextChat sends are not applied."""
+    state = request.app.state
+    return billing.usage(state.metrics.tokens_used, state.settings.tokens_per_usd)
+
+
+for _prefix in billing.BILLING_PREFIXES:
+    router.add_api_route(f"{_prefix}/dashboard/billing/subscription", billing_subscription, methods=["GET"],
+                         dependencies=[Depends(check_key)])
+    router.add_api_route(f"{_prefix}/dashboard/billing/usage", billing_usage, methods=["GET"],
+                         dependencies=[Depends(check_key)])
+
+
 # ---------------------------------------------------------------- generation routes
 
 @router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     loaded = request.app.state.engine.loaded
     try:
-        prompt = loaded.chat_prompt_ids([m.as_template_message() for m in body.messages])
+        prompt = await asyncio.to_thread(lambda: loaded.chat_prompt_ids([m.as_template_message() for m in body.messages]))
     except TemplateError as exc:
         raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
     return await respond(request, body, [prompt] * body.n, kind="chat")
@@ -89,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 @router.post("/v1/completions", dependencies=[Depends(check_key)])
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    prompts = token_ids(request.app.state.engine.loaded, body.prompts(), "prompt")
+    prompts = await asyncio.to_thread(token_ids, request.app.state.engine.loaded, body.prompts(), "prompt")
     return await respond(request, body, [p for p in prompts for _ in range(body.n)], kind="text")
 
 
@@ -97,7 +125,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     state = request.app.state
     engine, loaded = state.engine, state.engine.loaded
-    inputs = token_ids(loaded, body.inputs(), "input")
+    inputs = await asyncio.to_thread(token_ids, loaded, body.inputs(), "input")
     if any(not ids for ids in inputs):
         raise APIError(400, "an input is empty", param="input")
     for i, ids in enumerate(inputs):

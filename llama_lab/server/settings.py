@@ -49,6 +49,8 @@ class ServerSettings(BaseSettings):
     default_max_tokens: int = Field(2048, ge=1, description="completion cap when a request gives no max_tokens (protects against clients that never stop)")
     default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request gives none")
     default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request gives none")
+    max_body_bytes: int = Field(2 * 2**20, ge=1024, description="largest request body accepted, in bytes (2 MiB holds a 128k-token prompt); larger ones get 413 before they are read or tokenized")
+    tokens_per_usd: int = Field(500_000, gt=0, description="NextChat's usage panel shows dollars: this many tokens = 1 USD (One API's unit, as the gateway's)")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (running streams advance between steps)")
     compile: bool = Field(True, description="compile the decode step at start-up (torch.compile; the first start on a "
                                             "machine takes a few minutes, later starts reuse the cache); --no-compile starts at once and decodes eagerly")

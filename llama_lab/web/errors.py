@@ -41,8 +41,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
-    # drop "body" and pydantic's union-branch tags ("content.str", "prompt.list[int]"): clients name fields
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    # drop where it came from ("body", "query") and pydantic's union-branch tags ("content.str",
+    # "prompt.list[int]"): clients name fields
+    loc = [str(p) for i, p in enumerate(first.get("loc", ()))
+           if not (i == 0 and p in ("body", "query")) and not _UNION_TAG.match(str(p))]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}", None
     if not loc and first.get("type") in {"model_attributes_type", "dict_type"}:
