@@ -52,6 +52,19 @@ def compile_options(device: torch.device) -> dict[str, Any]:
     return {}
 
 
+def _apply_compile_options(options: dict[str, Any]) -> None:
+    """Set inductor's options on the calling thread (the engine's), where the step is compiled.
+
+    Inductor's settings are per thread, and ``torch.compile(options=...)`` does not turn weight
+    freezing on (measured: the weights stayed graph inputs, no packed constants); set here, on the
+    compiling thread, they do.
+    """
+    import torch._inductor.config as inductor_config
+
+    for key, value in options.items():
+        setattr(inductor_config, key, value)
+
+
 def _use_persistent_compile_cache() -> None:
     """Keep inductor's compiled graphs beside the converted models, so a restart reuses them."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
@@ -88,7 +101,7 @@ class PagedRunner:
             logger.info("bitsandbytes layers run eagerly (torch.compile does not trace them)")
         elif compile:
             _use_persistent_compile_cache()
-            self.compiled = torch.compile(m, dynamic=False, fullgraph=True, options=compile_options(self.device))
+            self.compiled = torch.compile(m, dynamic=False, fullgraph=True)
 
     @property
     def mode(self) -> str:
@@ -189,11 +202,13 @@ class PagedRunner:
     def warm_up(self) -> float:
         """Compile (or load from inductor's cache) and run the decode step once; seconds spent.
 
-        Uses only the scratch block, so it leaves no trace in the cache. A compile failure is
-        logged and the runner falls back to eager decoding.
+        Call it on the thread that will decode (the engine's): that is where the compile options
+        apply. Uses only the scratch block, so it leaves no trace in the cache. A compile failure
+        is logged and the runner falls back to eager decoding.
         """
         started = time.perf_counter()
         if self.compiled is not None:
+            _apply_compile_options(compile_options(self.device))
             logger.info("compiling the decode step (the first start on a machine takes a minute or more; later "
                         "starts reuse the cache in %s; --no-compile skips it)", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         scratch = [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
