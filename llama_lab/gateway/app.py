@@ -7,7 +7,6 @@ FastAPI reads their body and response models from annotations evaluated when the
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import secrets
 import time
@@ -19,7 +18,7 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 
-from llama_lab.gateway.body import BodyLimit, off_loop_if_large
+from llama_lab.gateway.body import BodyLimit, JsonObject, off_loop_if_large, parse_object
 from llama_lab.gateway.proxy import ProxyCall, Relay
 from llama_lab.gateway.quota import Reservations, completion_cap, worst_case
 from llama_lab.gateway.routing import Router, test_channel
@@ -156,12 +155,12 @@ def _not_found(kind: str, item_id: int) -> GatewayError:
     return GatewayError(404, f"No {kind} with id {item_id}.", "invalid_request_error", "not_found")
 
 
-def _parse_request(raw: bytes) -> dict[str, Any]:
+def _parse_request(raw: bytes) -> JsonObject:
     try:
-        body = json.loads(raw)
+        body = parse_object(raw)
     except ValueError as exc:
         raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from exc
-    if not isinstance(body, dict):
+    if not isinstance(body.values, dict):
         raise GatewayError(400, "The request body must be a JSON object.")
     return body
 
@@ -176,14 +175,15 @@ async def _proxy(request: Request, path: str) -> Any:
     try:
         token = await current_token(request)
         raw = await request.body()  # at most --max-body-bytes: BodyLimit refused anything bigger
-        body = await off_loop_if_large(len(raw), _parse_request, raw)
+        source = await off_loop_if_large(len(raw), _parse_request, raw)
+        body, overrides = source.values, {}
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "You must provide a model parameter (a model name, as listed by GET /v1/models).")
         check_model(token, model)
         cap = completion_cap(body)
         if cap is None:  # the cap we reserve is the cap the backend gets
-            body["max_tokens"] = cap = state.settings.default_max_tokens
+            overrides["max_tokens"] = cap = state.settings.default_max_tokens
         if token.quota is not None:
             need = await off_loop_if_large(len(raw), worst_case, body, cap)
             rid = await _reserve(request, token, need)
@@ -204,7 +204,7 @@ async def _proxy(request: Request, path: str) -> Any:
     stream = bool(body.get("stream"))
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     call = ProxyCall(
-        path=path, body=body, body_size=len(raw), model=model, stream=stream,
+        path=path, body=body, source=source, overrides=overrides, body_size=len(raw), model=model, stream=stream,
         client_wants_usage=bool(options.get("include_usage")), token=token, reservation=rid, reserved=need,
     )
     return Relay(call, candidates, router=state.router, reservations=state.reservations, client=state.client,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, TypeVar
 
@@ -32,9 +34,76 @@ async def off_loop_if_large(size: int, fn: Callable[..., _T], *args: Any) -> _T:
     return await anyio.to_thread.run_sync(partial(fn, *args))
 
 
-def dump_json(body: Any) -> bytes:
-    """JSON as httpx would send it (compact, UTF-8)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+def dump_json(value: Any) -> str:
+    """Compact JSON, as httpx would send it."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_SCAN = json.JSONDecoder().scan_once  # the C scanner json.loads uses, one value at a time
+
+
+@dataclass
+class JsonObject:
+    """A client's JSON object, parsed, with the text of each top-level value kept.
+
+    The body sent upstream is the client's text with a few top-level keys replaced (``with_changes``),
+    so a 4 MB conversation is parsed once and never encoded again: encoding it back would hold the
+    GIL as long as parsing it did.
+    """
+
+    values: dict[str, Any]
+    text: str = ""
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def with_changes(self, changes: dict[str, Any]) -> bytes:
+        if not self.spans:  # parsed the slow way (see parse_object): encode it all
+            return dump_json({**self.values, **changes}).encode()
+        parts = [f"{dump_json(k)}:{self.text[a:b]}" for k, (a, b) in self.spans.items() if k not in changes]
+        parts += [f"{dump_json(k)}:{dump_json(v)}" for k, v in changes.items()]
+        return ("{" + ",".join(parts) + "}").encode()
+
+
+def parse_object(raw: bytes) -> JsonObject:
+    """Parse a JSON object body (ValueError with json's own message when it is not valid JSON)."""
+    text = raw.decode(json.detect_encoding(raw))
+    try:
+        return _scan_object(text)
+    except (ValueError, StopIteration, IndexError):
+        return JsonObject(json.loads(text))  # json's error message, or an odd-but-valid body (no spans)
+
+
+def _scan_object(text: str) -> JsonObject:
+    idx = _WS.match(text, 0).end()
+    if text[idx] != "{":
+        raise ValueError("not an object")
+    obj = JsonObject({}, text)
+    idx = _WS.match(text, idx + 1).end()
+    if text[idx] == "}":
+        return _end(obj, text, idx)
+    while True:
+        if text[idx] != '"':
+            raise ValueError("expecting a key")
+        key, idx = json.decoder.scanstring(text, idx + 1)
+        idx = _WS.match(text, idx).end()
+        if text[idx] != ":":
+            raise ValueError("expecting ':'")
+        start = _WS.match(text, idx + 1).end()
+        value, end = _SCAN(text, start)
+        obj.values[key] = value
+        obj.spans[key] = (start, end)  # a repeated key: the last one wins, as in json.loads
+        idx = _WS.match(text, end).end()
+        if text[idx] == "}":
+            return _end(obj, text, idx)
+        if text[idx] != ",":
+            raise ValueError("expecting ',' or '}'")
+        idx = _WS.match(text, idx + 1).end()
+
+
+def _end(obj: JsonObject, text: str, idx: int) -> JsonObject:
+    if _WS.match(text, idx + 1).end() != len(text):
+        raise ValueError("extra data")
+    return obj
 
 
 class BodyLimit:

@@ -21,7 +21,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from llama_lab.gateway.body import dump_json, off_loop_if_large
+from llama_lab.gateway.body import JsonObject, off_loop_if_large
 from llama_lab.gateway.quota import Reservations, estimate_prompt_tokens
 from llama_lab.gateway.routing import Router, describe_failure, upstream_headers, upstream_url
 from llama_lab.gateway.schemas import Channel, TokenOut
@@ -41,7 +41,9 @@ class ProxyCall:
 
     path: str  # "/chat/completions" or "/completions"
     body: dict[str, Any]
-    body_size: int  # bytes the client sent: big bodies are re-serialized off the event loop
+    source: JsonObject  # the client's JSON text: sent upstream with only the keys we change replaced
+    overrides: dict[str, Any]  # top-level keys the gateway sets for every channel (max_tokens when absent)
+    body_size: int  # bytes the client sent: big bodies are handled off the event loop
     model: str
     stream: bool
     client_wants_usage: bool
@@ -137,7 +139,7 @@ class Relay(Response):
         for channel in self.candidates:
             self.channel = channel
             url = upstream_url(channel.base_url, self.call.path)
-            content = await off_loop_if_large(self.call.body_size, dump_json, self._upstream_body(channel))
+            content = await off_loop_if_large(self.call.body_size, self.call.source.with_changes, self._changes(channel))
             try:
                 resp = await self.client.send(
                     self.client.build_request("POST", url, content=content, headers=upstream_headers(channel)),
@@ -187,13 +189,14 @@ class Relay(Response):
         self.error = message
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
 
-    def _upstream_body(self, channel: Channel) -> dict[str, Any]:
-        body = dict(self.call.body)
-        body["model"] = channel.upstream_model(self.call.model)
+    def _changes(self, channel: Channel) -> dict[str, Any]:
+        """The top-level keys sent upstream instead of the client's."""
+        changes = {**self.call.overrides, "model": channel.upstream_model(self.call.model)}
         if self.call.stream:
             # Ask for the usage chunk even if the client did not: it is what we charge.
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return body
+            options = self.call.body.get("stream_options")
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return changes
 
     async def _read_error(self, resp: httpx.Response) -> str:
         try:
