@@ -120,6 +120,7 @@ def _collection_commands(sub: Any, res: Resource, common: argparse.ArgumentParse
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="llama-lab gateway",
+        allow_abbrev=False,  # else `logs --token 1` is read here as an abbreviation of --tokens-per-usd
         description="Several OpenAI-compatible backends behind one endpoint, with tokens, quotas and failover. "
         "Without a subcommand, runs the gateway in the foreground.",
     )
