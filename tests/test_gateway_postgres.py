@@ -90,3 +90,20 @@ def test_two_gateways_share_tokens_quota_and_channels(pg_url, backend):
     finally:
         a.stop()
         b.stop()
+
+
+def test_nul_characters_get_4xx_not_a_driver_error(pg_url):
+    """PostgreSQL text cannot hold NUL: admin input is refused (400), a client's model name is logged safely."""
+    gw = serve_gateway(port=0, db=pg_url, admin_key=ADMIN_KEY)
+    try:
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        bad = httpx.post(gw.url + "/api/channels", json={"name": "a\x00b", "base_url": "http://x"}, headers=admin)
+        assert bad.status_code == 400 and "NUL" in bad.json()["error"]["message"]
+        assert httpx.get(gw.url + "/api/logs", params={"model": "m\x00"}, headers=admin).status_code == 400
+        key = httpx.post(gw.url + "/api/tokens", json={"name": "t", "quota": 10**6}, headers=admin).json()["key"]
+        resp = httpx.post(gw.url + "/v1/chat/completions", json=chat_body("m\x00", 2), headers={"authorization": f"Bearer {key}"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_not_available"
+        row = httpx.get(gw.url + "/api/logs", headers=admin).json()[0]
+        assert row["status"] == 503 and row["model"] == "m\ufffd"
+    finally:
+        gw.stop()

@@ -155,6 +155,11 @@ def _not_found(kind: str, item_id: int) -> GatewayError:
     return GatewayError(404, f"No {kind} with id {item_id}.", "invalid_request_error", "not_found")
 
 
+def _storable_id(item_id: int) -> bool:
+    """Ids are 32-bit in the database: a bigger one names nothing (and the driver would raise, not answer)."""
+    return -(2**31) <= item_id < 2**31
+
+
 def _parse_request(raw: bytes) -> JsonObject:
     try:
         body = parse_object(raw)
@@ -253,7 +258,7 @@ def openai_routes() -> APIRouter:
 
 def _openai_body(kind: str) -> dict:
     """Document the fields the gateway reads (the rest is passed to the backend as is), for /docs and fuzzers."""
-    text_or_parts = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+    text_or_parts = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]}
     properties: dict[str, Any] = {
         "model": {"type": "string", "description": "A model a channel serves (GET /v1/models)."},
         "max_tokens": {"type": "integer", "nullable": True,
@@ -263,9 +268,10 @@ def _openai_body(kind: str) -> dict:
         "stream_options": {"type": "object", "nullable": True, "properties": {"include_usage": {"type": "boolean"}}},
     }
     if kind == "chat":
-        properties["messages"] = {"type": "array", "items": {
+        properties["messages"] = {"type": "array", "minItems": 1, "items": {
             "type": "object", "required": ["role", "content"],
-            "properties": {"role": {"type": "string"}, "content": text_or_parts}}}
+            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+                           "content": text_or_parts}}}
         properties["max_completion_tokens"] = {"type": "integer", "nullable": True}
         required = ["model", "messages"]
     else:
@@ -289,6 +295,10 @@ def collection_routes(res: Resource, *, create: Callable, get: Callable, list_al
         store = _state(request).store
         return await store.run(fn, store, *args)
 
+    def check_id(item_id: int) -> None:
+        if not _storable_id(item_id):
+            raise _not_found(res.name, item_id)
+
     def changed(request: Request) -> None:
         if on_change is not None:
             on_change(_state(request))
@@ -302,12 +312,14 @@ def collection_routes(res: Resource, *, create: Callable, get: Callable, list_al
         return await on_store(request, list_all)
 
     async def get_item(item_id: ItemId, request: Request) -> Any:
+        check_id(item_id)
         item = await on_store(request, get, item_id)
         if item is None:
             raise _not_found(res.name, item_id)
         return item
 
     async def update_item(item_id: ItemId, patch: Patch, request: Request) -> Any:
+        check_id(item_id)
         item = await on_store(request, update, item_id, patch)
         if item is None:
             raise _not_found(res.name, item_id)
@@ -315,6 +327,7 @@ def collection_routes(res: Resource, *, create: Callable, get: Callable, list_al
         return item
 
     async def delete_item(item_id: ItemId, request: Request) -> dict:
+        check_id(item_id)
         if not await on_store(request, delete, item_id):
             raise _not_found(res.name, item_id)
         changed(request)
@@ -348,7 +361,7 @@ def admin_routes() -> APIRouter:
     @api.post("/channels/{channel_id}/test")
     async def test(channel_id: int, request: Request) -> ChannelTestResult:
         state = _state(request)
-        channel = await state.store.run(state.store.get_channel, channel_id)
+        channel = await state.store.run(state.store.get_channel, channel_id) if _storable_id(channel_id) else None
         if channel is None:
             raise _not_found("channel", channel_id)
         result = await test_channel(state.client, channel, state.settings)

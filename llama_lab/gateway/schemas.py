@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Callable, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,29 @@ def _check_subnets(value: list[str] | None) -> list[str] | None:
     return value
 
 
-def _clamp(low: int, high: int | None = None) -> AfterValidator:
+def _clamp(low: int, high: int) -> AfterValidator:
     """Out-of-range paging values are clamped, not refused (what the API always did)."""
-    return AfterValidator(lambda v: max(low, v if high is None else min(v, high)))
+    return AfterValidator(lambda v: max(low, min(v, high)))
+
+
+# What the database columns hold: INTEGER is 32-bit on PostgreSQL; quotas are BIGINT, with headroom
+# for used + reserved. A bigger number is refused (400) instead of failing in the driver (500).
+INT32 = 2**31 - 1
+BIG = 2**62
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: refuse it here (400) rather than in the driver (500)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _no_nul(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _no_nul(item)
+    return value
 
 
 # -- channels ------------------------------------------------------------------------------------
@@ -108,6 +128,8 @@ def _clamp(low: int, high: int | None = None) -> AfterValidator:
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    no_nul = field_validator("*")(_no_nul)
 
 
 class _Stored(BaseModel):
@@ -123,7 +145,7 @@ class ChannelFields(BaseModel):
 
     name: str = Field(min_length=1, description="A label for lists, logs and error messages, e.g. gpu.")
     base_url: Annotated[str, AfterValidator(_check_url)] = Field(
-        min_length=1, description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1."
+        min_length=1, json_schema_extra={"pattern": "^https?://"}, description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1."
     )
     models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
         default_factory=list, description="Models served, comma-separated on the CLI; empty = any model."
@@ -131,8 +153,8 @@ class ChannelFields(BaseModel):
     model_mapping: Annotated[dict[str, str], Cli(flag="--map", parse=parse_pair, repeat=True, metavar="REQUESTED=UPSTREAM")] = Field(
         default_factory=dict, description="Requested name -> upstream name (--map is repeatable)."
     )
-    priority: int = Field(0, description="Higher is tried first.")
-    weight: int = Field(1, ge=0, description="Share of traffic among channels of equal priority; 0 = spare.")
+    priority: int = Field(0, ge=-INT32, le=INT32, description="Higher is tried first.")
+    weight: int = Field(1, ge=0, le=INT32, description="Share of traffic among channels of equal priority; 0 = spare.")
     enabled: Annotated[bool, Cli(on="--enable", off="--disable")] = Field(True, description="Route requests to it.")
 
 
@@ -176,7 +198,7 @@ class TokenFields(BaseModel):
         "2026-12-31); null = never."
     )
     quota: Annotated[Optional[int], Cli(none="--unlimited")] = Field(
-        None, ge=0, description="Tokens (prompt + completion) it may use; null (--unlimited) = no limit."
+        None, ge=0, le=BIG, description="Tokens (prompt + completion) it may use; null (--unlimited) = no limit."
     )
     enabled: Annotated[bool, Cli(on="--enable", off="--disable")] = Field(True, description="Accept requests with it.")
     subnets: Annotated[list[str], AfterValidator(_check_subnets), Cli(flag="--subnet", repeat=True, metavar="CIDR")] = Field(
@@ -223,7 +245,7 @@ def nullable_fields(model: type[BaseModel]) -> frozenset[str]:
 ChannelPatch = patch_model(ChannelIn, "ChannelPatch")
 TokenPatch = patch_model(
     TokenIn, "TokenPatch",
-    used=(Optional[int], Field(None, ge=0, description="Set the used count (0 resets a token's usage).")),
+    used=(Optional[int], Field(None, ge=0, le=BIG, description="Set the used count (0 resets a token's usage).")),
 )
 
 
@@ -249,16 +271,20 @@ TOKENS = Resource("token", "tokens", TokenIn, TokenPatch, TokenOut, TokenCreated
 class LogFilter(BaseModel):
     """Which request-log rows to show: the query of ``GET /api/logs``, the store's filter, the CLI's flags."""
 
-    token_id: Annotated[Optional[int], Cli(flag="--token", metavar="ID")] = Field(None, description="Only this token's requests.")
-    channel_id: Annotated[Optional[int], Cli(flag="--channel", metavar="ID")] = Field(None, description="Only this channel's requests.")
+    token_id: Annotated[Optional[int], Cli(flag="--token", metavar="ID")] = Field(
+        None, ge=-INT32, le=INT32, description="Only this token's requests.")
+    channel_id: Annotated[Optional[int], Cli(flag="--channel", metavar="ID")] = Field(
+        None, ge=-INT32, le=INT32, description="Only this channel's requests.")
     model: Optional[str] = Field(None, description="Only requests for this model.")
-    status: Optional[int] = Field(None, description="Only this HTTP status (499 = client went away).")
+    status: Optional[int] = Field(None, ge=-INT32, le=INT32, description="Only this HTTP status (499 = client went away).")
     since: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(
         None, description="From this time: unix seconds (the CLI also takes a date or 1h = an hour ago)."
     )
     until: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(None, description="Before this time, like since.")
+    no_nul = field_validator("*")(_no_nul)
+
     limit: Annotated[int, _clamp(1, 10_000), Cli(default=20)] = Field(100, description="At most this many rows (1 to 10000).")
-    offset: Annotated[int, _clamp(0)] = Field(0, description="Skip this many rows (newest first).")
+    offset: Annotated[int, _clamp(0, INT32)] = Field(0, description="Skip this many rows (newest first).")
 
 
 class LogOut(BaseModel):

@@ -377,6 +377,8 @@ class Store:
         the sum of the logged usages. A reservation already released by expiry is not released twice.
         """
         total = int(log.get("prompt_tokens", 0)) + int(log.get("completion_tokens", 0))
+        # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
+        log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
         with self._session.begin() as s:
             held = 0
             if reservation_id is not None:
