@@ -22,8 +22,8 @@ from llama_lab.web.errors import APIError
 
 log = logging.getLogger(__name__)
 
-# A chat template's fixed tokens: SmolLM2's default system prompt and headers are 30 tokens,
-# Llama 3.1's date preamble about 25; 64 leaves room.
+# A chat template's fixed tokens: SmolLM2's default system prompt and headers are about 30,
+# Llama 3.1's date preamble about as many; 64 leaves room.
 TEMPLATE_OVERHEAD_TOKENS = 64
 
 _PROMPT_FIELDS = ("messages", "prompt", "suffix", "tools", "functions", "tool_choice", "response_format")
