@@ -195,13 +195,15 @@ async def _proxy(request: Request, path: str) -> Any:
         candidates = await state.router.candidates(model)
         if not candidates:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")
-    except APIError as exc:
+    except BaseException as exc:  # refused (or failed) before forwarding: log it, release what it held
+        refused = isinstance(exc, APIError)
         await state.reservations.settle(
             {
                 "time": started, "token_id": token.id if token else None, "token_name": token.name if token else None,
                 "channel_id": None, "channel_name": None, "model": model if isinstance(model, str) else None,
                 "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": (time.time() - started) * 1000,
-                "first_byte_ms": None, "status": exc.status, "stream": False, "error": exc.message,
+                "first_byte_ms": None, "status": exc.status if refused else 500, "stream": False,
+                "error": exc.message if refused else f"the gateway failed before forwarding: {exc!r}",
             },
             rid,
         )

@@ -73,6 +73,14 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield buf
 
 
+def _count(value: Any) -> int:
+    """A usage count as a backend reported it; nonsense counts as 0 rather than failing the settlement."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _data_json(event: bytes) -> Any:
     lines = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
     return json.loads(b"\n".join(lines)) if lines else None
@@ -324,8 +332,7 @@ class Relay(Response):
     async def _settle(self) -> None:
         prompt = completion = 0
         if self.usage:
-            prompt = int(self.usage.get("prompt_tokens") or 0)
-            completion = int(self.usage.get("completion_tokens") or 0)
+            prompt, completion = _count(self.usage.get("prompt_tokens")), _count(self.usage.get("completion_tokens"))
         elif self.chunks and self.channel is not None:
             # Cut before the backend's usage chunk (client stop, backend crash): charge what we saw,
             # never more than the request held (the role chunk is counted as a token here).

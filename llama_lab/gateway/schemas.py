@@ -145,12 +145,15 @@ class ChannelFields(BaseModel):
 
     name: str = Field(min_length=1, description="A label for lists, logs and error messages, e.g. gpu.")
     base_url: Annotated[str, AfterValidator(_check_url)] = Field(
-        min_length=1, json_schema_extra={"pattern": "^https?://"}, description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1."
+        min_length=1, json_schema_extra={"pattern": "^https?://"},
+        description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1.",
     )
     models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
         default_factory=list, description="Models served, comma-separated on the CLI; empty = any model."
     )
-    model_mapping: Annotated[dict[str, str], Cli(flag="--map", parse=parse_pair, repeat=True, metavar="REQUESTED=UPSTREAM")] = Field(
+    model_mapping: Annotated[
+        dict[str, str], Cli(flag="--map", parse=parse_pair, repeat=True, metavar="REQUESTED=UPSTREAM")
+    ] = Field(
         default_factory=dict, description="Requested name -> upstream name (--map is repeatable)."
     )
     priority: int = Field(0, ge=-INT32, le=INT32, description="Higher is tried first.")
@@ -193,7 +196,9 @@ class TokenFields(BaseModel):
     models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
         default_factory=list, description="Allowed models, comma-separated on the CLI; empty = all."
     )
-    expires_at: Annotated[Optional[float], BeforeValidator(to_unix), Cli(flag="--expires", parse=parse_expiry, metavar="WHEN")] = Field(
+    expires_at: Annotated[
+        Optional[float], BeforeValidator(to_unix), Cli(flag="--expires", parse=parse_expiry, metavar="WHEN")
+    ] = Field(
         None, description="Unix seconds (the Python client also takes a datetime or timedelta; the CLI never, 30d, 12h, "
         "2026-12-31); null = never."
     )
@@ -280,7 +285,8 @@ class LogFilter(BaseModel):
     since: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(
         None, description="From this time: unix seconds (the CLI also takes a date or 1h = an hour ago)."
     )
-    until: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(None, description="Before this time, like since.")
+    until: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(
+        None, description="Before this time, like since.")
     no_nul = field_validator("*")(_no_nul)
 
     limit: Annotated[int, _clamp(1, 10_000), Cli(default=20)] = Field(100, description="At most this many rows (1 to 10000).")

@@ -49,6 +49,6 @@ class GatewaySettings(BaseSettings):
     )
     reservation_ttl: float = Field(
         60.0, gt=0,
-        description="Seconds after which quota reserved by a gateway that stopped (a crash) is released; running gateways renew theirs.",
+        description="Seconds after which quota held by a gateway that stopped (a crash) is released; running gateways renew theirs.",
     )
     tokens_per_usd: int = Field(500_000, gt=0, description="Display convention for NextChat's usage panel: this many tokens = 1 USD.")
