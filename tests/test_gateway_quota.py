@@ -232,11 +232,15 @@ def _parallel_quota_run(backend: Backend, gateways: list[GatewayProcess], db: st
                 assert error["code"] == "insufficient_quota" and "quota" in error["message"]
             elif r.headers["content-type"].startswith("text/event-stream"):
                 assert sse_data(r.text)[-1] == "[DONE]"
-        assert backend.chat_calls() - calls_before == ok  # the refused ones never reached the backend
+        calls = backend.chat_calls() - calls_before
+        assert calls == ok  # the refused ones never reached the backend
         assert len(sampler.samples) >= 5
         over = [s for s in sampler.samples if s[0] > quota or s[0] + s[1] > quota]
         assert not over, f"quota {quota} overspent while running: {over[:5]}"
         used, reserved, _ = probe.state(token.id)
+        peak = max(u + r for u, r, _q in sampler.samples)
+        print(f"{n} parallel: {ok} answered, {refused} refused (429); quota {quota}, used {used}, "
+              f"peak used+reserved {peak} over {len(sampler.samples)} samples; backend calls {calls}")
         assert reserved == 0 and probe.reservations(token.id) == 0
         assert used == sum(r.total_tokens for r in logs) <= quota
         assert sorted(r.status for r in logs) == sorted(statuses)
