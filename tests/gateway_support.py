@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
+from sqlalchemy import create_engine, text
 
 from llama_lab.web.launcher import ServerProcess, free_port, llama_lab_command, wait_healthy  # noqa: F401
 
@@ -34,6 +43,20 @@ class Backend(ServerProcess):
     def running_requests(self) -> int:
         return int(httpx.get(self.url + "/health", timeout=5).json().get("running", 0))
 
+    def chat_calls(self) -> int:
+        """``POST /v1/chat/completions`` requests this backend has answered (its /metrics counter)."""
+        metrics = httpx.get(self.url + "/metrics", timeout=5).text
+        pattern = r'^llama_lab_requests_total\{[^}]*path="/v1/chat/completions"[^}]*\} ([0-9.e+]+)$'
+        return int(sum(float(v) for v in re.findall(pattern, metrics, flags=re.M)))
+
+
+class GatewayProcess(ServerProcess):
+    """``python -m llama_lab gateway --db DB ...`` as a real process (SIGKILL it to simulate a crash)."""
+
+    def __init__(self, db: str, *args: str, port: int | None = None) -> None:
+        super().__init__(llama_lab_command("gateway", "--db", db, "--admin-key", ADMIN_KEY, "--log-level", "warning", *args),
+                         port=port, cwd=ROOT, startup_timeout_s=60.0, name="gateway")
+        self.admin_key = ADMIN_KEY
 
 
 def start_backends(n: int) -> list[Backend]:
@@ -57,3 +80,64 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+class StallingServer:
+    """A TCP peer that accepts connections and never answers: a backend stuck before its first byte."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self._conns.append(self._sock.accept()[0])
+
+    def close(self) -> None:
+        self._sock.close()
+        for conn in self._conns:
+            conn.close()
+
+
+PG_URL = os.environ.get("LLAMA_LAB_TEST_PG_URL")
+
+
+@contextlib.contextmanager
+def pg_schema_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema (dropped afterwards), so tests never see each other's rows."""
+    assert PG_URL, "set LLAMA_LAB_TEST_PG_URL (see .ci/postgres.sh)"
+    schema = f"gw_{uuid.uuid4().hex[:12]}"
+    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+class QuotaProbe:
+    """Reads a token's accounting straight from the gateway's database (what no API shows: reservations)."""
+
+    def __init__(self, db: str) -> None:
+        self.engine = create_engine(db)
+
+    def state(self, token_id: int) -> tuple[int, int, int | None]:
+        """``(used, reserved, quota)``."""
+        with self.engine.connect() as conn:
+            used, reserved, quota = conn.execute(
+                text("SELECT used, reserved, quota FROM tokens WHERE id = :id"), {"id": token_id}).one()
+        return int(used), int(reserved), quota
+
+    def reservations(self, token_id: int) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT COUNT(*) FROM reservations WHERE token_id = :id"), {"id": token_id}).scalar())
+
+    def close(self) -> None:
+        self.engine.dispose()

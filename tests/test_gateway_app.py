@@ -113,6 +113,22 @@ def test_error_table(gateway, admin, backends):
     assert {r.status for r in admin.logs()} >= {401, 403, 429, 503}
 
 
+def test_odd_but_parseable_bodies_get_4xx_or_pass_through(gateway, admin, backends):
+    admin.add_channel("a", backends[0].url, models=[backends[0].model])
+    key = admin.add_token("t", quota=10**6).key
+    odd = [
+        chat_body(backends[0].model, 2, stream=True, stream_options="yes"),  # not an object: used to crash the relay
+        chat_body(backends[0].model, "two"),
+        chat_body(backends[0].model, 2, n="many"),
+    ]
+    for body in odd:
+        resp = post(gateway, key, body)
+        assert resp.status_code < 500, resp.text
+        if resp.status_code >= 400:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert post(gateway, key, odd[1]).json()["error"]["param"] == "max_tokens"
+
+
 def test_disabled_channels_give_503_saying_so(gateway, admin, backends):
     ch = admin.add_channel("gpu", backends[0].url, models=[backends[0].model])
     admin.disable_channel(ch.id)

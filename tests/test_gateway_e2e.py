@@ -1,4 +1,4 @@
-"""End to end with real processes: backend crash mid-stream, client stop, quota race, restarts, CLI."""
+"""End to end with real processes: backend crash mid-stream, client stop, restarts, CLI (quota races: test_gateway_quota)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -91,35 +90,6 @@ def test_client_disconnect_stops_the_backend(gateway, backend):
         assert time.monotonic() - stopped_at < 2.0
         row = wait_for(lambda: admin.logs(limit=1))[0]
         assert row.status == 499 and "client disconnected" in row.error and 0 < row.completion_tokens < 1500
-
-
-def test_quota_raced_by_20_concurrent_requests(gateway, backend):
-    with gateway.admin() as admin:
-        admin.add_channel("b", backend.url, models=[backend.model])
-        token = admin.add_token("racer", quota=200)
-        results: list[int] = []
-
-        def one() -> None:
-            resp = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(backend.model, 8, stream=True),
-                              headers={"authorization": f"Bearer {token.key}"}, timeout=120)
-            results.append(resp.status_code)
-
-        for _round in range(3):
-            threads = [threading.Thread(target=one) for _ in range(20)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        assert set(results) <= {200, 429} and 200 in results and 429 in results
-        logs = wait_for(lambda: (rows := admin.logs(token_id=token.id, limit=1000)) and len(rows) == len(results) and rows)
-        charged = admin.token(token.id).used
-        assert charged == sum(r.total_tokens for r in logs)  # every charge is logged, nothing lost
-        assert len([r for r in logs if r.status == 200]) == results.count(200)
-        per_request = max(r.total_tokens for r in logs)
-        assert token.quota <= charged <= token.quota - 1 + 20 * per_request  # overspend bounded by one wave in flight
-        resp = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(backend.model),
-                          headers={"authorization": f"Bearer {token.key}"})
-        assert resp.status_code == 429 and resp.json()["error"]["code"] == "insufficient_quota"
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

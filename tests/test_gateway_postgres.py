@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
-from urllib.parse import quote
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
-from gateway_support import ADMIN_KEY, chat_body, start_backends, wait_for
+from gateway_support import ADMIN_KEY, PG_URL, chat_body, pg_schema_url, start_backends, wait_for
 from llama_lab.gateway import serve_gateway
 from llama_lab.gateway.schemas import TokenIn
 from llama_lab.gateway.store import Store
 
-PG_URL = os.environ.get("LLAMA_LAB_TEST_PG_URL")
 pytestmark = [
     pytest.mark.postgres,
     pytest.mark.timeout(180),
@@ -27,15 +22,8 @@ pytestmark = [
 @pytest.fixture()
 def pg_url():
     """A fresh schema per test, so tests never see each other's rows."""
-    schema = f"gw_{uuid.uuid4().hex[:12]}"
-    engine = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    with engine.connect() as conn:
-        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
+    with pg_schema_url() as url:
+        yield url
 
 
 def _log(token_id: int) -> dict:
@@ -92,7 +80,7 @@ def test_two_gateways_share_tokens_quota_and_channels(pg_url, backend):
             assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}
             wait_for(lambda: len(admin_b.logs(token_id=token.id, limit=100)) == len(statuses))
             logs = admin_b.logs(token_id=token.id, limit=100)
-            assert admin_a.token(token.id).used == sum(r.total_tokens for r in logs) >= 150
+            assert admin_a.token(token.id).used == sum(r.total_tokens for r in logs) <= 150  # reserved first: never overspent
 
             admin_b.update_channel(1, enabled=False)  # an edit through one gateway reaches the other
             resp = wait_for(lambda: (r := httpx.post(
@@ -102,3 +90,20 @@ def test_two_gateways_share_tokens_quota_and_channels(pg_url, backend):
     finally:
         a.stop()
         b.stop()
+
+
+def test_nul_characters_get_4xx_not_a_driver_error(pg_url):
+    """PostgreSQL text cannot hold NUL: admin input is refused (400), a client's model name is logged safely."""
+    gw = serve_gateway(port=0, db=pg_url, admin_key=ADMIN_KEY)
+    try:
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        bad = httpx.post(gw.url + "/api/channels", json={"name": "a\x00b", "base_url": "http://x"}, headers=admin)
+        assert bad.status_code == 400 and "NUL" in bad.json()["error"]["message"]
+        assert httpx.get(gw.url + "/api/logs", params={"model": "m\x00"}, headers=admin).status_code == 400
+        key = httpx.post(gw.url + "/api/tokens", json={"name": "t", "quota": 10**6}, headers=admin).json()["key"]
+        resp = httpx.post(gw.url + "/v1/chat/completions", json=chat_body("m\x00", 2), headers={"authorization": f"Bearer {key}"})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_not_available"
+        row = httpx.get(gw.url + "/api/logs", headers=admin).json()[0]
+        assert row["status"] == 503 and row["model"] == "m\ufffd"
+    finally:
+        gw.stop()

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from llama_lab.gateway.cli import parse_expiry
+from llama_lab.gateway.schemas import parse_expiry
 from llama_lab.gateway.routing import upstream_url, weighted_order
 from llama_lab.gateway.schemas import Channel, ChannelIn, ChannelPatch, TokenIn, TokenPatch
 from llama_lab.gateway.store import Store, hash_key

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from llama_lab.gateway.schemas import ChannelOut, ChannelTestResult, LogOut, TokenCreated, TokenOut
+from llama_lab.gateway.schemas import (
+    CHANNELS,
+    TOKENS,
+    ChannelOut,
+    ChannelTestResult,
+    LogFilter,
+    LogOut,
+    Resource,
+    TokenCreated,
+    TokenOut,
+    to_unix,  # noqa: F401  (re-exported: expiry as unix seconds)
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -25,17 +36,31 @@ class GatewayAdminError(RuntimeError):
         self.message = message
 
 
-def to_unix(when: float | datetime | timedelta | None) -> float | None:
-    """Expiry as unix seconds: a timestamp, a datetime, or a timedelta from now."""
-    if when is None or isinstance(when, (int, float)):
-        return when
-    if isinstance(when, timedelta):
-        return (datetime.now() + when).timestamp()
-    return when.timestamp()
+def validated(model: type[BaseModel], **fields: Any) -> BaseModel:
+    """``model(**fields)``, refused here with the message the gateway would give (HTTP 400).
+
+    ``None`` for a field that cannot be null means "the default", as it does in a PATCH.
+    """
+    fields = {k: v for k, v in fields.items() if v is not None or _accepts_none(model, k)}
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        raise GatewayAdminError(400, f"invalid value for '{where}': {err['msg']}" if where else err["msg"]) from None
+
+
+def _accepts_none(model: type[BaseModel], name: str) -> bool:
+    info = model.model_fields.get(name)
+    return info is None or not info.is_required() and info.default is None
 
 
 class Gateway:
-    """Admin calls over HTTP: ``Gateway(url, admin_key).add_token("alice", quota=10_000).key``."""
+    """Admin calls over HTTP: ``Gateway(url, admin_key).add_token("alice", quota=10_000).key``.
+
+    Keyword arguments are the fields of ``ChannelIn`` / ``TokenIn`` (``TokenPatch`` etc. for updates),
+    validated here before they are sent.
+    """
 
     def __init__(self, url: str | None = None, admin_key: str | None = None, timeout: float = 60.0) -> None:
         self.url = (url or os.environ.get("LLAMA_LAB_GATEWAY_URL") or DEFAULT_URL).rstrip("/")
@@ -67,30 +92,34 @@ class Gateway:
             raise GatewayAdminError(resp.status_code, message)
         return resp.json()
 
+    # -- the CRUD shape of every collection (CHANNELS, TOKENS; the CLI calls these) -------
+    def add_item(self, res: Resource, **fields: Any) -> Any:
+        data = validated(res.create, **fields)
+        return res.created.model_validate(self._call("POST", f"/api/{res.path}", json=data.model_dump(mode="json")))
+
+    def list_items(self, res: Resource) -> list[Any]:
+        return [res.out.model_validate(item) for item in self._call("GET", f"/api/{res.path}")]
+
+    def get_item(self, res: Resource, item_id: int) -> Any:
+        return res.out.model_validate(self._call("GET", f"/api/{res.path}/{item_id}"))
+
+    def update_item(self, res: Resource, item_id: int, **fields: Any) -> Any:
+        body = validated(res.patch, **fields).model_dump(mode="json", exclude_unset=True)
+        return res.out.model_validate(self._call("PATCH", f"/api/{res.path}/{item_id}", json=body))
+
+    def delete_item(self, res: Resource, item_id: int) -> None:
+        self._call("DELETE", f"/api/{res.path}/{item_id}")
+
     # -- channels -------------------------------------------------------------------------
-    def add_channel(
-        self,
-        name: str,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        models: list[str] | tuple[str, ...] = (),
-        model_mapping: dict[str, str] | None = None,
-        priority: int = 0,
-        weight: int = 1,
-        enabled: bool = True,
-    ) -> ChannelOut:
-        body = {
-            "name": name, "base_url": base_url, "api_key": api_key, "models": list(models),
-            "model_mapping": model_mapping or {}, "priority": priority, "weight": weight, "enabled": enabled,
-        }
-        return ChannelOut.model_validate(self._call("POST", "/api/channels", json=body))
+    def add_channel(self, name: str, base_url: str, **fields: Any) -> ChannelOut:
+        """Add a backend; ``fields``: api_key, models, model_mapping, priority, weight, enabled."""
+        return self.add_item(CHANNELS, name=name, base_url=base_url, **fields)
 
     def channels(self) -> list[ChannelOut]:
-        return [ChannelOut.model_validate(c) for c in self._call("GET", "/api/channels")]
+        return self.list_items(CHANNELS)
 
     def update_channel(self, channel_id: int, **fields: Any) -> ChannelOut:
-        return ChannelOut.model_validate(self._call("PATCH", f"/api/channels/{channel_id}", json=fields))
+        return self.update_item(CHANNELS, channel_id, **fields)
 
     def enable_channel(self, channel_id: int, enabled: bool = True) -> ChannelOut:
         return self.update_channel(channel_id, enabled=enabled)
@@ -99,47 +128,34 @@ class Gateway:
         return self.update_channel(channel_id, enabled=False)
 
     def delete_channel(self, channel_id: int) -> None:
-        self._call("DELETE", f"/api/channels/{channel_id}")
+        self.delete_item(CHANNELS, channel_id)
 
     def test_channel(self, channel_id: int) -> ChannelTestResult:
         return ChannelTestResult.model_validate(self._call("POST", f"/api/channels/{channel_id}/test"))
 
     # -- tokens ---------------------------------------------------------------------------
-    def add_token(
-        self,
-        name: str,
-        *,
-        models: list[str] | tuple[str, ...] = (),
-        expires_at: float | datetime | timedelta | None = None,
-        quota: int | None = None,
-        enabled: bool = True,
-        subnets: list[str] | tuple[str, ...] = (),
-    ) -> TokenCreated:
-        """Create a token; the returned ``.key`` is the only time the key is shown."""
-        body = {
-            "name": name, "models": list(models), "expires_at": to_unix(expires_at), "quota": quota,
-            "enabled": enabled, "subnets": list(subnets),
-        }
-        return TokenCreated.model_validate(self._call("POST", "/api/tokens", json=body))
+    def add_token(self, name: str, **fields: Any) -> TokenCreated:
+        """Create a token (``fields``: models, expires_at as unix seconds / datetime / timedelta, quota,
+        enabled, subnets); the returned ``.key`` is the only time the key is shown."""
+        return self.add_item(TOKENS, name=name, **fields)
 
     def tokens(self) -> list[TokenOut]:
-        return [TokenOut.model_validate(t) for t in self._call("GET", "/api/tokens")]
+        return self.list_items(TOKENS)
 
     def token(self, token_id: int) -> TokenOut:
-        return TokenOut.model_validate(self._call("GET", f"/api/tokens/{token_id}"))
+        return self.get_item(TOKENS, token_id)
 
     def update_token(self, token_id: int, **fields: Any) -> TokenOut:
-        if "expires_at" in fields:
-            fields["expires_at"] = to_unix(fields["expires_at"])
-        return TokenOut.model_validate(self._call("PATCH", f"/api/tokens/{token_id}", json=fields))
+        return self.update_item(TOKENS, token_id, **fields)
 
     def delete_token(self, token_id: int) -> None:
-        self._call("DELETE", f"/api/tokens/{token_id}")
+        self.delete_item(TOKENS, token_id)
 
     # -- logs -----------------------------------------------------------------------------
     def logs(self, **filters: Any) -> list[LogOut]:
-        """Newest first; filters: token_id, channel_id, model, status, since, until, limit, offset."""
-        params = {k: v for k, v in filters.items() if v is not None}
+        """Newest first; filters are ``LogFilter`` fields: token_id, channel_id, model, status, since, until,
+        limit, offset."""
+        params = validated(LogFilter, **filters).model_dump(exclude_none=True)
         return [LogOut.model_validate(r) for r in self._call("GET", "/api/logs", params=params)]
 
     def logs_frame(self, **filters: Any) -> pd.DataFrame:

@@ -1,35 +1,36 @@
-"""The gateway's HTTP app: OpenAI routes, NextChat's billing routes, and the admin API under /api."""
+"""The gateway's HTTP app: OpenAI routes, NextChat's billing routes, and the admin API under /api.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the admin routes are built per collection and
+FastAPI reads their body and response models from annotations evaluated when they are defined.
+"""
 
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any, Callable, Optional
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from llama_lab.gateway.body import BodyLimit, JsonObject, off_loop_if_large, parse_object
 from llama_lab.gateway.proxy import ProxyCall, Relay
+from llama_lab.gateway.quota import Reservations, completion_cap, worst_case
 from llama_lab.gateway.routing import Router, test_channel
 from llama_lab.gateway.schemas import (
-    ChannelIn,
-    ChannelOut,
-    ChannelPatch,
+    CHANNELS,
+    TOKENS,
     ChannelTestResult,
+    LogFilter,
     LogOut,
-    TokenCreated,
-    TokenIn,
+    Resource,
     TokenOut,
-    TokenPatch,
 )
 from llama_lab.gateway.settings import GatewaySettings
 from llama_lab.gateway.store import KEY_PREFIX, Store
@@ -120,14 +121,27 @@ def check_model(token: TokenOut, model: str) -> None:
         )
 
 
-def check_quota(token: TokenOut) -> None:
-    if token.quota is not None and token.used >= token.quota:
-        raise GatewayError(
-            429,
-            f"Token '{token.name}' has exhausted its quota: {token.used} of {token.quota} tokens used. "
-            "Ask the gateway admin to raise the quota.",
-            "insufficient_quota", "insufficient_quota",
+async def _reserve(request: Request, token: TokenOut, need: int) -> Optional[int]:
+    """Hold ``need`` tokens of the token's quota, or refuse with 429 saying how much is left."""
+    state = _state(request)
+    rid = await state.reservations.take(token.id, need)
+    if rid is not None:
+        return rid
+    used, reserved, quota = await state.store.run(state.store.quota_state, token.id)
+    if quota is None:  # made unlimited since we read it
+        return None
+    if used >= quota:
+        message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used. "
+                   "Ask the gateway admin to raise the quota.")
+    else:
+        free = max(quota - used - reserved, 0)
+        message = (
+            f"Token '{token.name}' has not enough quota left for this request: it may cost up to {need} tokens "
+            f"(the prompt's upper bound plus max_tokens), and {free} of its {quota}-token quota are free "
+            f"({used} used, {reserved} held by requests in flight). Lower max_tokens, or ask the gateway admin "
+            "to raise the quota."
         )
+    raise GatewayError(429, message, "insufficient_quota", "insufficient_quota")
 
 
 async def require_admin(request: Request) -> None:
@@ -143,55 +157,77 @@ def _not_found(kind: str, item_id: int) -> GatewayError:
     return GatewayError(404, f"No {kind} with id {item_id}.", "invalid_request_error", "not_found")
 
 
+def _storable_id(item_id: int) -> bool:
+    """Ids are 32-bit in the database: a bigger one names nothing (and the driver would raise, not answer)."""
+    return -(2**31) <= item_id < 2**31
+
+
+def _parse_request(raw: bytes) -> JsonObject:
+    try:
+        body = parse_object(raw)
+    except ValueError as exc:
+        raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from exc
+    if not isinstance(body.values, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    return body
+
+
 async def _proxy(request: Request, path: str) -> Any:
     state = _state(request)
-    token: TokenOut | None = None
-    model: str | None = None
+    token: Optional[TokenOut] = None
+    model: Any = None
+    rid: Optional[int] = None
+    need: Optional[int] = None
     started = time.time()
     try:
         token = await current_token(request)
-        try:
-            body = json.loads(await request.body())
-        except ValueError as exc:
-            raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from exc
-        if not isinstance(body, dict):
-            raise GatewayError(400, "The request body must be a JSON object.")
+        raw = await request.body()  # at most --max-body-bytes: BodyLimit refused anything bigger
+        source = await off_loop_if_large(len(raw), _parse_request, raw)
+        body, overrides = source.values, {}
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "You must provide a model parameter (a model name, as listed by GET /v1/models).")
         check_model(token, model)
-        check_quota(token)
+        cap = completion_cap(body)
+        if cap is None:  # the cap we reserve is the cap the backend gets
+            overrides["max_tokens"] = cap = state.settings.default_max_tokens
+        if token.quota is not None:
+            need = await off_loop_if_large(len(raw), worst_case, body, cap)
+            rid = await _reserve(request, token, need)
         candidates = await state.router.candidates(model)
         if not candidates:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")
-    except GatewayError as exc:
-        await state.store.run(
-            state.store.settle,
+    except BaseException as exc:  # refused (or failed) before forwarding: log it, release what it held
+        refused = isinstance(exc, APIError)
+        await state.reservations.settle(
             {
                 "time": started, "token_id": token.id if token else None, "token_name": token.name if token else None,
                 "channel_id": None, "channel_name": None, "model": model if isinstance(model, str) else None,
                 "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": (time.time() - started) * 1000,
-                "first_byte_ms": None, "status": exc.status, "stream": False, "error": exc.message,
+                "first_byte_ms": None, "status": exc.status if refused else 500, "stream": False,
+                "error": exc.message if refused else f"the gateway failed before forwarding: {exc!r}",
             },
+            rid,
         )
         raise
     stream = bool(body.get("stream"))
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     call = ProxyCall(
-        path=path, body=body, model=model, stream=stream,
-        client_wants_usage=bool(options.get("include_usage")), token=token,
+        path=path, body=body, source=source, overrides=overrides, body_size=len(raw), model=model, stream=stream,
+        client_wants_usage=bool(options.get("include_usage")), token=token, reservation=rid, reserved=need,
     )
-    return Relay(call, candidates, router=state.router, store=state.store, client=state.client, settings=state.settings)
+    return Relay(call, candidates, router=state.router, reservations=state.reservations, client=state.client,
+                 settings=state.settings)
 
 
 def openai_routes() -> APIRouter:
     router = APIRouter()
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", openapi_extra=_openai_body("chat"))
     async def chat_completions(request: Request) -> Any:
         return await _proxy(request, "/chat/completions")
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", openapi_extra=_openai_body("completion"))
     async def completions(request: Request) -> Any:
         return await _proxy(request, "/completions")
 
@@ -224,48 +260,112 @@ def openai_routes() -> APIRouter:
     return router
 
 
+def _openai_body(kind: str) -> dict:
+    """Document the fields the gateway reads (the rest is passed to the backend as is), for /docs and fuzzers."""
+    text_or_parts = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]}
+    properties: dict[str, Any] = {
+        "model": {"type": "string", "description": "A model a channel serves (GET /v1/models)."},
+        "max_tokens": {"type": "integer", "nullable": True,
+                       "description": "Completion cap; the gateway's --default-max-tokens when absent."},
+        "n": {"type": "integer", "nullable": True},
+        "stream": {"type": "boolean", "nullable": True},
+        "stream_options": {"type": "object", "nullable": True, "properties": {"include_usage": {"type": "boolean"}}},
+    }
+    if kind == "chat":
+        properties["messages"] = {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
+                           "content": text_or_parts}}}
+        properties["max_completion_tokens"] = {"type": "integer", "nullable": True}
+        required = ["model", "messages"]
+    else:
+        properties["prompt"] = text_or_parts
+        required = ["model", "prompt"]
+    schema = {"type": "object", "required": required, "properties": properties, "additionalProperties": True}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def collection_routes(res: Resource, *, create: Callable, get: Callable, list_all: Callable, update: Callable,
+                      delete: Callable, on_change: Optional[Callable[[Any], None]] = None) -> APIRouter:
+    """POST, GET (all and one), PATCH and DELETE for one admin collection, from its models and store methods.
+
+    The store methods are unbound (``Store.create_channel``); ``on_change(app_state)`` runs after a write.
+    """
+    router = APIRouter(prefix=f"/{res.path}")
+    In, Patch = res.create, res.patch
+    ItemId = Annotated[int, Path(alias=f"{res.name}_id")]  # /channels/{channel_id}, /tokens/{token_id}
+
+    async def on_store(request: Request, fn: Callable, *args: Any) -> Any:
+        store = _state(request).store
+        return await store.run(fn, store, *args)
+
+    def check_id(item_id: int) -> None:
+        if not _storable_id(item_id):
+            raise _not_found(res.name, item_id)
+
+    def changed(request: Request) -> None:
+        if on_change is not None:
+            on_change(_state(request))
+
+    async def add(data: In, request: Request) -> Any:
+        out = await on_store(request, create, data)
+        changed(request)
+        return out
+
+    async def list_items(request: Request) -> Any:
+        return await on_store(request, list_all)
+
+    async def get_item(item_id: ItemId, request: Request) -> Any:
+        check_id(item_id)
+        item = await on_store(request, get, item_id)
+        if item is None:
+            raise _not_found(res.name, item_id)
+        return item
+
+    async def update_item(item_id: ItemId, patch: Patch, request: Request) -> Any:
+        check_id(item_id)
+        item = await on_store(request, update, item_id, patch)
+        if item is None:
+            raise _not_found(res.name, item_id)
+        changed(request)
+        return item
+
+    async def delete_item(item_id: ItemId, request: Request) -> dict:
+        check_id(item_id)
+        if not await on_store(request, delete, item_id):
+            raise _not_found(res.name, item_id)
+        changed(request)
+        return {"id": item_id, "deleted": True}
+
+    one = f"/{{{res.name}_id}}"
+    router.add_api_route("", add, methods=["POST"], status_code=201, response_model=res.created,
+                         name=f"add_{res.name}")
+    router.add_api_route("", list_items, methods=["GET"], response_model=list[res.out], name=f"list_{res.path}")
+    router.add_api_route(one, get_item, methods=["GET"], response_model=res.out, name=f"get_{res.name}")
+    router.add_api_route(one, update_item, methods=["PATCH"], response_model=res.out, name=f"update_{res.name}")
+    router.add_api_route(one, delete_item, methods=["DELETE"], name=f"delete_{res.name}")
+    return router
+
+
 def admin_routes() -> APIRouter:
     api = APIRouter(prefix="/api", dependencies=[Depends(require_admin)])
 
-    @api.post("/channels", status_code=201)
-    async def add_channel(data: ChannelIn, request: Request) -> ChannelOut:
-        state = _state(request)
-        out = await state.store.run(state.store.create_channel, data)
+    def channels_changed(state: Any) -> None:
         state.router.invalidate()
-        return out
 
-    @api.get("/channels")
-    async def list_channels(request: Request) -> list[ChannelOut]:
-        return await _state(request).store.run(_state(request).store.list_channels)
-
-    @api.get("/channels/{channel_id}")
-    async def get_channel(channel_id: int, request: Request) -> ChannelOut:
-        channel = await _state(request).store.run(_state(request).store.get_channel, channel_id)
-        if channel is None:
-            raise _not_found("channel", channel_id)
-        return ChannelOut.model_validate(channel.model_dump())
-
-    @api.patch("/channels/{channel_id}")
-    async def update_channel(channel_id: int, patch: ChannelPatch, request: Request) -> ChannelOut:
-        state = _state(request)
-        out = await state.store.run(state.store.update_channel, channel_id, patch)
-        if out is None:
-            raise _not_found("channel", channel_id)
-        state.router.invalidate()
-        return out
-
-    @api.delete("/channels/{channel_id}")
-    async def delete_channel(channel_id: int, request: Request) -> dict:
-        state = _state(request)
-        if not await state.store.run(state.store.delete_channel, channel_id):
-            raise _not_found("channel", channel_id)
-        state.router.invalidate()
-        return {"id": channel_id, "deleted": True}
+    api.include_router(collection_routes(
+        CHANNELS, create=Store.create_channel, get=Store.get_channel, list_all=Store.list_channels,
+        update=Store.update_channel, delete=Store.delete_channel, on_change=channels_changed,
+    ))
+    api.include_router(collection_routes(
+        TOKENS, create=Store.create_token, get=Store.get_token, list_all=Store.list_tokens,
+        update=Store.update_token, delete=Store.delete_token,
+    ))
 
     @api.post("/channels/{channel_id}/test")
     async def test(channel_id: int, request: Request) -> ChannelTestResult:
         state = _state(request)
-        channel = await state.store.run(state.store.get_channel, channel_id)
+        channel = await state.store.run(state.store.get_channel, channel_id) if _storable_id(channel_id) else None
         if channel is None:
             raise _not_found("channel", channel_id)
         result = await test_channel(state.client, channel, state.settings)
@@ -275,51 +375,10 @@ def admin_routes() -> APIRouter:
             state.router.invalidate()
         return result
 
-    @api.post("/tokens", status_code=201)
-    async def add_token(data: TokenIn, request: Request) -> TokenCreated:
-        return await _state(request).store.run(_state(request).store.create_token, data)
-
-    @api.get("/tokens")
-    async def list_tokens(request: Request) -> list[TokenOut]:
-        return await _state(request).store.run(_state(request).store.list_tokens)
-
-    @api.get("/tokens/{token_id}")
-    async def get_token(token_id: int, request: Request) -> TokenOut:
-        token = await _state(request).store.run(_state(request).store.get_token, token_id)
-        if token is None:
-            raise _not_found("token", token_id)
-        return token
-
-    @api.patch("/tokens/{token_id}")
-    async def update_token(token_id: int, patch: TokenPatch, request: Request) -> TokenOut:
-        out = await _state(request).store.run(_state(request).store.update_token, token_id, patch)
-        if out is None:
-            raise _not_found("token", token_id)
-        return out
-
-    @api.delete("/tokens/{token_id}")
-    async def delete_token(token_id: int, request: Request) -> dict:
-        if not await _state(request).store.run(_state(request).store.delete_token, token_id):
-            raise _not_found("token", token_id)
-        return {"id": token_id, "deleted": True}
-
     @api.get("/logs")
-    async def logs(
-        request: Request,
-        token_id: int | None = None,
-        channel_id: int | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LogOut]:
+    async def logs(request: Request, filters: Annotated[LogFilter, Query()]) -> list[LogOut]:
         store = _state(request).store
-        return await store.run(
-            store.logs, token_id=token_id, channel_id=channel_id, model=model, status=status,
-            since=since, until=until, limit=min(max(limit, 1), 10_000), offset=max(offset, 0),
-        )
+        return await store.run(store.logs, filters)
 
     return api
 
@@ -342,13 +401,17 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
             ),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30.0),
         )
-        probe = asyncio.create_task(app.state.router.probe_forever(app.state.client), name="gateway-health-probe")
+        tasks = [
+            asyncio.create_task(app.state.router.probe_forever(app.state.client), name="gateway-health-probe"),
+            asyncio.create_task(app.state.reservations.keep_alive_forever(), name="gateway-reservations"),
+        ]
         try:
             yield
         finally:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.client.aclose()
             if own_store:
                 store.close()
@@ -358,8 +421,10 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
     app.state.store = store
     app.state.admin_key = admin_key
     app.state.router = Router(store, settings)
+    app.state.reservations = Reservations(store, settings.reservation_ttl)
     install_error_handlers(app)
-    install_cors(app, settings.cors_origins, methods=["*"])
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_cors(app, settings.cors_origins, methods=["*"])  # outside BodyLimit: a 413 carries CORS headers too
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -1,4 +1,8 @@
-"""``llama-lab gateway``: run a gateway, or manage a running one's channels, tokens and logs."""
+"""``llama-lab gateway``: run a gateway, or manage a running one's channels, tokens and logs.
+
+The flags of ``channel``, ``token`` and ``logs`` are generated from the models in ``schemas``
+(``model_flags``), so a field added there shows up here, in the REST API and in the client at once.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +10,88 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
-import time
-from datetime import datetime
+import types
+import typing
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from llama_lab.gateway.admin import DEFAULT_URL, Gateway, GatewayAdminError
+from llama_lab.gateway.schemas import CHANNELS, TOKENS, Cli, LogFilter, Resource, parse_csv
 from llama_lab.gateway.settings import GatewaySettings
 from llama_lab.web.flags import FlagParser, add_settings_flags, settings_from_args
 
 log = logging.getLogger(__name__)
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SCALARS: dict[Any, Any] = {int: int, float: float, str: str}
 
 
-def parse_expiry(text: str) -> float | None:
-    """'never', a duration from now ('30d', '12h'), a date ('2026-12-31'), or unix seconds."""
-    text = text.strip().lower()
-    if text in ("never", "none", "null", ""):
-        return None
-    if m := _DURATION.match(text):
-        return time.time() + float(m.group(1)) * _UNITS[m.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: use never, 30d, 12h, 2026-12-31 or unix seconds") from exc
+def _value_type(info: FieldInfo) -> Any:
+    """The field's type without ``None``: ``int | None`` -> int, ``list[str]`` -> list."""
+    annotation = info.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    return typing.get_origin(annotation) or annotation
 
 
-def _csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+def _word_parser(name: str, parse: Any) -> Any:
+    """argparse reports a parser's ValueError as "invalid <func> value"; keep the parser's own words."""
+    if parse in _SCALARS.values():
+        return parse
+
+    def word(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    word.__name__ = name
+    return word
 
 
-def _mapping(items: list[str] | None) -> dict[str, str] | None:
-    if items is None:
-        return None
-    out = {}
-    for item in items:
-        name, sep, upstream = item.partition("=")
-        if not sep or not name or not upstream:
-            raise SystemExit(f"--map wants REQUESTED=UPSTREAM, got {item!r}")
-        out[name] = upstream
-    return out
+def model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, positional: bool = False) -> None:
+    """One flag per field of ``model`` (absent from the namespace unless given, so an update changes only those).
+
+    With ``positional``, the model's required fields are positional arguments (``channel add NAME BASE_URL``).
+    """
+    for name, info in model.model_fields.items():
+        cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
+        kind = _value_type(info)
+        parse = cli.parse or (parse_csv if kind is list and not cli.repeat else _SCALARS.get(kind, str))
+        parse = _word_parser(name, parse)
+        if positional and info.is_required():
+            parser.add_argument(name, type=parse, help=info.description)
+            continue
+        flag = cli.flag or "--" + name.replace("_", "-")
+        common = {"dest": name, "default": cli.default if cli.default is not None else argparse.SUPPRESS}
+        if kind is bool:
+            group = parser.add_mutually_exclusive_group()
+            on, off = cli.on or flag, cli.off or "--no-" + flag[2:]
+            if info.default is not True:  # creating with default True: only the flag that changes it
+                group.add_argument(on, action="store_true", help=info.description, **common)
+            if info.default is not False:
+                group.add_argument(off, action="store_false", help=f"{name}: false", **common)
+            continue
+        target = parser.add_mutually_exclusive_group() if cli.none else parser
+        help_text = info.description or ""
+        if cli.default is not None:
+            help_text += f" [default here: {cli.default}]"
+        target.add_argument(flag, type=parse, action="append" if cli.repeat else "store",
+                            metavar=cli.metavar or name.upper(), help=help_text, **common)
+        if cli.none:
+            target.add_argument(cli.none, action="store_const", const=None, help=f"set {name} to null", **common)
+
+
+def model_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of ``model`` the user typed; a repeated ``--map A=B`` becomes a dict."""
+    values = {n: getattr(args, n) for n in model.model_fields if hasattr(args, n)}
+    for name, value in values.items():
+        if _value_type(model.model_fields[name]) is dict and isinstance(value, list):
+            values[name] = dict(value)
+    return values
 
 
 def _client_flags() -> argparse.ArgumentParser:
@@ -62,88 +99,47 @@ def _client_flags() -> argparse.ArgumentParser:
     common.add_argument("--url", default=argparse.SUPPRESS, help=f"gateway URL [env LLAMA_LAB_GATEWAY_URL, default {DEFAULT_URL}]")
     common.add_argument("--admin-key", dest="client_admin_key", default=argparse.SUPPRESS, help="admin key [env LLAMA_LAB_ADMIN_KEY]")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON instead of a table")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"],
+                        help="log level of this command [default: warning; debug shows the HTTP requests]")
     return common
+
+
+def _collection_commands(sub: Any, res: Resource, common: argparse.ArgumentParser, help_text: str) -> Any:
+    actions = sub.add_parser(res.name, help=help_text).add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[common], help=f"add a {res.name}")
+    model_flags(add, res.create, positional=True)
+    actions.add_parser("list", parents=[common], help=f"list {res.path}")
+    update = actions.add_parser("update", parents=[common], help=f"change a {res.name} (only the flags given)")
+    update.add_argument("id", type=int)
+    model_flags(update, res.patch)
+    delete = actions.add_parser("delete", parents=[common], help=f"delete a {res.name}")
+    delete.add_argument("id", type=int)
+    return actions
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         prog="llama-lab gateway",
+        allow_abbrev=False,  # else `logs --token 1` is read here as an abbreviation of --tokens-per-usd
         description="Several OpenAI-compatible backends behind one endpoint, with tokens, quotas and failover. "
         "Without a subcommand, runs the gateway in the foreground.",
     )
     add_settings_flags(parser, GatewaySettings)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="[default: info for the server, warning for the admin commands]")
     sub = parser.add_subparsers(dest="command", metavar="{serve,channel,token,logs}", parser_class=FlagParser)
     serve = sub.add_parser("serve", help="run the gateway (the default)")
     add_settings_flags(serve, GatewaySettings)
     common = _client_flags()
 
-    channel = sub.add_parser("channel", help="manage backends").add_subparsers(dest="action", required=True)
-    add = channel.add_parser("add", parents=[common], help="add a backend")
-    add.add_argument("name")
-    add.add_argument("base_url", help="OpenAI-compatible base URL, e.g. http://192.168.1.20:19327/v1")
-    _channel_fields(add, creating=True)
-    channel.add_parser("list", parents=[common], help="list channels")
-    upd = channel.add_parser("update", parents=[common], help="change a channel")
-    upd.add_argument("id", type=int)
-    upd.add_argument("--name")
-    upd.add_argument("--base-url")
-    _channel_fields(upd, creating=False)
-    for action, text in (("delete", "delete a channel"), ("test", "send a tiny real request and report latency or the error")):
-        p = channel.add_parser(action, parents=[common], help=text)
-        p.add_argument("id", type=int)
-
-    token = sub.add_parser("token", help="manage API keys").add_subparsers(dest="action", required=True)
-    tadd = token.add_parser("add", parents=[common], help="create a key (shown once)")
-    tadd.add_argument("name")
-    _token_fields(tadd, creating=True)
-    token.add_parser("list", parents=[common], help="list tokens")
-    tupd = token.add_parser("update", parents=[common], help="change a token")
-    tupd.add_argument("id", type=int)
-    tupd.add_argument("--name")
-    _token_fields(tupd, creating=False)
-    tdel = token.add_parser("delete", parents=[common], help="delete a token")
-    tdel.add_argument("id", type=int)
+    channel = _collection_commands(sub, CHANNELS, common, "manage backends")
+    test = channel.add_parser("test", parents=[common], help="send a tiny real request and report latency or the error")
+    test.add_argument("id", type=int)
+    _collection_commands(sub, TOKENS, common, "manage API keys (a new key is shown once)")
 
     logs = sub.add_parser("logs", parents=[common], help="show the request log, newest first")
-    logs.add_argument("--token", dest="token_id", type=int)
-    logs.add_argument("--channel", dest="channel_id", type=int)
-    logs.add_argument("--model")
-    logs.add_argument("--status", type=int)
-    logs.add_argument("--since", type=parse_expiry, help="unix seconds or a date")
-    logs.add_argument("--limit", type=int, default=20)
+    model_flags(logs, LogFilter)
     return parser
-
-
-def _channel_fields(p: argparse.ArgumentParser, creating: bool) -> None:
-    p.add_argument("--api-key", help="key the backend expects (sent upstream as Bearer)")
-    p.add_argument("--models", type=_csv, help="comma-separated models it serves (empty = any)")
-    p.add_argument("--map", action="append", metavar="REQUESTED=UPSTREAM", help="rename a model upstream (repeatable)")
-    p.add_argument("--priority", type=int, help="higher is tried first")
-    p.add_argument("--weight", type=int, help="share of traffic among channels of equal priority")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--disable", dest="enabled", action="store_false", default=None)
-    if not creating:
-        group.add_argument("--enable", dest="enabled", action="store_true", default=None)
-
-
-def _token_fields(p: argparse.ArgumentParser, creating: bool) -> None:
-    p.add_argument("--models", type=_csv, help="comma-separated allowed models (empty = all)")
-    p.add_argument("--expires", dest="expires_at", type=parse_expiry, default=argparse.SUPPRESS, help="never, 30d, 12h, 2026-12-31 or unix seconds")
-    quota = p.add_mutually_exclusive_group()
-    quota.add_argument("--quota", type=int, default=argparse.SUPPRESS, help="tokens (prompt + completion) it may use")
-    quota.add_argument("--unlimited", dest="quota", action="store_const", const=None, default=argparse.SUPPRESS)
-    p.add_argument("--subnet", dest="subnets", action="append", help="allowed client subnet, e.g. 192.168.1.0/24 (repeatable)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--disable", dest="enabled", action="store_false", default=None)
-    if not creating:
-        group.add_argument("--enable", dest="enabled", action="store_true", default=None)
-        p.add_argument("--used", type=int, help="set the used count (0 resets it)")
-
-
-def _fields(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    """Only what the user typed, so an update leaves everything else as it was."""
-    return {n: getattr(args, n) for n in names if hasattr(args, n) and (getattr(args, n) is not None or n in ("quota", "expires_at"))}
 
 
 def _table(rows: list[BaseModel], columns: list[str]) -> str:
@@ -181,9 +177,31 @@ def _print(result: Any, as_json: bool, columns: list[str] | None = None) -> None
         print(result)
 
 
-CHANNEL_COLUMNS = ["id", "name", "base_url", "models", "priority", "weight", "enabled", "auto_disabled", "last_test_latency_ms"]
-TOKEN_COLUMNS = ["id", "name", "key_hint", "models", "quota", "used", "enabled", "expires_at"]
-LOG_COLUMNS = ["id", "token_name", "channel_name", "model", "prompt_tokens", "completion_tokens", "latency_ms", "status", "error"]
+COLUMNS = {
+    "channel": ["id", "name", "base_url", "models", "priority", "weight", "enabled", "auto_disabled", "last_test_latency_ms"],
+    "token": ["id", "name", "key_hint", "models", "quota", "used", "enabled", "expires_at"],
+    "logs": ["id", "token_name", "channel_name", "model", "prompt_tokens", "completion_tokens", "latency_ms", "status", "error"],
+}
+
+
+def _run_collection(gw: Gateway, res: Resource, args: argparse.Namespace, as_json: bool) -> int:
+    if args.action == "add":
+        created = gw.add_item(res, **model_values(args, res.create))
+        _print(created, as_json)
+        if getattr(created, "key", None) and not as_json:
+            print(f"\nkey: {created.key}\n(shown once: only its hash is stored)")
+    elif args.action == "list":
+        _print(gw.list_items(res), as_json, COLUMNS[res.name])
+    elif args.action == "update":
+        _print(gw.update_item(res, args.id, **model_values(args, res.patch)), as_json)
+    elif args.action == "delete":
+        gw.delete_item(res, args.id)
+        print(f"deleted {res.name} {args.id}")
+    elif args.action == "test":
+        result = gw.test_channel(args.id)
+        _print(result, as_json)
+        return 0 if result.ok else 1
+    return 0
 
 
 def run_admin(args: argparse.Namespace) -> int:
@@ -191,43 +209,10 @@ def run_admin(args: argparse.Namespace) -> int:
     key = getattr(args, "client_admin_key", None) or getattr(args, "admin_key", None) or os.environ.get("LLAMA_LAB_ADMIN_KEY")
     as_json = getattr(args, "json", False)
     with Gateway(url, key) as gw:
-        if args.command == "channel":
-            fields = _fields(args, ["api_key", "models", "priority", "weight", "enabled"])
-            if getattr(args, "map", None) is not None:
-                fields["model_mapping"] = _mapping(args.map)
-            if args.action == "add":
-                _print(gw.add_channel(args.name, args.base_url, **fields), as_json)
-            elif args.action == "list":
-                _print(gw.channels(), as_json, CHANNEL_COLUMNS)
-            elif args.action == "update":
-                fields.update(_fields(args, ["name", "base_url"]))
-                _print(gw.update_channel(args.id, **fields), as_json)
-            elif args.action == "delete":
-                gw.delete_channel(args.id)
-                print(f"deleted channel {args.id}")
-            elif args.action == "test":
-                result = gw.test_channel(args.id)
-                _print(result, as_json)
-                return 0 if result.ok else 1
-        elif args.command == "token":
-            fields = _fields(args, ["models", "expires_at", "quota", "subnets", "enabled"])
-            if args.action == "add":
-                created = gw.add_token(args.name, **fields)
-                _print(created, as_json)
-                if not as_json:
-                    print(f"\nkey: {created.key}\n(shown once: only its hash is stored)")
-            elif args.action == "list":
-                _print(gw.tokens(), as_json, TOKEN_COLUMNS)
-            elif args.action == "update":
-                fields.update(_fields(args, ["name", "used"]))
-                _print(gw.update_token(args.id, **fields), as_json)
-            elif args.action == "delete":
-                gw.delete_token(args.id)
-                print(f"deleted token {args.id}")
-        elif args.command == "logs":
-            filters = _fields(args, ["token_id", "channel_id", "model", "status", "since", "limit"])
-            _print(gw.logs(**filters), as_json, LOG_COLUMNS)
-    return 0
+        if args.command == "logs":
+            _print(gw.logs(**model_values(args, LogFilter)), as_json, COLUMNS["logs"])
+            return 0
+        return _run_collection(gw, {"channel": CHANNELS, "token": TOKENS}[args.command], args, as_json)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -242,10 +227,20 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_logging(level_name: str) -> None:
+    """The CLI's log output; httpx's per-request INFO lines only at debug (one per proxied request otherwise)."""
+    level = getattr(logging, level_name.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in (None, "serve"):
+    serving = args.command in (None, "serve")
+    args.log_level = args.log_level or ("info" if serving else "warning")
+    _configure_logging(args.log_level)
+    if serving:
         return run_server(args)
     try:
         return run_admin(args)

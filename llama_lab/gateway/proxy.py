@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,11 +21,12 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from llama_lab.web.errors import error_body
+from llama_lab.gateway.body import JsonObject, off_loop_if_large
+from llama_lab.gateway.quota import Reservations, estimate_prompt_tokens
 from llama_lab.gateway.routing import Router, describe_failure, upstream_headers, upstream_url
 from llama_lab.gateway.schemas import Channel, TokenOut
 from llama_lab.gateway.settings import GatewaySettings
-from llama_lab.gateway.store import Store
+from llama_lab.web.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +41,17 @@ class ProxyCall:
 
     path: str  # "/chat/completions" or "/completions"
     body: dict[str, Any]
+    source: JsonObject  # the client's JSON text: sent upstream with only the keys we change replaced
+    overrides: dict[str, Any]  # top-level keys the gateway sets for every channel (max_tokens when absent)
+    body_size: int  # bytes the client sent: big bodies are handled off the event loop
     model: str
     stream: bool
     client_wants_usage: bool
     token: TokenOut
+    reservation: int | None = None  # the quota held for this request, released when it settles
+    reserved: int | None = None  # how many tokens it holds
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
-
-
-def estimate_prompt_tokens(body: dict[str, Any]) -> int:
-    """A rough count (4 characters a token) for streams cut before the backend sent its usage."""
-    chars = 0
-    for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        chars += len(prompt)
-    return math.ceil(chars / 4) + 4 * len(body.get("messages") or [])
 
 
 async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -83,6 +73,14 @@ async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield buf
 
 
+def _count(value: Any) -> int:
+    """A usage count as a backend reported it; nonsense counts as 0 rather than failing the settlement."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _data_json(event: bytes) -> Any:
     lines = [ln[5:].strip() for ln in event.splitlines() if ln.startswith(b"data:")]
     return json.loads(b"\n".join(lines)) if lines else None
@@ -97,14 +95,14 @@ class Relay(Response):
         candidates: list[Channel],
         *,
         router: Router,
-        store: Store,
+        reservations: Reservations,
         client: httpx.AsyncClient,
         settings: GatewaySettings,
     ) -> None:
         self.call = call
         self.candidates = candidates
         self.router = router
-        self.store = store
+        self.reservations = reservations
         self.client = client
         self.settings = settings
         self.status_code = 200
@@ -149,9 +147,10 @@ class Relay(Response):
         for channel in self.candidates:
             self.channel = channel
             url = upstream_url(channel.base_url, self.call.path)
+            content = await off_loop_if_large(self.call.body_size, self.call.source.with_changes, self._changes(channel))
             try:
                 resp = await self.client.send(
-                    self.client.build_request("POST", url, json=self._upstream_body(channel), headers=upstream_headers(channel)),
+                    self.client.build_request("POST", url, content=content, headers=upstream_headers(channel)),
                     stream=True,
                 )
             except httpx.HTTPError as exc:
@@ -198,13 +197,14 @@ class Relay(Response):
         self.error = message
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
 
-    def _upstream_body(self, channel: Channel) -> dict[str, Any]:
-        body = dict(self.call.body)
-        body["model"] = channel.upstream_model(self.call.model)
+    def _changes(self, channel: Channel) -> dict[str, Any]:
+        """The top-level keys sent upstream instead of the client's."""
+        changes = {**self.call.overrides, "model": channel.upstream_model(self.call.model)}
         if self.call.stream:
             # Ask for the usage chunk even if the client did not: it is what we charge.
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return body
+            options = self.call.body.get("stream_options")
+            changes["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return changes
 
     async def _read_error(self, resp: httpx.Response) -> str:
         try:
@@ -332,11 +332,18 @@ class Relay(Response):
     async def _settle(self) -> None:
         prompt = completion = 0
         if self.usage:
-            prompt = int(self.usage.get("prompt_tokens") or 0)
-            completion = int(self.usage.get("completion_tokens") or 0)
+            prompt, completion = _count(self.usage.get("prompt_tokens")), _count(self.usage.get("completion_tokens"))
         elif self.chunks and self.channel is not None:
-            # Cut before the backend's usage chunk (client stop, backend crash): charge what we saw.
+            # Cut before the backend's usage chunk (client stop, backend crash): charge what we saw,
+            # never more than the request held (the role chunk is counted as a token here).
             prompt, completion = estimate_prompt_tokens(self.call.body), self.chunks
+            if self.call.reserved is not None:
+                prompt = min(prompt, self.call.reserved)
+                completion = min(completion, self.call.reserved - prompt)
+        if self.call.reserved is not None and prompt + completion > self.call.reserved:
+            log.warning("token %s: the backend reported %d tokens, more than the %d reserved (the prompt estimate "
+                        "was not an upper bound for this backend)", self.call.token.id, prompt + completion,
+                        self.call.reserved)
         status = self.status_code
         if self.client_gone:
             status = 499
@@ -359,6 +366,6 @@ class Relay(Response):
             "error": self.error,
         }
         try:
-            await self.store.run(self.store.settle, entry)
+            await self.reservations.settle(entry, self.call.reservation)
         except Exception:
             log.exception("could not record usage for token %s: %s", self.call.token.id, entry)

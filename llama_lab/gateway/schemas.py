@@ -1,14 +1,92 @@
-"""Admin API shapes: the JSON contract of /api and the rows the Python API returns."""
+"""Admin API shapes: the one declaration of channel, token and log-filter fields.
+
+The REST routes, the Python client (``Gateway``) and the CLI flags all derive from these models.
+A field whose command-line spelling is not the plain ``--field-name`` carries ``Cli`` metadata;
+pydantic ignores it, the CLI builder reads it.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
 
-class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class Cli:
+    """How a field is spelled on ``llama-lab gateway``, when ``--field-name VALUE`` would not do."""
+
+    flag: str | None = None  # the option, when not --field-name
+    parse: Callable[[str], Any] | None = None  # one command-line word -> value; ValueError = bad word
+    repeat: bool = False  # given several times: a list, or a dict of (key, value) pairs
+    on: str | None = None  # bool fields: the flag that sets True ...
+    off: str | None = None  # ... and the one that sets False
+    none: str | None = None  # a flag that sets the field to null (--unlimited)
+    metavar: str | None = None
+    default: Any = None  # a CLI-only default (``logs --limit`` shows 20 rows, the API 100)
+
+
+# -- value parsers shared by the models and the command line ---------------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _when(text: str, sign: int) -> float | None:
+    text = text.strip().lower()
+    if text in ("never", "none", "null", ""):
+        return None
+    if m := _DURATION.match(text):
+        return time.time() + sign * float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"{text!r}: use never, 30d, 12h, 2026-12-31 or unix seconds") from None
+
+
+def parse_expiry(text: str) -> float | None:
+    """'never', a duration from now ('30d', '12h'), a date ('2026-12-31'), or unix seconds."""
+    return _when(text, +1)
+
+
+def parse_since(text: str) -> float | None:
+    """A duration *ago* ('1h'), a date, or unix seconds: for log filters."""
+    return _when(text, -1)
+
+
+def parse_csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"want REQUESTED=UPSTREAM, got {text!r}")
+    return name, value
+
+
+def to_unix(when: Any) -> Any:
+    """Expiry as unix seconds: a timestamp, a datetime, or a timedelta from now (other values: pydantic decides)."""
+    if isinstance(when, timedelta):
+        return (datetime.now() + when).timestamp()
+    if isinstance(when, datetime):
+        return when.timestamp()
+    return when
+
+
+def _check_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(f"base_url must start with http:// or https:// (got {value!r})")
+    return value
 
 
 def _check_subnets(value: list[str] | None) -> list[str] | None:
@@ -20,47 +98,75 @@ def _check_subnets(value: list[str] | None) -> list[str] | None:
     return value
 
 
-class ChannelIn(_In):
-    name: str = Field(min_length=1)
-    base_url: str = Field(min_length=1, description="OpenAI-compatible base URL, with or without /v1.")
-    api_key: str | None = None
-    models: list[str] = Field(default_factory=list, description="Models served; empty = any model.")
-    model_mapping: dict[str, str] = Field(default_factory=dict, description="Requested name -> upstream name.")
-    priority: int = 0
-    weight: int = Field(1, ge=0)
-    enabled: bool = True
-
-    @field_validator("base_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https:// (got {value!r})")
-        return value
+def _clamp(low: int, high: int) -> AfterValidator:
+    """Out-of-range paging values are clamped, not refused (what the API always did)."""
+    return AfterValidator(lambda v: max(low, min(v, high)))
 
 
-class ChannelPatch(_In):
-    name: str | None = None
-    base_url: str | None = None
-    api_key: str | None = None
-    models: list[str] | None = None
-    model_mapping: dict[str, str] | None = None
-    priority: int | None = None
-    weight: int | None = Field(None, ge=0)
-    enabled: bool | None = None
+# What the database columns hold: INTEGER is 32-bit on PostgreSQL; quotas are BIGINT, with headroom
+# for used + reserved. A bigger number is refused (400) instead of failing in the driver (500).
+INT32 = 2**31 - 1
+BIG = 2**62
 
 
-class ChannelOut(BaseModel):
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: refuse it here (400) rather than in the driver (500)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _no_nul(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _no_nul(item)
+    return value
+
+
+# -- channels ------------------------------------------------------------------------------------
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    no_nul = field_validator("*")(_no_nul)
+
+
+class _Stored(BaseModel):
+    """What every stored row has first (``id`` leads the JSON and the CLI tables)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: int
-    name: str
-    base_url: str
+
+
+class ChannelFields(BaseModel):
+    """The channel fields an admin sets (and reads back)."""
+
+    name: str = Field(min_length=1, description="A label for lists, logs and error messages, e.g. gpu.")
+    base_url: Annotated[str, AfterValidator(_check_url)] = Field(
+        min_length=1, json_schema_extra={"pattern": "^https?://"},
+        description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1.",
+    )
+    models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
+        default_factory=list, description="Models served, comma-separated on the CLI; empty = any model."
+    )
+    model_mapping: Annotated[
+        dict[str, str], Cli(flag="--map", parse=parse_pair, repeat=True, metavar="REQUESTED=UPSTREAM")
+    ] = Field(
+        default_factory=dict, description="Requested name -> upstream name (--map is repeatable)."
+    )
+    priority: int = Field(0, ge=-INT32, le=INT32, description="Higher is tried first.")
+    weight: int = Field(1, ge=0, le=INT32, description="Share of traffic among channels of equal priority; 0 = spare.")
+    enabled: Annotated[bool, Cli(on="--enable", off="--disable")] = Field(True, description="Route requests to it.")
+
+
+class ChannelIn(ChannelFields, _In):
+    api_key: str | None = Field(None, description="Key the backend expects (sent upstream as Bearer; never returned).")
+
+
+class ChannelOut(ChannelFields, _Stored):
     has_api_key: bool
-    models: list[str]
-    model_mapping: dict[str, str]
-    priority: int
-    weight: int
-    enabled: bool
     auto_disabled: bool
     disabled_reason: str | None
     last_test_at: float | None
@@ -80,46 +186,111 @@ class Channel(ChannelOut):
         return self.model_mapping.get(model, model)
 
 
-class TokenIn(_In):
-    name: str = Field(min_length=1)
-    models: list[str] = Field(default_factory=list, description="Allowed models; empty = all.")
-    expires_at: float | None = Field(None, description="Unix seconds; null = never.")
-    quota: int | None = Field(None, ge=0, description="Tokens (prompt + completion); null = unlimited.")
-    enabled: bool = True
-    subnets: list[str] = Field(default_factory=list, description="Allowed client subnets; empty = any.")
-
-    check_subnets = field_validator("subnets")(_check_subnets)
+# -- tokens --------------------------------------------------------------------------------------
 
 
-class TokenPatch(_In):
-    name: str | None = None
-    models: list[str] | None = None
-    expires_at: float | None = None
-    quota: int | None = Field(None, ge=0)
-    used: int | None = Field(None, ge=0, description="Set to 0 to reset a token's usage.")
-    enabled: bool | None = None
-    subnets: list[str] | None = None
+class TokenFields(BaseModel):
+    """The token fields an admin sets (and reads back)."""
 
-    check_subnets = field_validator("subnets")(_check_subnets)
+    name: str = Field(min_length=1, description="Who or what uses it, e.g. alice; shown in logs and errors.")
+    models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
+        default_factory=list, description="Allowed models, comma-separated on the CLI; empty = all."
+    )
+    expires_at: Annotated[
+        Optional[float], BeforeValidator(to_unix), Cli(flag="--expires", parse=parse_expiry, metavar="WHEN")
+    ] = Field(
+        None, description="Unix seconds (the Python client also takes a datetime or timedelta; the CLI never, 30d, 12h, "
+        "2026-12-31); null = never."
+    )
+    quota: Annotated[Optional[int], Cli(none="--unlimited")] = Field(
+        None, ge=0, le=BIG, description="Tokens (prompt + completion) it may use; null (--unlimited) = no limit."
+    )
+    enabled: Annotated[bool, Cli(on="--enable", off="--disable")] = Field(True, description="Accept requests with it.")
+    subnets: Annotated[list[str], AfterValidator(_check_subnets), Cli(flag="--subnet", repeat=True, metavar="CIDR")] = Field(
+        default_factory=list, description="Allowed client subnets, e.g. 192.168.1.0/24 (--subnet is repeatable); empty = any."
+    )
 
 
-class TokenOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class TokenIn(TokenFields, _In):
+    pass
 
-    id: int
-    name: str
+
+class TokenOut(TokenFields, _Stored):
     key_hint: str
-    models: list[str]
-    expires_at: float | None
-    quota: int | None
     used: int
-    enabled: bool
-    subnets: list[str]
     created_at: float
 
 
 class TokenCreated(TokenOut):
     key: str = Field(description="The sk- key; shown once, only its hash is stored.")
+
+
+# -- PATCH bodies: every field of the creation model, optional -----------------------------------
+
+
+def patch_model(model: type[BaseModel], name: str, **extra: Any) -> type[BaseModel]:
+    """``model`` with every field optional (``None`` = leave as is), plus ``extra`` fields.
+
+    Constraints, validators and ``Cli`` metadata are kept, so a PATCH validates like a POST.
+    """
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        annotation = Annotated[(Optional[info.annotation], *info.metadata)] if info.metadata else Optional[info.annotation]
+        fields[field_name] = (annotation, Field(None, description=info.description))
+    patch = create_model(name, __base__=_In, __module__=__name__, **fields, **extra)
+    patch.__doc__ = f"A PATCH of a {model.__name__.removesuffix('In').lower()}: only the fields given change."
+    return patch
+
+
+def nullable_fields(model: type[BaseModel]) -> frozenset[str]:
+    """Fields whose ``None`` means "clear it" rather than "leave it" (``quota``, ``expires_at``, ``api_key``)."""
+    return frozenset(n for n, info in model.model_fields.items() if not info.is_required() and info.default is None)
+
+
+ChannelPatch = patch_model(ChannelIn, "ChannelPatch")
+TokenPatch = patch_model(
+    TokenIn, "TokenPatch",
+    used=(Optional[int], Field(None, ge=0, le=BIG, description="Set the used count (0 resets a token's usage).")),
+)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One admin collection under ``/api``: the models its routes, the client and the CLI share."""
+
+    name: str  # "channel": in messages, CLI subcommands and store method names
+    path: str  # "channels": /api/<path>
+    create: type[BaseModel]
+    patch: type[BaseModel]
+    out: type[BaseModel]
+    created: type[BaseModel]  # what POST answers (a token's key is shown once, there)
+
+
+CHANNELS = Resource("channel", "channels", ChannelIn, ChannelPatch, ChannelOut, ChannelOut)
+TOKENS = Resource("token", "tokens", TokenIn, TokenPatch, TokenOut, TokenCreated)
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+
+class LogFilter(BaseModel):
+    """Which request-log rows to show: the query of ``GET /api/logs``, the store's filter, the CLI's flags."""
+
+    token_id: Annotated[Optional[int], Cli(flag="--token", metavar="ID")] = Field(
+        None, ge=-INT32, le=INT32, description="Only this token's requests.")
+    channel_id: Annotated[Optional[int], Cli(flag="--channel", metavar="ID")] = Field(
+        None, ge=-INT32, le=INT32, description="Only this channel's requests.")
+    model: Optional[str] = Field(None, description="Only requests for this model.")
+    status: Optional[int] = Field(None, ge=-INT32, le=INT32, description="Only this HTTP status (499 = client went away).")
+    since: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(
+        None, description="From this time: unix seconds (the CLI also takes a date or 1h = an hour ago)."
+    )
+    until: Annotated[Optional[float], Cli(parse=parse_since, metavar="WHEN")] = Field(
+        None, description="Before this time, like since.")
+    no_nul = field_validator("*")(_no_nul)
+
+    limit: Annotated[int, _clamp(1, 10_000), Cli(default=20)] = Field(100, description="At most this many rows (1 to 10000).")
+    offset: Annotated[int, _clamp(0, INT32)] = Field(0, description="Skip this many rows (newest first).")
 
 
 class LogOut(BaseModel):

@@ -40,4 +40,15 @@ class GatewaySettings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a backend before trying the next channel.")
     first_byte_timeout: float = Field(60.0, gt=0, description="Seconds to wait for a backend's first byte (and between stream chunks).")
     channel_cache_ttl: float = Field(2.0, ge=0, description="Seconds a process caches the channel table (other processes' edits show up after this).")
+    default_max_tokens: int = Field(
+        2048, ge=1,
+        description="Completion cap for requests that give no max_tokens: sent upstream and reserved against the token's quota.",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes); bigger ones get 413 before they are read.",
+    )
+    reservation_ttl: float = Field(
+        60.0, gt=0,
+        description="Seconds after which quota held by a gateway that stopped (a crash) is released; running gateways renew theirs.",
+    )
     tokens_per_usd: int = Field(500_000, gt=0, description="Display convention for NextChat's usage panel: this many tokens = 1 USD.")

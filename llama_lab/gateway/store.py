@@ -1,4 +1,4 @@
-"""The gateway's state in SQL: channels, tokens, the request log, and atomic accounting.
+"""The gateway's state in SQL: channels, tokens, the request log, reservations, and atomic accounting.
 
 SQLite (WAL) by default; PostgreSQL when several gateway processes share one state. Every method
 is synchronous and short: the app runs them on a small thread pool, never on the event loop.
@@ -27,27 +27,33 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+from pydantic import BaseModel
 
 from llama_lab.gateway.schemas import (
     Channel,
     ChannelIn,
     ChannelOut,
-    ChannelPatch,
+    LogFilter,
     LogOut,
     TokenCreated,
     TokenIn,
     TokenOut,
-    TokenPatch,
+    nullable_fields,
 )
 
 KEY_PREFIX = "sk-"
 _T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class Base(DeclarativeBase):
@@ -88,9 +94,24 @@ class TokenRow(Base):
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     used: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Sum of this token's live reservations (kept in step with the reservations table, in the same
+    # transactions), so one conditional UPDATE of this row decides whether a request fits.
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     subnets: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ReservationRow(Base):
+    """Quota held by a request in flight; released when it settles, or when it expires (its gateway died)."""
+
+    __tablename__ = "reservations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class LogRow(Base):
@@ -145,14 +166,28 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-_NULLABLE = {"api_key", "expires_at", "quota"}
+_SCHEMA_LOCK = 0x6C6C616D  # a PostgreSQL advisory lock id: one gateway process creates the tables at a time
 
 
-def _apply(row: Any, patch: dict[str, Any]) -> None:
-    for field, value in patch.items():
-        if value is None and field not in _NULLABLE:
-            continue
-        setattr(row, field, value)
+def create_tables(engine: Engine) -> None:
+    """Create missing tables, and columns that older versions lacked (``tokens.reserved``).
+
+    Several gateway processes may start at once on one database: on PostgreSQL they take turns
+    (an advisory lock for the transaction); on SQLite a lost race shows as "already exists" and is retried.
+    """
+    for attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+                Base.metadata.create_all(conn)
+                if "reserved" not in {c["name"] for c in inspect(conn).get_columns("tokens")}:
+                    conn.execute(text("ALTER TABLE tokens ADD COLUMN reserved BIGINT NOT NULL DEFAULT 0"))
+            return
+        except OperationalError as exc:
+            if "already exists" not in str(exc) and "duplicate column" not in str(exc) or attempt == 2:
+                raise
+            time.sleep(0.1)
 
 
 class Store:
@@ -161,7 +196,7 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
-        Base.metadata.create_all(self.engine)
+        create_tables(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gateway-db")
 
@@ -173,43 +208,61 @@ class Store:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
 
-    # -- channels -------------------------------------------------------------------------
-    def create_channel(self, data: ChannelIn) -> ChannelOut:
+    # -- the CRUD shape every admin collection shares -----------------------------------------
+    def _insert(self, row: Base, out: type[_M]) -> _M:
         with self._session.begin() as s:
-            row = ChannelRow(**data.model_dump(), created_at=time.time())
             s.add(row)
             s.flush()
-            return ChannelOut.model_validate(row)
+            return out.model_validate(row)
+
+    def _all(self, table: type[Base], out: type[_M]) -> list[_M]:
+        with self._session() as s:
+            return [out.model_validate(r) for r in s.scalars(select(table).order_by(table.id))]
+
+    def _one(self, table: type[Base], out: type[_M], item_id: int) -> _M | None:
+        with self._session() as s:
+            row = s.get(table, item_id)
+            return out.model_validate(row) if row is not None else None
+
+    def _patch(self, table: type[Base], out: type[_M], item_id: int, patch: BaseModel,
+               nullable: frozenset[str]) -> _M | None:
+        """Apply the fields the PATCH gave; ``None`` clears only the fields where null means something."""
+        with self._session.begin() as s:
+            row = s.get(table, item_id)
+            if row is None:
+                return None
+            for field, value in patch.model_dump(exclude_unset=True).items():
+                if value is not None or field in nullable:
+                    setattr(row, field, value)
+            if getattr(patch, "enabled", None) is True and isinstance(row, ChannelRow):
+                row.auto_disabled, row.disabled_reason = False, None  # an admin enabling it overrides auto-disable
+            s.flush()
+            return out.model_validate(row)
+
+    def _remove(self, table: type[Base], item_id: int) -> bool:
+        with self._session.begin() as s:
+            return s.execute(delete(table).where(table.id == item_id)).rowcount > 0
+
+    # -- channels -------------------------------------------------------------------------
+    def create_channel(self, data: ChannelIn) -> ChannelOut:
+        return self._insert(ChannelRow(**data.model_dump(), created_at=time.time()), ChannelOut)
 
     def channels(self) -> list[Channel]:
         """Every channel with its upstream key, for the router."""
-        with self._session() as s:
-            rows = s.scalars(select(ChannelRow).order_by(ChannelRow.id)).all()
-            return [Channel.model_validate(r) for r in rows]
+        return self._all(ChannelRow, Channel)
 
     def list_channels(self) -> list[ChannelOut]:
-        return [ChannelOut.model_validate(c.model_dump()) for c in self.channels()]
+        return self._all(ChannelRow, ChannelOut)
 
     def get_channel(self, channel_id: int) -> Channel | None:
-        with self._session() as s:
-            row = s.get(ChannelRow, channel_id)
-            return Channel.model_validate(row) if row else None
+        """With its upstream key, for the router and ``channel test`` (the API answers a ``ChannelOut``)."""
+        return self._one(ChannelRow, Channel, channel_id)
 
-    def update_channel(self, channel_id: int, patch: ChannelPatch) -> ChannelOut | None:
-        with self._session.begin() as s:
-            row = s.get(ChannelRow, channel_id)
-            if row is None:
-                return None
-            changes = patch.model_dump(exclude_unset=True)
-            _apply(row, changes)
-            if changes.get("enabled") is True:
-                row.auto_disabled, row.disabled_reason = False, None
-            s.flush()
-            return ChannelOut.model_validate(row)
+    def update_channel(self, channel_id: int, patch: BaseModel) -> ChannelOut | None:
+        return self._patch(ChannelRow, ChannelOut, channel_id, patch, nullable_fields(ChannelIn))
 
     def delete_channel(self, channel_id: int) -> bool:
-        with self._session.begin() as s:
-            return s.execute(delete(ChannelRow).where(ChannelRow.id == channel_id)).rowcount > 0
+        return self._remove(ChannelRow, channel_id)
 
     def set_auto_disabled(self, channel_id: int, disabled: bool, reason: str | None = None) -> None:
         with self._session.begin() as s:
@@ -230,17 +283,9 @@ class Store:
     # -- tokens ---------------------------------------------------------------------------
     def create_token(self, data: TokenIn) -> TokenCreated:
         key = new_key()
-        with self._session.begin() as s:
-            row = TokenRow(
-                **data.model_dump(),
-                key_hash=hash_key(key),
-                key_hint=f"{key[:7]}...{key[-4:]}",
-                used=0,
-                created_at=time.time(),
-            )
-            s.add(row)
-            s.flush()
-            return TokenCreated(**TokenOut.model_validate(row).model_dump(), key=key)
+        row = TokenRow(**data.model_dump(), key_hash=hash_key(key), key_hint=f"{key[:7]}...{key[-4:]}", used=0,
+                       reserved=0, created_at=time.time())
+        return TokenCreated(**self._insert(row, TokenOut).model_dump(), key=key)
 
     def token_by_key(self, key: str) -> TokenOut | None:
         with self._session() as s:
@@ -248,70 +293,124 @@ class Store:
             return TokenOut.model_validate(row) if row else None
 
     def get_token(self, token_id: int) -> TokenOut | None:
-        with self._session() as s:
-            row = s.get(TokenRow, token_id)
-            return TokenOut.model_validate(row) if row else None
+        return self._one(TokenRow, TokenOut, token_id)
 
     def list_tokens(self) -> list[TokenOut]:
-        with self._session() as s:
-            return [TokenOut.model_validate(r) for r in s.scalars(select(TokenRow).order_by(TokenRow.id))]
+        return self._all(TokenRow, TokenOut)
 
-    def update_token(self, token_id: int, patch: TokenPatch) -> TokenOut | None:
-        with self._session.begin() as s:
-            row = s.get(TokenRow, token_id)
-            if row is None:
-                return None
-            _apply(row, patch.model_dump(exclude_unset=True))
-            s.flush()
-            return TokenOut.model_validate(row)
+    def update_token(self, token_id: int, patch: BaseModel) -> TokenOut | None:
+        return self._patch(TokenRow, TokenOut, token_id, patch, nullable_fields(TokenIn))
 
     def delete_token(self, token_id: int) -> bool:
+        return self._remove(TokenRow, token_id)
+
+    # -- reservations ---------------------------------------------------------------------
+    def reserve(self, token_id: int, amount: int, ttl: float) -> int | None:
+        """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None.
+
+        The check and the hold are one conditional UPDATE of the token's row, so two requests
+        (or two gateway processes) can never both take the last room: the database serializes
+        writers of a row and re-checks the condition for the second one.
+        """
+        now = time.time()
         with self._session.begin() as s:
-            return s.execute(delete(TokenRow).where(TokenRow.id == token_id)).rowcount > 0
+            fits = s.execute(
+                update(TokenRow)
+                .where(
+                    TokenRow.id == token_id,
+                    TokenRow.quota.is_not(None),
+                    TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota,
+                )
+                .values(reserved=TokenRow.reserved + amount)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not fits:
+                return None
+            row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def quota_state(self, token_id: int) -> tuple[int, int, int | None]:
+        """``(used, reserved, quota)`` of a token, for the message that says why a request did not fit."""
+        with self._session() as s:
+            row = s.execute(select(TokenRow.used, TokenRow.reserved, TokenRow.quota).where(TokenRow.id == token_id)).first()
+            return (int(row[0]), int(row[1] or 0), row[2]) if row else (0, 0, None)
+
+    def renew(self, reservation_ids: list[int], ttl: float) -> None:
+        """Push back the expiry of reservations whose requests are still running here."""
+        if not reservation_ids:
+            return
+        with self._session.begin() as s:
+            s.execute(
+                update(ReservationRow)
+                .where(ReservationRow.id.in_(reservation_ids))
+                .values(expires_at=time.time() + ttl)
+                .execution_options(synchronize_session=False)
+            )
+
+    def expire_reservations(self) -> int:
+        """Release reservations nobody renewed (their gateway crashed); how many were released."""
+        with self._session.begin() as s:
+            gone = s.execute(
+                delete(ReservationRow).where(ReservationRow.expires_at < time.time())
+                .returning(ReservationRow.token_id, ReservationRow.amount)
+                .execution_options(synchronize_session=False)
+            ).all()
+            held: dict[int, int] = {}
+            for token_id, amount in gone:
+                held[token_id] = held.get(token_id, 0) + int(amount)
+            for token_id in sorted(held):  # one order for every process: no deadlock between sweepers
+                s.execute(
+                    update(TokenRow).where(TokenRow.id == token_id)
+                    .values(reserved=TokenRow.reserved - held[token_id])
+                    .execution_options(synchronize_session=False)
+                )
+            return len(gone)
 
     # -- accounting -----------------------------------------------------------------------
-    def settle(self, log: dict[str, Any]) -> None:
-        """Charge a request's tokens and write its log row in one transaction.
+    def settle(self, log: dict[str, Any], reservation_id: int | None = None) -> None:
+        """Charge a request's tokens, release its reservation and write its log row in one transaction.
 
         The charge is a relative ``used = used + n`` so concurrent requests (and several gateway
         processes on one PostgreSQL) never lose an update, and the charged total always equals
-        the sum of the logged usages.
+        the sum of the logged usages. A reservation already released by expiry is not released twice.
         """
         total = int(log.get("prompt_tokens", 0)) + int(log.get("completion_tokens", 0))
+        # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
+        log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
         with self._session.begin() as s:
-            if log.get("token_id") is not None and total:
+            held = 0
+            if reservation_id is not None:
+                held = int(s.scalar(
+                    delete(ReservationRow).where(ReservationRow.id == reservation_id)
+                    .returning(ReservationRow.amount).execution_options(synchronize_session=False)
+                ) or 0)
+            if log.get("token_id") is not None and (total or held):
                 s.execute(
-                    update(TokenRow).where(TokenRow.id == log["token_id"]).values(used=TokenRow.used + total)
+                    update(TokenRow).where(TokenRow.id == log["token_id"])
+                    .values(used=TokenRow.used + total, reserved=TokenRow.reserved - held)
+                    .execution_options(synchronize_session=False)
                 )
             s.add(LogRow(total_tokens=total, **log))
 
-    def logs(
-        self,
-        *,
-        token_id: int | None = None,
-        channel_id: int | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[LogOut]:
-        """Newest first, filtered."""
+    def logs(self, filters: LogFilter | None = None, **fields: Any) -> list[LogOut]:
+        """Newest first, filtered (a ``LogFilter``, or its fields as keywords)."""
+        f = filters or LogFilter(**fields)
         query = select(LogRow)
         for column, value in (
-            (LogRow.token_id, token_id),
-            (LogRow.channel_id, channel_id),
-            (LogRow.model, model),
-            (LogRow.status, status),
+            (LogRow.token_id, f.token_id),
+            (LogRow.channel_id, f.channel_id),
+            (LogRow.model, f.model),
+            (LogRow.status, f.status),
         ):
             if value is not None:
                 query = query.where(column == value)
-        if since is not None:
-            query = query.where(LogRow.time >= since)
-        if until is not None:
-            query = query.where(LogRow.time < until)
-        query = query.order_by(LogRow.id.desc()).limit(limit).offset(offset)
+        if f.since is not None:
+            query = query.where(LogRow.time >= f.since)
+        if f.until is not None:
+            query = query.where(LogRow.time < f.until)
+        query = query.order_by(LogRow.id.desc()).limit(f.limit).offset(f.offset)
         with self._session() as s:
             return [LogOut.model_validate(r) for r in s.scalars(query)]
 

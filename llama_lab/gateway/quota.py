@@ -1,0 +1,131 @@
+"""What a request may cost at most, and holding that much of a token's quota until it settles.
+
+The gateway has no tokenizer, so the prompt is bounded from its bytes: a byte-level BPE tokenizer
+(Llama 3, SmolLM2, Qwen, GPT) emits at least one byte of text per token, and a SentencePiece
+tokenizer with byte fallback at most one token per byte (plus a word-start marker per segment,
+covered by the JSON overhead below). So the UTF-8 bytes of the JSON-encoded messages bound the
+tokens of their text; the JSON quotes and keys (about 25 bytes a message) cover the tokens a chat
+template adds around each message, and ``TEMPLATE_OVERHEAD_TOKENS`` covers the template's fixed parts
+(a default system prompt, the assistant header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import Any
+
+from llama_lab.gateway.store import Store
+from llama_lab.web.errors import APIError
+
+log = logging.getLogger(__name__)
+
+# A chat template's fixed tokens: SmolLM2's default system prompt and headers are about 30,
+# Llama 3.1's date preamble about as many; 64 leaves room.
+TEMPLATE_OVERHEAD_TOKENS = 64
+
+_PROMPT_FIELDS = ("messages", "prompt", "suffix", "tools", "functions", "tool_choice", "response_format")
+
+
+def prompt_upper_bound(body: dict[str, Any]) -> int:
+    """Tokens the prompt cannot exceed: UTF-8 bytes of what a template can render, plus its fixed parts."""
+    size = 0
+    for field in _PROMPT_FIELDS:
+        value = body.get(field)
+        if value is not None:
+            size += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    return size + TEMPLATE_OVERHEAD_TOKENS
+
+
+def _count(body: dict[str, Any], field: str) -> int | None:
+    """An integer request field as a backend would read it (``8``, ``8.0``, ``"8"``), or None when absent."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        value = None
+    elif isinstance(value, float) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int):
+        raise APIError(400, f"invalid value for '{field}': expected an integer, got {body.get(field)!r}",
+                       param=field, code="invalid_value")
+    return value
+
+
+def completion_cap(body: dict[str, Any]) -> int | None:
+    """The completion tokens the client asked for (``max_completion_tokens`` wins), or None if it gave none."""
+    cap = _count(body, "max_completion_tokens")
+    return cap if cap is not None else _count(body, "max_tokens")
+
+
+def choices(body: dict[str, Any]) -> int:
+    """How many completions the backend generates: ``n`` (or ``best_of``) per prompt."""
+    per_prompt = max(_count(body, "n") or 1, _count(body, "best_of") or 1, 1)
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return per_prompt * prompts
+
+
+def worst_case(body: dict[str, Any], max_tokens: int) -> int:
+    """The most a request can be charged: its prompt bound plus ``max_tokens`` for every choice."""
+    return prompt_upper_bound(body) + max(max_tokens, 0) * choices(body)
+
+
+def estimate_prompt_tokens(body: dict[str, Any]) -> int:
+    """A realistic count (4 characters a token) for streams cut before the backend sent its usage."""
+    chars = 0
+    for message in body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    messages = body.get("messages")
+    return math.ceil(chars / 4) + 4 * (len(messages) if isinstance(messages, list) else 0)
+
+
+class Reservations:
+    """This process's reservations: taken before a request is forwarded, released when it settles.
+
+    While a request runs, its reservation is renewed every ``ttl / 3`` seconds; one whose gateway
+    died stops being renewed and any gateway sharing the database releases it ``ttl`` seconds later.
+    """
+
+    def __init__(self, store: Store, ttl: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.live: set[int] = set()
+
+    async def take(self, token_id: int, amount: int) -> int | None:
+        rid = await self.store.run(self.store.reserve, token_id, amount, self.ttl)
+        if rid is not None:
+            self.live.add(rid)
+        return rid
+
+    async def settle(self, entry: dict[str, Any], rid: int | None) -> None:
+        """Charge the real usage, release the reservation and log the request (one transaction)."""
+        try:
+            await self.store.run(self.store.settle, entry, rid)
+        finally:
+            self.live.discard(rid)  # type: ignore[arg-type]
+
+    async def tick(self) -> None:
+        await self.store.run(self.store.renew, sorted(self.live), self.ttl)
+        released = await self.store.run(self.store.expire_reservations)
+        if released:
+            log.warning("released %d expired quota reservation(s) left by a gateway that stopped", released)
+
+    async def keep_alive_forever(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # renewal must outlive a DB hiccup
+                log.exception("could not renew quota reservations")
+            await asyncio.sleep(self.ttl / 3)
