@@ -162,6 +162,10 @@ def default_compile() -> bool:
 class Engine:
     """Owns one loaded model and runs all generation for it on a single background thread.
 
+    All model work happens on that thread. Other torch work in the process should go through
+    ``call(fn)`` too: a second thread running torch on the CPU gets its own OpenMP team, and on a
+    machine with few cores two teams slow each other (the decode step ~2-3x, measured on 2 cores).
+
     ``compile`` (default: on, unless ``LLAMA_LAB_COMPILE=0``) compiles the decode step at
     construction; the constructor returns when it is ready, so warm-up happens at load and never
     inside the first request. ``compile=False`` starts at once and decodes eagerly.
@@ -183,8 +187,9 @@ class Engine:
         self._ids = itertools.count(1)
         self._closed = False
         self._vocab_limit = len(loaded.tokenizer)
-        self.runner = make_runner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens)
+        self.runner: Any = None
         self.warmup_seconds: float | None = None
+        self._threads = torch.get_num_threads()  # the caller's setting; OpenMP's is per thread
         self._thread = threading.Thread(target=self._loop, name=f"llama-lab-engine-{loaded.name}", daemon=True)
         self._thread.start()
         # An engine left open at interpreter exit would be torn down mid-wait by torch's thread
@@ -192,7 +197,9 @@ class Engine:
         ref = weakref.ref(self)
         self._atexit = lambda: (engine := ref()) is not None and engine.close(timeout=2)
         atexit.register(self._atexit)
-        try:  # on the engine thread: torch keeps one OpenMP team per thread, and the model has one user
+        try:  # on the engine thread: it is the model's only user (fusing weights and compiling included)
+            self.runner = self.call(lambda: make_runner(loaded, max_batch_size=max_batch_size, compile=compile,
+                                                        kv_cache_tokens=kv_cache_tokens)).result()
             self.warmup_seconds = self.call(self.runner.warm_up).result()
         except BaseException:
             self.close()
@@ -271,7 +278,7 @@ class Engine:
             self._cond.notify()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        close = getattr(self.runner, "close", None)
+        close = getattr(self.runner, "close", None) if self.runner is not None else None
         if close is not None:
             close()
         atexit.unregister(self._atexit)
@@ -283,12 +290,13 @@ class Engine:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Engine({self.loaded.name!r}, {self.runner.mode}, running={self.stats.running}, "
+        return (f"Engine({self.loaded.name!r}, {getattr(self.runner, 'mode', 'starting')}, running={self.stats.running}, "
                 f"waiting={self.stats.waiting}, steps={self.stats.steps}, max_batch_size={self.max_batch_size})")
 
     # ------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._threads)
         prefilling: list[_Seq] = []
         running: list[_Seq] = []
         try:

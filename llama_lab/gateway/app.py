@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+import pathlib
 from datetime import datetime, timezone
 from typing import Annotated, Any, Callable, Optional
 
@@ -432,6 +432,6 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
 
     app.include_router(openai_routes())
     app.include_router(admin_routes())
-    add_page(app, "/admin", Path(__file__).parent / "static", index="admin.html")  # the admin console
+    add_page(app, "/admin", pathlib.Path(__file__).parent / "static", index="admin.html")  # the admin console
     add_redirect(app, "/", "/admin")
     return app
