@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("LLAMA_LAB_COMPILE", "0")
 
+import queue  # noqa: E402
 import subprocess  # noqa: E402
 import sys
 import time
@@ -70,6 +71,20 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def cancel_after_tokens(engine, prompt_ids, params, tokens: int = 5, timeout: float = 60.0):
+    """Stream a request, cancel it after ``tokens`` token deltas; return (final delta, handle)."""
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    handle = engine.submit(prompt_ids, params, events.put)
+    seen = 0
+    while seen < tokens:
+        if events.get(timeout=timeout).token_ids:
+            seen += 1
+    handle.cancel()
+    while (delta := events.get(timeout=timeout)).finish_reason is None:
+        pass
+    return delta, handle
 
 
 def wait_idle(engine, timeout: float = 15.0) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import cancel_after_tokens
 
 from llama_lab.engine import Engine, EngineOverloaded, SamplingParams
 
@@ -70,20 +71,11 @@ def test_seeded_sampling_is_per_request(tiny_engine, tiny_model):
 
 
 def test_cancel_stops_within_one_step(tiny_engine, tiny_model):
-    events: queue.SimpleQueue = queue.SimpleQueue()
     other = threading.Thread(target=tiny_engine.generate,
                              args=(_prompt(tiny_model, "other"), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)))
     other.start()
-    handle = tiny_engine.submit(_prompt(tiny_model), SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), events.put)
-    seen = 0
-    while seen < 5:
-        if events.get(timeout=30).token_ids:
-            seen += 1
-    handle.cancel()
-    while True:
-        delta = events.get(timeout=30)
-        if delta.finish_reason:
-            break
+    delta, handle = cancel_after_tokens(tiny_engine, _prompt(tiny_model),
+                                        SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True))
     assert delta.finish_reason == "cancelled"
     assert handle.steps_after_cancel <= 1, f"ran {handle.steps_after_cancel} steps after cancel"
     other.join(timeout=60)

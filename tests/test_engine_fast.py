@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import cancel_after_tokens
 
 from llama_lab import load_model
 from llama_lab.engine import Engine, SamplingParams, sampling
@@ -38,8 +39,8 @@ def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_di
         pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
     torch.manual_seed(0)
     heads, block, blocks = kv_heads * groups, 16, 64
-    kc = torch.randn(blocks, kv_heads, block, head_dim, dtype=dtype)
-    vc = torch.randn(blocks, kv_heads, block, head_dim, dtype=dtype)
+    kc = torch.randn(kv_heads, blocks, block, head_dim, dtype=dtype)
+    vc = torch.randn(kv_heads, blocks, block, head_dim, dtype=dtype)
     tables = torch.randperm(blocks)[:64].view(2, 32).to(torch.int32)
     scale = head_dim ** -0.5
     # decode: one token per sequence, at very different positions (one spans several key chunks)
@@ -103,7 +104,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny32):
     with Engine(tiny32, compile=False) as eager:
         want = [eager.generate(ids, p).token_ids for p in (greedy, seeded)]
     with Engine(tiny32, compile=True, max_batch_size=4) as compiled:
-        assert compiled.describe()["decode"] == "compiled", compiled.describe()
+        assert compiled.describe()["decode"].startswith("compiled"), compiled.describe()
         got = [compiled.generate(ids, p).token_ids for p in (greedy, seeded)]
         # a batch of three different requests uses the same graph (no recompile per batch size)
         outs: list = [None] * 3
@@ -119,16 +120,8 @@ def test_compiled_decode_gives_the_eager_tokens(tiny32):
 
 def test_cancel_lands_within_one_step_on_the_compiled_path(tiny32):
     with Engine(tiny32, compile=True) as engine:
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        handle = engine.submit(_prompt(tiny32), SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True),
-                               events.put)
-        seen = 0
-        while seen < 5:
-            if events.get(timeout=60).token_ids:
-                seen += 1
-        handle.cancel()
-        while (delta := events.get(timeout=60)).finish_reason is None:
-            pass
+        delta, handle = cancel_after_tokens(engine, _prompt(tiny32),
+                                            SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True))
         assert delta.finish_reason == "cancelled"
         assert handle.steps_after_cancel <= 1
 
@@ -242,7 +235,7 @@ def test_compiled_server_on_the_embedded_model(cli_server, default_model):
     engine, and stops within one step when a streaming client leaves."""
     proc, url = cli_server("--model", "default", "--compile", timeout=900)
     engine = httpx.get(url + "/health").json()["engine"]
-    assert engine["decode"] == "compiled" and engine["warmup_seconds"] is not None, engine
+    assert engine["decode"].startswith("compiled") and engine["warmup_seconds"] is not None, engine
     body = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 40,
             "temperature": 0}
     answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()

@@ -6,13 +6,13 @@ Random-weight presets keep them offline (their tokenizer ships with the package)
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
 import httpx
 import pytest
 import torch
+from conftest import cancel_after_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")]
 
@@ -119,14 +119,7 @@ def test_server_on_cuda_answers_the_openai_sdk_with_its_default_temperature(cuda
 def test_stop_button_on_cuda_costs_at_most_one_decode_step(cuda_engine, cuda_model):
     from llama_lab.engine import SamplingParams
 
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    handle = cuda_engine.submit(_prompt(cuda_model), SamplingParams(max_tokens=100_000, temperature=0.7, ignore_eos=True),
-                                events.put)
-    seen = 0
-    while seen < 10:
-        if events.get(timeout=120).token_ids:
-            seen += 1
-    handle.cancel()
-    while (delta := events.get(timeout=60)).finish_reason is None:
-        pass
+    delta, handle = cancel_after_tokens(cuda_engine, _prompt(cuda_model),
+                                        SamplingParams(max_tokens=100_000, temperature=0.7, ignore_eos=True), tokens=10,
+                                        timeout=120)
     assert delta.finish_reason == "cancelled" and handle.steps_after_cancel <= 1

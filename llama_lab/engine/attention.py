@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the CPU kernel where it builds, a torch reference everywhere else.
 
 Both take the same arguments: ``q [N, H, D]``, one layer's ``k_cache`` / ``v_cache``
-``[num_blocks, KV, block_size, D]``, ``block_tables [S, max_blocks]`` (int32), and per query
+``[KV, num_blocks, block_size, D]`` (head-major), ``block_tables [S, max_blocks]`` (int32), and per query
 token its ``rows`` (its sequence's row in the tables) and ``positions``; token ``t`` attends to
 keys ``0..positions[t]`` of its sequence. That one rule covers decoding and chunked prefill.
 
@@ -40,11 +40,11 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     (``segments``) and once per step for decoding, where every token is its own sequence.
     """
     n, heads, d = q.shape
-    _, kv_heads, bs, _ = k_cache.shape
+    kv_heads, _, bs, _ = k_cache.shape
     blocks = block_tables[rows].long()  # [N, MB]
     span = blocks.shape[1] * bs
-    k = k_cache[blocks].permute(0, 2, 1, 3, 4).reshape(n, kv_heads, span, d)
-    v = v_cache[blocks].permute(0, 2, 1, 3, 4).reshape(n, kv_heads, span, d)
+    k = k_cache[:, blocks].transpose(0, 1).reshape(n, kv_heads, span, d)  # [KV, N, MB, BS, D] -> [N, KV, span, D]
+    v = v_cache[:, blocks].transpose(0, 1).reshape(n, kv_heads, span, d)
     keep = torch.arange(span, device=q.device)[None, :] <= positions[:, None]  # [N, span]
     out = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=keep[:, None, None, :], scale=scale,
                                          enable_gqa=heads != kv_heads)
@@ -55,12 +55,12 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       first_position: int, scale: float) -> torch.Tensor:
     """One sequence's chunk of ``T`` consecutive tokens starting at ``first_position`` (reference path)."""
     t, heads, d = q.shape
-    _, kv_heads, bs, _ = k_cache.shape
+    kv_heads, _, bs, _ = k_cache.shape
     length = first_position + t
     nb = (length + bs - 1) // bs
     blocks = table_row[:nb].long()
-    k = k_cache[blocks].permute(1, 0, 2, 3).reshape(kv_heads, nb * bs, d)[:, :length]
-    v = v_cache[blocks].permute(1, 0, 2, 3).reshape(kv_heads, nb * bs, d)[:, :length]
+    k = k_cache[:, blocks].reshape(kv_heads, nb * bs, d)[:, :length]
+    v = v_cache[:, blocks].reshape(kv_heads, nb * bs, d)[:, :length]
     qpos = torch.arange(first_position, length, device=q.device)
     keep = torch.arange(length, device=q.device)[None, :] <= qpos[:, None]  # [T, L]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=keep, scale=scale,

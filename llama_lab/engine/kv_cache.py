@@ -1,7 +1,8 @@
 """The KV cache: fixed-size blocks allocated once per engine, handed to requests for their lifetime.
 
-Each layer's keys and values live in one tensor ``[num_blocks, kv_heads, block_size, head_dim]``
-(vLLM's paged layout): nothing grows by concatenation, a finished request's blocks go straight to
+Each layer's keys and values live in one tensor ``[kv_heads, num_blocks, block_size, head_dim]``
+(vLLM's paged blocks, head-major so one head's consecutive blocks are one contiguous stream): nothing
+grows by concatenation, a finished request's blocks go straight to
 the next one, and a token's attention reads only its own sequence's blocks. A request reserves
 the blocks for its prompt plus its ``max_tokens`` when it is admitted, so a running request never
 waits for memory. Block 0 is scratch: padding rows of a step write there.
@@ -49,7 +50,7 @@ class PagedKVCache:
             raise ValueError("the KV cache needs at least two blocks (one is scratch)")
         self.shape, self.num_blocks, self.device = shape, num_blocks, device
         make = torch.zeros if zero else torch.empty
-        size = (num_blocks, shape.kv_heads, shape.block_size, shape.head_dim)
+        size = (shape.kv_heads, num_blocks, shape.block_size, shape.head_dim)
         self.k = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
         self.v = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
         # LIFO: a released block is the next one handed out, so reused pages are already resident.

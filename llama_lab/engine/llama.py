@@ -188,8 +188,8 @@ class FastLlama(nn.Module):
         h = self._rms(x, layer.ln1)
         q, k, v = self._qkv(layer, h)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        k_cache[step.blocks, :, step.offsets] = k
-        v_cache[step.blocks, :, step.offsets] = v
+        k_cache[:, step.blocks, step.offsets] = k.transpose(0, 1)  # cache: [KV, blocks, block_size, D]
+        v_cache[:, step.blocks, step.offsets] = v.transpose(0, 1)
         att = attend(q, k_cache, v_cache)
         x = x + layer.o(att.reshape(x.shape[0], self.num_heads * self.head_dim))
         return x + self._mlp(layer, self._rms(x, layer.ln2))

@@ -5,10 +5,14 @@
 // gathered into one tensor first; decoding at long context is then dominated by attention. This
 // kernel streams each sequence's blocks once per kv head, shares every key row between the query
 // heads of its group (GQA), splits long contexts into chunks so both cores work on one sequence, and
-// merges the chunks with the usual log-sum-exp rescaling (flash-decoding).
+// merges the chunks with the usual log-sum-exp rescaling (flash-decoding). With the head-major layout the
+// hardware prefetcher streams a head's blocks at ~25-28 GB/s on 2 cores; software prefetching (needed with
+// block-major blocks) only got in its way (measured: 3.2-3.7 ms vs 4.8-5.8 ms for 30 layers at 4,000 tokens).
 //
-// Layout: q [N, H, D]; k_cache, v_cache [num_blocks, KV, block_size, D]; block_tables [S, max_blocks]
-// int32; rows [N] int64 (row of block_tables for each token); positions [N] int64.
+// Layout: q [N, H, D]; k_cache, v_cache [KV, num_blocks, block_size, D] (head-major: one head's blocks
+// are contiguous, so a sequence with consecutive blocks is one long stream per head: 25% faster at a
+// 4,000-token context than block-major, measured); block_tables [S, max_blocks] int32; rows [N] int64
+// (row of block_tables for each token); positions [N] int64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,7 +42,7 @@ inline float to_f32(T v) { return static_cast<float>(v); }
 // ----------------------------------------------------------------------------------------------
 // Generic path: any dtype, any x86/ARM CPU (the compiler vectorizes the inner loops over D).
 template <typename T>
-void attend_generic(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t bs, int64_t kv_heads,
+void attend_generic(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t bs, int64_t num_blocks,
                     int64_t groups, int64_t d, int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
   std::vector<float> qf(groups * d), acc(groups * d, 0.f), s(groups * kBlockKeys), m(groups, -INFINITY),
       l(groups, 0.f);
@@ -47,8 +51,8 @@ void attend_generic(const T* q, const T* kc, const T* vc, const int32_t* table, 
   for (int64_t j0 = k0; j0 < k1;) {
     const int64_t blk = table[j0 / bs], off = j0 % bs;
     const int64_t n = std::min<int64_t>({(int64_t)kBlockKeys, k1 - j0, bs - off});
-    const T* kb = kc + ((blk * kv_heads + h) * bs + off) * d;
-    const T* vb = vc + ((blk * kv_heads + h) * bs + off) * d;
+    const T* kb = kc + ((h * num_blocks + blk) * bs + off) * d;
+    const T* vb = vc + ((h * num_blocks + blk) * bs + off) * d;
     for (int64_t j = 0; j < n; ++j)
       for (int64_t g = 0; g < groups; ++g) {
         float dot = 0.f;
@@ -108,11 +112,9 @@ inline __m512 bf16x16_to_f32(const uint16_t* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-constexpr int kPrefetch = 16;  // rows ahead: the blocks of one head are 8-32 KB runs, past the page prefetcher
-
 template <int D, int G>
 void attend_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, const int32_t* table, int64_t bs,
-                 int64_t kv_heads, int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
+                 int64_t num_blocks, int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
   static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
   constexpr int NV = D / 16;
   __m512i qv[G][D / 32];
@@ -129,12 +131,10 @@ void attend_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
   for (int64_t j0 = k0; j0 < k1;) {
     const int64_t blk = table[j0 / bs], off = j0 % bs;
     const int64_t n = std::min<int64_t>({(int64_t)kBlockKeys, k1 - j0, bs - off});
-    const uint16_t* kb = kc + ((blk * kv_heads + h) * bs + off) * D;
-    const uint16_t* vb = vc + ((blk * kv_heads + h) * bs + off) * D;
+    const uint16_t* kb = kc + ((h * num_blocks + blk) * bs + off) * D;
+    const uint16_t* vb = vc + ((h * num_blocks + blk) * bs + off) * D;
     for (int64_t j = 0; j < n; ++j) {
       const uint16_t* krow = kb + j * D;
-      _mm_prefetch(reinterpret_cast<const char*>(krow + kPrefetch * D), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(vb + j * D), _MM_HINT_T1);
       __m512 dot[G];
       for (int g = 0; g < G; ++g) dot[g] = _mm512_setzero_ps();
       for (int c = 0; c < D / 32; ++c) {
@@ -164,7 +164,6 @@ void attend_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, cons
     }
     for (int64_t j = 0; j < n; ++j) {
       const uint16_t* vrow = vb + j * D;
-      _mm_prefetch(reinterpret_cast<const char*>(vrow + kPrefetch * D), _MM_HINT_T0);
       for (int c = 0; c < NV; ++c) {
         const __m512 v = bf16x16_to_f32(vrow + c * 16);
         for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), v, acc[g][c]);
@@ -205,7 +204,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const at::Tensor qc = q.contiguous(), kc = k_cache.contiguous(), vc = v_cache.contiguous();
   const at::Tensor tables = block_tables.contiguous(), rows_c = rows.contiguous(), pos_c = positions.contiguous();
   const int64_t n_tok = qc.size(0), heads = qc.size(1), d = qc.size(2);
-  const int64_t kv_heads = kc.size(1), bs = kc.size(2), max_blocks = tables.size(1);
+  const int64_t kv_heads = kc.size(0), num_blocks = kc.size(1), bs = kc.size(2), max_blocks = tables.size(1);
   TORCH_CHECK(kc.size(3) == d && heads % kv_heads == 0, "paged_attention: head_dim or head counts do not match");
   const int64_t groups = heads / kv_heads;
   auto out = at::empty_like(qc);
@@ -243,7 +242,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
       const auto* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr());
       const auto* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr());
       run_items([&](int64_t t, int64_t h, int64_t k0, int64_t k1, float* dst) {
-        kernel(qp + t * heads * d, kp, vp, table_p + rows_p[t] * max_blocks, bs, kv_heads, h, k0, k1, fscale, dst);
+        kernel(qp + t * heads * d, kp, vp, table_p + rows_p[t] * max_blocks, bs, num_blocks, h, k0, k1, fscale, dst);
       });
       done = true;
     }
@@ -255,7 +254,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
       const scalar_t* kp = kc.data_ptr<scalar_t>();
       const scalar_t* vp = vc.data_ptr<scalar_t>();
       run_items([&](int64_t t, int64_t h, int64_t k0, int64_t k1, float* dst) {
-        attend_generic<scalar_t>(qp + t * heads * d, kp, vp, table_p + rows_p[t] * max_blocks, bs, kv_heads, groups,
+        attend_generic<scalar_t>(qp + t * heads * d, kp, vp, table_p + rows_p[t] * max_blocks, bs, num_blocks, groups,
                                  d, h, k0, k1, fscale, dst);
       });
     });
