@@ -14,7 +14,7 @@ Sides (each in a fresh process, same model, dtype and thread count):
   compiled  this engine, ``compile=True`` (warm-up/compile time reported)
 
 Figures: single-stream decode tokens/s after the first token at each ``--contexts`` prompt length
-(median of ``--repeats``, after a warm-up request at that length), the time to first token of a
+(median of ``--repeats`` taken round-robin over the lengths, after a warm-up request at each), the time to first token of a
 ``--ttft-tokens`` prompt, and the aggregate tokens/s of ``--batches`` concurrent requests. The
 table ends with the ratios the engine's bar is about; the last stdout line is one JSON object.
 """
@@ -115,13 +115,16 @@ def worker(args: argparse.Namespace) -> dict:
         lm.model.generate_batch(inputs=[_prompt_of(tok, 16)], progress_bar=False, warmup=True,
                                 generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1,
                                                                    pad_token_id=0))
-    contexts = {}
     for n_ctx in args.contexts:
         single(n_ctx, 4)  # warm-up at this length
-        runs = [single(n_ctx, args.tokens) for _ in range(args.repeats)]
-        rates = [r[0] for r in runs]
-        contexts[str(n_ctx)] = {"tok_s": round(statistics.median(rates), 2),
-                                "spread": [round(min(rates), 2), round(max(rates), 2)]}
+    # Round-robin over the contexts, so a slow spell of a shared machine hits every length alike
+    # and the long/short ratio stays a same-conditions comparison.
+    rates: dict[int, list[float]] = {n_ctx: [] for n_ctx in args.contexts}
+    for _ in range(args.repeats):
+        for n_ctx in args.contexts:
+            rates[n_ctx].append(single(n_ctx, args.tokens)[0])
+    contexts = {str(n_ctx): {"tok_s": round(statistics.median(r), 2), "spread": [round(min(r), 2), round(max(r), 2)]}
+                for n_ctx, r in rates.items()}
     out["contexts"] = contexts
     if args.ttft_tokens:
         out["ttft_s"] = round(single(args.ttft_tokens, 2)[1], 2)

@@ -13,7 +13,7 @@ import torch
 from conftest import cancel_after_tokens
 
 from llama_lab import load_model
-from llama_lab.engine import Engine, SamplingParams, sampling
+from llama_lab.engine import Engine, SamplingParams, cpu_linear, sampling
 from llama_lab.engine.attention import cpu_kernel, reference_attention, reference_prefill
 from llama_lab.engine.hf_runner import HFRunner
 from llama_lab.engine.paged_runner import PagedRunner, PrefillJob
@@ -59,14 +59,20 @@ def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_di
 
 # ---------------------------------------------------------------- the model over the paged cache
 
+@pytest.mark.parametrize("packed", [True, False], ids=["onednn-packed", "torch-linear"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-reference"])
-def test_paged_forward_matches_transformers(tiny32, kernel, monkeypatch):
+def test_paged_forward_matches_transformers(tiny32, kernel, packed, monkeypatch):
     """Chunked, batched prefill over the paged cache gives the model's own logits."""
     if not kernel:
         monkeypatch.setenv("LLAMA_LAB_CPU_KERNEL", "0")
         monkeypatch.setattr("llama_lab.engine.attention._STATE", {})
+    monkeypatch.setenv("LLAMA_LAB_CPU_PACK", "1" if packed else "0")
     runner = PagedRunner(tiny32, max_batch_size=4, compile=False, kv_cache_tokens=4096, block_size=16)
     assert runner.attention == ("cpu-kernel" if kernel and cpu_kernel() else "torch-reference")
+    if packed and cpu_linear.available() is None:  # every linear (7 per layer, fused to 4, and the head)
+        assert runner.eager_linears == f"onednn-packed ({4 * len(runner.model.layers) + 1} weights)"
+    elif not packed:
+        assert runner.eager_linears == "torch"
     a = _prompt(tiny32, "first prompt, a little longer than the other one")
     b = _prompt(tiny32, "second")
     sa, sb = runner.reserve(len(a) + 8), runner.reserve(len(b) + 8)
@@ -103,13 +109,14 @@ def test_compiled_decode_gives_the_eager_tokens(tiny32):
     seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     with Engine(tiny32, compile=False) as eager:
         want = [eager.generate(ids, p).token_ids for p in (greedy, seeded)]
-    with Engine(tiny32, compile=True, max_batch_size=4) as compiled:
+    with Engine(tiny32, compile=True, max_batch_size=8) as compiled:
         assert compiled.describe()["decode"].startswith("compiled"), compiled.describe()
         got = [compiled.generate(ids, p).token_ids for p in (greedy, seeded)]
-        # a batch of three different requests uses the same graph (no recompile per batch size)
-        outs: list = [None] * 3
+        # batches of up to four rows use the same graph (no recompile per batch size); bigger ones
+        # decode eagerly on the CPU, with the same tokens
+        outs: list = [None] * 6
         threads = [threading.Thread(target=lambda i=i: outs.__setitem__(i, compiled.generate(ids, seeded)))
-                   for i in range(3)]
+                   for i in range(6)]
         for t in threads:
             t.start()
         for t in threads:

@@ -265,6 +265,7 @@ class Engine:
         cache = getattr(runner, "cache", None)
         return {
             "runner": type(runner).__name__, "decode": runner.mode, "attention": runner.attention,
+            "eager_linears": getattr(runner, "eager_linears", "torch"),
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 2),
             "compile_error": runner.compile_error,
             "kv_cache_tokens": cache.capacity_tokens if cache is not None else None,

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from llama_lab.engine import cpu_linear
 from llama_lab.engine.attention import AttentionFn, reference_attention, reference_prefill
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ class FastLlama(nn.Module):
         self.norm = decoder.norm.weight
         self.lm_head = hf_model.lm_head
         self.quantized = False
+        # oneDNN-packed copies of the linears' weights, for eager steps on a CPU (see cpu_linear.py);
+        # empty unless ``pack_cpu_linears`` filled it. The compiled step never uses them.
+        self.packed: dict[nn.Module, torch.Tensor] = {}
         self.layers = nn.ModuleList()
         for hf_layer in decoder.layers:
             attn, mlp = hf_layer.self_attn, hf_layer.mlp
@@ -152,7 +156,21 @@ class FastLlama(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
+    def pack_cpu_linears(self) -> int:
+        """Pack the plain linears' weights for oneDNN (eager CPU steps); returns how many were packed."""
+        modules = [self.lm_head] + [m for layer in self.layers
+                                    for m in ((layer.qkv, layer.gate_up) if layer.fused else ()) + (layer.o, layer.down)]
+        self.packed = cpu_linear.pack(modules)
+        return len(self.packed)
+
     # ---------------------------------------------------------------- the math
+
+    def _lin(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and self.packed:
+            packed = self.packed.get(module)
+            if packed is not None:
+                return cpu_linear.linear(x, packed, module.bias)
+        return module(x)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Hugging Face's LlamaRMSNorm, step for step, so eager and fast paths round alike.
@@ -163,7 +181,7 @@ class FastLlama(nn.Module):
     def _qkv(self, layer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = h.shape[0]
         if layer.fused:
-            q, k, v = layer.qkv(h).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+            q, k, v = self._lin(layer.qkv, h).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                                           self.num_kv_heads * self.head_dim], dim=-1)
         else:
             q, k, v = layer.q(h), layer.k(h), layer.v(h)
@@ -172,10 +190,10 @@ class FastLlama(nn.Module):
 
     def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if layer.fused:
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            gate, up = self._lin(layer.gate_up, h).chunk(2, dim=-1)
         else:
             gate, up = layer.gate(h), layer.up(h)
-        return layer.down(self.act(gate) * up)
+        return self._lin(layer.down, self.act(gate) * up)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -191,11 +209,11 @@ class FastLlama(nn.Module):
         k_cache[:, step.blocks, step.offsets] = k.transpose(0, 1)  # cache: [KV, blocks, block_size, D]
         v_cache[:, step.blocks, step.offsets] = v.transpose(0, 1)
         att = attend(q, k_cache, v_cache)
-        x = x + layer.o(att.reshape(x.shape[0], self.num_heads * self.head_dim))
+        x = x + self._lin(layer.o, att.reshape(x.shape[0], self.num_heads * self.head_dim))
         return x + self._mlp(layer, self._rms(x, layer.ln2))
 
     def _logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self._rms(x[rows], self.norm)).float()
+        return self._lin(self.lm_head, self._rms(x[rows], self.norm)).float()
 
     # ---------------------------------------------------------------- entry points
 

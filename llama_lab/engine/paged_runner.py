@@ -1,7 +1,7 @@
 """Runs ``FastLlama`` over the paged KV cache: eager prompt chunks, compiled decode steps.
 
 The decode step is ``torch.compile``d once with a dynamic token count, so one graph serves every
-batch size: on the CPU with inductor's weight freezing and its C++ GEMM templates (the weights are
+batch size (on the CPU up to ``CPU_COMPILED_MAX_ROWS`` rows; bigger batches decode eagerly): on the CPU with inductor's weight freezing and its C++ GEMM templates (the weights are
 pre-packed once; a one-token matrix-vector product streams them near the memory bandwidth), and on
 other devices with inductor's default. A batch of one is padded with a scratch row to two tokens
 (torch.compile treats sizes 0 and 1 as constants, which would mean a second graph and a second copy
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64
 # Inductor's C++ GEMM template for bf16 on CPUs without AMX converts the weights to fp32 in registers:
 # unbeatable for one to four rows (bandwidth-bound), compute-bound beyond. Measured on this CPU with
-# SmolLM2: 11 ms per step for 1-4 rows compiled, 43 ms for 8 and 82 for 16, against 35, 37 and 45 ms
-# eager (oneDNN). So bigger CPU batches decode eagerly; no second graph (and no second packed copy).
+# SmolLM2: 11 ms per step for 1-4 rows compiled, 43 ms for 8 and 82 for 16; eager (oneDNN) 35, 37 and
+# 45 ms for 4, 8 and 16. So bigger CPU batches decode eagerly; no second graph (and no second packed copy).
 CPU_COMPILED_MAX_ROWS = 4
 
 
@@ -96,6 +96,10 @@ class PagedRunner:
         self.model = FastLlama(loaded.model, kernel)
         self.attention = "cpu-kernel" if kernel is not None else "torch-reference"
         m = self.model
+        packed = 0
+        if self.device.type == "cpu" and os.environ.get("LLAMA_LAB_CPU_PACK", "1") != "0":
+            packed = m.pack_cpu_linears()
+        self.eager_linears = f"onednn-packed ({packed} weights)" if packed else "torch"
         shape = CacheShape(layers=len(m.layers), kv_heads=m.num_kv_heads, head_dim=m.head_dim, block_size=block_size,
                            dtype=m.embed.dtype)
         blocks = plan_blocks(shape, self.device, requested_tokens=kv_cache_tokens, max_batch_size=max_batch_size,
