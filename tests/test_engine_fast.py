@@ -3,6 +3,7 @@ step, KV-cache admission, and the transformers fallback for other architectures.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -266,3 +267,21 @@ def test_compiled_server_on_the_embedded_model(cli_server, default_model):
 def _steps(url: str) -> float:
     text = httpx.get(url + "/metrics").text
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("llama_lab_engine_steps ")))
+
+
+@pytest.mark.parametrize("start", ["unset", "torch-default", "user"])
+def test_inductor_cache_dir_is_ours_unless_the_user_chose_one(start, monkeypatch, tmp_path):
+    """Torch writes its /tmp default into the env the first time anything asks for the cache dir;
+    that must not stop the kernels from being cached beside the models, but a user's choice wins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from llama_lab.engine.paged_runner import _use_persistent_compile_cache
+
+    monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path / "cache"))
+    if start == "unset":
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir() if start == "torch-default" else str(tmp_path / "mine"))
+    _use_persistent_compile_cache()
+    want = tmp_path / ("mine" if start == "user" else "cache/inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want)

@@ -76,8 +76,18 @@ def _apply_compile_options(options: dict[str, Any]) -> None:
 
 
 def _use_persistent_compile_cache() -> None:
-    """Keep inductor's compiled graphs beside the converted models, so a restart reuses them."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Keep inductor's generated C++ kernels beside the converted models rather than in /tmp.
+
+    The compiled graph itself is not cached: it holds oneDNN-packed weights, which inductor cannot
+    pickle (its log: "Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'"), so every start
+    compiles; the kernels it builds on the way are reused (measured: 80 s cold, 66 s warm for SmolLM2).
+    Torch writes its own default into ``TORCHINDUCTOR_CACHE_DIR`` the first time anything asks for
+    the cache dir, so that value counts as unset; a value the user chose is kept.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         from llama_lab.model.loading import cache_root
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
@@ -226,8 +236,8 @@ class PagedRunner:
         started = time.perf_counter()
         if self.compiled is not None:
             _apply_compile_options(compile_options(self.device))
-            logger.info("compiling the decode step (the first start on a machine takes a minute or more; later "
-                        "starts reuse the cache in %s; --no-compile skips it)", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            logger.info("compiling the decode step (about a minute for a small model on 2 cores, at every start; "
+                        "kernels cached in %s; --no-compile skips it)", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         scratch = [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
         try:
             for _ in range(2):

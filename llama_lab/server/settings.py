@@ -52,8 +52,8 @@ class ServerSettings(BaseSettings):
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="largest request body accepted, in bytes (2 MiB holds a 128k-token prompt); larger ones get 413 before they are read or tokenized")
     tokens_per_usd: int = Field(500_000, gt=0, description="NextChat's usage panel shows dollars: this many tokens = 1 USD (One API's unit, as the gateway's)")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (running streams advance between steps)")
-    compile: bool = Field(True, description="compile the decode step at start-up (torch.compile; the first start on a "
-                                            "machine takes a few minutes, later starts reuse the cache); --no-compile starts at once and decodes eagerly")
+    compile: bool = Field(True, description="compile the decode step at start-up (torch.compile; about a minute for the "
+                                            "embedded model on 2 cores, at every start); --no-compile starts at once and decodes eagerly")
     kv_cache_tokens: int = Field(0, ge=0, description="KV cache size in tokens (0: every batch slot can use the whole context, "
                                                       "capped by memory)")
     log_level: str = Field("info", description="debug, info, warning or error")
