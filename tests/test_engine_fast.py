@@ -285,3 +285,15 @@ def test_inductor_cache_dir_is_ours_unless_the_user_chose_one(start, monkeypatch
     _use_persistent_compile_cache()
     want = tmp_path / ("mine" if start == "user" else "cache/inductor")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want)
+
+
+def test_no_compile_when_the_packed_copy_would_not_fit(tiny32, monkeypatch):
+    """A model too big for a second (packed) copy in free memory decodes eagerly and says why."""
+    import psutil
+
+    real = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: real._replace(available=1024))
+    runner = PagedRunner(tiny32, max_batch_size=2, compile=True, kv_cache_tokens=2048)
+    assert runner.compiled is None and runner.mode == "eager"
+    assert "free memory" in runner.compile_error
+    assert runner.eager_linears == "torch"  # the oneDNN copy has the same guard

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from llama_lab.engine.attention import cpu_kernel
 from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, plan_blocks
@@ -93,6 +94,30 @@ def _use_persistent_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
+def _no_room_to_compile(model: nn.Module, device: torch.device) -> str | None:
+    """Why the decode step must not be compiled for lack of memory, or None.
+
+    On a CPU, inductor's freezing keeps a packed copy of every weight beside the model's own, so an
+    8B model in bf16 (16 GB) would need 32 GB; refuse when the copy would take over half of the
+    memory that is free now, rather than let the start-up be killed.
+    """
+    if device.type != "cpu":
+        return None
+    import psutil
+
+    seen: set[int] = set()
+    need = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            need += p.numel() * p.element_size()
+    free = psutil.virtual_memory().available
+    if need > 0.5 * free:
+        return (f"the compiled step's packed copy of the weights ({need / 2**30:.1f} GiB) would take over half "
+                f"of the free memory ({free / 2**30:.1f} GiB)")
+    return None
+
+
 class PagedRunner:
     """The model, its KV cache and the (compiled) step functions, used only from the engine thread."""
 
@@ -121,8 +146,12 @@ class PagedRunner:
         self.compiled: Any = None
         self.compile_seconds: float | None = None
         self.compile_error: str | None = None
+        no_room = _no_room_to_compile(m, self.device) if compile and not m.quantized else None
         if compile and m.quantized:
             logger.info("bitsandbytes layers run eagerly (torch.compile does not trace them)")
+        elif no_room:
+            self.compile_error = no_room
+            logger.warning("not compiling the decode step: %s; decoding eagerly (--no-compile says so quietly)", no_room)
         elif compile:
             _use_persistent_compile_cache()
             self.compiled = torch.compile(m, dynamic=False, fullgraph=True)
