@@ -1,9 +1,10 @@
 """Runs ``FastLlama`` over the paged KV cache: eager prompt chunks, compiled decode steps.
 
 The decode step is ``torch.compile``d once with a dynamic token count, so one graph serves every
-batch size (on the CPU up to ``CPU_COMPILED_MAX_ROWS`` rows; bigger batches decode eagerly): on the CPU with inductor's weight freezing and its C++ GEMM templates (the weights are
-pre-packed once; a one-token matrix-vector product streams them near the memory bandwidth), and on
-other devices with inductor's default. A batch of one is padded with a scratch row to two tokens
+batch size (on the CPU up to ``CPU_COMPILED_MAX_ROWS`` rows; bigger batches decode eagerly): on the
+CPU with inductor's weight freezing and its C++ GEMM templates (the weights are pre-packed once; a
+one-token matrix-vector product streams them near the memory bandwidth), and on other devices with
+inductor's default. A batch of one is padded with a scratch row to two tokens
 (torch.compile treats sizes 0 and 1 as constants, which would mean a second graph and a second copy
 of the packed weights). Prompts run eagerly in chunks: their big matrix products are fast without
 compilation, and the eager loop can stop between layers when a client leaves.
@@ -29,8 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 64
 # Inductor's C++ GEMM template for bf16 on CPUs without AMX converts the weights to fp32 in registers:
 # unbeatable for one to four rows (bandwidth-bound), compute-bound beyond. Measured on this CPU with
-# SmolLM2: 11 ms per step for 1-4 rows compiled, 43 ms for 8 and 82 for 16; eager (oneDNN) 35, 37 and
-# 45 ms for 4, 8 and 16. So bigger CPU batches decode eagerly; no second graph (and no second packed copy).
+# SmolLM2: 10-11 ms per step for 1-4 rows compiled, 43 ms for 8 and 82 for 16; eager with oneDNN-packed
+# weights (cpu_linear.py) 22, 23 and 28 ms for 4, 8 and 16. So bigger CPU batches decode eagerly; no second
+# graph (and no second packed copy).
 CPU_COMPILED_MAX_ROWS = 4
 
 
