@@ -66,7 +66,8 @@ def pack(modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
         for m in linears:
             packed[m] = torch.ops.mkldnn._reorder_linear_weight(m.weight, 1)
         probe = linears[0]
-        x = torch.randn(3, probe.in_features, dtype=probe.weight.dtype)
+        # a private generator: building an engine must not move the caller's global torch RNG
+        x = torch.randn(3, probe.in_features, generator=torch.Generator().manual_seed(0)).to(probe.weight.dtype)
         want, got = nn.functional.linear(x, probe.weight, probe.bias), linear(x, packed[probe], probe.bias)
         if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
             logger.warning("oneDNN's packed linear disagrees with F.linear here; not using it")
