@@ -153,7 +153,7 @@ class PagedRunner:
             logger.info("bitsandbytes layers run eagerly (torch.compile does not trace them)")
         elif no_room:
             self.compile_error = no_room
-            logger.warning("not compiling the decode step: %s; decoding eagerly (--no-compile says so quietly)", no_room)
+            logger.warning("not compiling the decode step: %s; decoding eagerly", no_room)
         elif compile:
             _use_persistent_compile_cache()
             self.compiled = torch.compile(m, dynamic=False, fullgraph=True)
