@@ -108,6 +108,16 @@ def tiny_server(tiny_engine):
         yield server
 
 
+@pytest.fixture(scope="module")
+def backend():
+    """One ``llama-lab serve --model random:tiny`` process per gateway test module."""
+    from gateway_support import start_backends
+
+    (b,) = start_backends(1)
+    yield b
+    b.stop()
+
+
 @pytest.fixture(scope="session")
 def default_server(default_model):
     """The OpenAI server on the embedded SmolLM2 (trained weights: it stops on its own)."""

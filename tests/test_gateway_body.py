@@ -9,19 +9,12 @@ import time
 import httpx
 import pytest
 
-from gateway_support import GatewayProcess, chat_body, free_port, start_backends
+from gateway_support import GatewayProcess, chat_body, free_port
 from llama_lab.gateway import Gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 MB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def backend():
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
 
 
 @pytest.fixture()

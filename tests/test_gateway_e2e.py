@@ -12,17 +12,10 @@ import httpx
 import openai
 import pytest
 
-from gateway_support import ADMIN_KEY, ROOT, Backend, chat_body, free_port, sse_data, start_backends, wait_for
+from gateway_support import ADMIN_KEY, ROOT, Backend, chat_body, free_port, sse_data, wait_for
 from llama_lab.gateway import serve_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def backend():
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
 
 
 @pytest.fixture()

@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from gateway_support import ADMIN_KEY, PG_URL, GatewayProcess, chat_body, pg_schema_url, start_backends
+from gateway_support import ADMIN_KEY, PG_URL, GatewayProcess, chat_body, pg_schema_url
 from llama_lab.gateway import Gateway
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -24,13 +24,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 EXAMPLES = {"/v1/chat/completions": 80, "/v1/completions": 50}  # the rest: DEFAULT_EXAMPLES each
 DEFAULT_EXAMPLES = 25
-
-
-@pytest.fixture(scope="module")
-def backend():
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
 
 
 def _bounded(body: object, model: str) -> object:

@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from gateway_support import ADMIN_KEY, PG_URL, chat_body, pg_schema_url, start_backends, wait_for
+from gateway_support import ADMIN_KEY, PG_URL, chat_body, pg_schema_url, wait_for
 from llama_lab.gateway import serve_gateway
 from llama_lab.gateway.schemas import TokenIn
 from llama_lab.gateway.store import Store
@@ -46,13 +46,6 @@ def test_store_settle_is_atomic_on_postgres(pg_url):
     finally:
         for s in stores:
             s.close()
-
-
-@pytest.fixture(scope="module")
-def backend():
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
 
 
 @pytest.mark.slow

@@ -25,7 +25,6 @@ from gateway_support import (
     free_port,
     pg_schema_url,
     sse_data,
-    start_backends,
     wait_for,
 )
 from llama_lab.gateway import Gateway, serve_gateway
@@ -172,13 +171,6 @@ def test_an_old_database_gets_the_reserved_column(tmp_path):
 
 
 # -- through real gateway processes ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def backend():
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
 
 
 async def _fire(urls: list[str], key: str, bodies: list[dict]) -> list[httpx.Response]:
