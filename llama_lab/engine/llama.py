@@ -157,10 +157,9 @@ class FastLlama(nn.Module):
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
     def pack_cpu_linears(self) -> int:
-        """Pack the plain linears' weights for oneDNN (eager CPU steps); returns how many were packed."""
-        modules = [self.lm_head] + [m for layer in self.layers
-                                    for m in ((layer.qkv, layer.gate_up) if layer.fused else ()) + (layer.o, layer.down)]
-        self.packed = cpu_linear.pack(modules)
+        """Pack the plain linears' weights for oneDNN (eager CPU steps); returns how many were packed.
+        ``cpu_linear.pack`` keeps only plain CPU ``nn.Linear`` modules (not bitsandbytes layers)."""
+        self.packed = cpu_linear.pack(self.modules())
         return len(self.packed)
 
     # ---------------------------------------------------------------- the math
