@@ -15,8 +15,11 @@ Sides (each in a fresh process, same model, dtype and thread count):
 
 Figures: single-stream decode tokens/s after the first token at each ``--contexts`` prompt length
 (median of ``--repeats`` taken round-robin over the lengths, after a warm-up request at each), the time to first token of a
-``--ttft-tokens`` prompt, and the aggregate tokens/s of ``--batches`` concurrent requests. The
-table ends with the ratios the engine's bar is about; the last stdout line is one JSON object.
+``--ttft-tokens`` prompt that shares no prefix with the earlier ones, the time to first token of the
+next turn of that conversation (the same prompt plus a short question: a chat client sends the whole
+history again; prefix caching computes only the new tokens), and the aggregate tokens/s of
+``--batches`` concurrent requests. The table ends with the ratios the engine's bar is about; the last
+stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ BATCH_TOPICS = ["a dragon", "a river", "a robot", "a garden", "a storm", "a libr
 
 # ---------------------------------------------------------------- the worker (one side, one process)
 
-def _prompt_of(tokenizer, n: int) -> list[int]:
-    ids = tokenizer.encode(TEXT * (n // 20 + 2))
+def _prompt_of(tokenizer, n: int, lead: str = "") -> list[int]:
+    ids = tokenizer.encode(lead + TEXT * (n // 20 + 2))
     return ids[:n]
 
 
@@ -95,9 +98,9 @@ def worker(args: argparse.Namespace) -> dict:
         assert all(len(o.generated_tokens) == n for o in done.values())
         return (wall, list(done.values())) if timestamps else wall
 
-    def single(n_ctx: int, n: int) -> tuple[float, float]:
+    def single(n_ctx: int, n: int, prompt: list[int] | None = None) -> tuple[float, float]:
         """(decode tok/s after the first token, time to first token)."""
-        prompt = _prompt_of(tok, n_ctx)
+        prompt = prompt or _prompt_of(tok, n_ctx)
         if args.worker == "hf-cb":  # per-token timestamps: the manager's start-up is not decoding
             _, (o,) = hf_batch([prompt], n, timestamps=True)
             return (n - 1) / (o.timestamps[-1] - o.timestamps[0]), o.timestamps[0] - o.created_time
@@ -127,7 +130,9 @@ def worker(args: argparse.Namespace) -> dict:
                 for n_ctx, r in rates.items()}
     out["contexts"] = contexts
     if args.ttft_tokens:
-        out["ttft_s"] = round(single(args.ttft_tokens, 2)[1], 2)
+        first = _prompt_of(tok, args.ttft_tokens, lead="A new conversation. ")  # no prefix seen before
+        out["ttft_s"] = round(single(0, 2, first)[1], 2)
+        out["ttft_next_turn_s"] = round(single(0, 2, first + tok.encode(" So what did the keeper see that night?"))[1], 2)
 
     batches = {}
     for b in args.batches:
@@ -184,19 +189,23 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> dict:
     ctx = [str(c) for c in args.contexts]
     bat = [str(b) for b in args.batches]
     head = (f"{'side':<10}{'warm-up s':>10}" + "".join(f"{'ctx ' + c:>11}" for c in ctx) + f"{'long/short':>11}"
-            + (f"{'TTFT ' + str(args.ttft_tokens):>11}" if args.ttft_tokens else "")
+            + (f"{'TTFT ' + str(args.ttft_tokens):>11}{'next turn':>11}" if args.ttft_tokens else "")
             + "".join(f"{'x' + b + ' agg':>10}" for b in bat))
     print(f"model={args.model} mode={args.mode}; single stream: decode tok/s after the first token "
           f"(median of {args.repeats}, {args.tokens} tokens); batches: aggregate tok/s, {args.batch_tokens} tokens each")
     print(head)
     for name, r in rows.items():
         tok = [r["contexts"][c]["tok_s"] for c in ctx]
-        line = f"{name:<10}{r.get('warmup_s', '-')!s:>10}" + "".join(f"{t:>11}" for t in tok)
+        package = (r.get("engine") or {}).get("compiled_package")
+        warm = f"{r.get('warmup_s', '-')}" + ("" if not package else (" L" if package["reused"] else " B"))
+        line = f"{name:<10}{warm:>10}" + "".join(f"{t:>11}" for t in tok)
         line += f"{round(tok[-1] / tok[0], 2):>11}"
         if args.ttft_tokens:
-            line += f"{r.get('ttft_s', '-')!s:>11}"
+            line += f"{r.get('ttft_s', '-')!s:>11}{r.get('ttft_next_turn_s', '-')!s:>11}"
         line += "".join(f"{r['batches'][b]:>10}" for b in bat)
         print(line)
+    if any((r.get("engine") or {}).get("compiled_package") for r in rows.values()):
+        print("warm-up: B = the compiled step was built (first start on this machine), L = loaded from its package")
     best = "compiled" if "compiled" in rows else ("eager" if "eager" in rows else None)
     summary: dict = {}
     if best:
@@ -208,6 +217,7 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> dict:
                     "single_by_context": {c: ratio(me["contexts"][c]["tok_s"], p["contexts"][c]["tok_s"]) for c in ctx},
                     "batch_aggregate": {b: ratio(me["batches"][b], p["batches"][b]) for b in bat},
                     "ttft": ratio(p.get("ttft_s"), me.get("ttft_s")),  # > 1: ours is faster
+                    "ttft_next_turn": ratio(p.get("ttft_next_turn_s"), me.get("ttft_next_turn_s")),
                 }
         summary[f"{best}_long_vs_short"] = ratio(me["contexts"][ctx[-1]]["tok_s"], me["contexts"][ctx[0]]["tok_s"])
         print("ratios:", json.dumps(summary))

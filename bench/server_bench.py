@@ -303,6 +303,16 @@ async def warmup(client: httpx.AsyncClient, srv: RunningServer) -> None:
     await wait_idle(srv, timeout=60)
 
 
+async def compiled_step(client, srv) -> str | None:
+    """Ours: whether this start built its compiled decode step or loaded the package a previous one left."""
+    try:
+        engine = (await client.get(f"{srv.base_url}/health")).json().get("engine") or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    package = engine.get("compiled_package")
+    return None if not package else ("loaded" if package.get("reused") else "built")
+
+
 async def scenario_single(client, srv, repeats: int) -> dict:
     runs, foreign = [], []
     for _ in range(repeats):
@@ -483,7 +493,8 @@ async def bench_server(srv: RunningServer, args, long_text: str, long_context_te
     async with new_client() as client:
         await warmup(client, srv)
         res: dict = {"label": srv.spec.label, "cmd": srv.cmd, "startup_s": round(srv.startup_s, 1),
-                     "model_id": srv.model_id, "rss_idle_mb": round(srv.rss() / 2**20, 1)}
+                     "model_id": srv.model_id, "rss_idle_mb": round(srv.rss() / 2**20, 1),
+                     "compiled_step": await compiled_step(client, srv)}
         res["probes"] = await probes(client, srv)
         res["single"] = await scenario_single(client, srv, args.repeats)
         logger.info("%s single: %s", srv.spec.name, res["single"]["tok_s"])
@@ -593,6 +604,7 @@ def print_report(raw: dict | None, res: dict, checks: dict) -> None:
         ("unknown field status", ("probes", "unknown_field_status")),
         ("stream ends with [DONE]", ("single", "done_marker")),
         ("startup s (to /health)", ("startup_s",)),
+        ("startup: compiled step", ("compiled_step",)),
         ("RSS after warm-up MB", ("rss_idle_mb",)),
     ]
     header = ["metric", "raw generate", *[res[n]["label"] for n in names]]

@@ -116,6 +116,19 @@ def test_stream_has_one_id_role_first_finish_last_and_done(http):
     assert streamed == whole  # the JSON answer is the stream, collected
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(http):
+    """The second turn of a conversation resends the first: OpenAI's ``cached_tokens`` says how much was reused."""
+    history = [{"role": "system", "content": "You answer questions about test_usage_counts_cached. " * 12},
+               {"role": "user", "content": "Name a colour."}]
+    first = chat(http, messages=history, max_tokens=3, temperature=0).json()["usage"]
+    assert first["prompt_tokens"] > 128 and first["prompt_tokens_details"] == {"cached_tokens": 0}
+    chunks, _ = stream_chunks(http, messages=history + [{"role": "assistant", "content": "Blue."},
+                                                        {"role": "user", "content": "Another?"}],
+                              max_tokens=3, temperature=0, stream_options={"include_usage": True})
+    usage = chunks[-1]["usage"]
+    assert 128 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
 def test_stream_include_usage_sends_a_final_usage_chunk(http):
     chunks, _ = stream_chunks(http, messages=HI, max_tokens=4, stream_options={"include_usage": True})
     last = chunks[-1]

@@ -124,6 +124,66 @@ def test_compiled_decode_gives_the_eager_tokens(tiny32):
             t.join()
     assert got == want
     assert all(o.token_ids == want[1] for o in outs)
+    # the next start loads the package the first one left (built there, or by an earlier run)
+    with Engine(tiny32, compile=True) as again:
+        assert again.describe()["compiled_package"]["reused"] is True, again.describe()
+        assert again.generate(ids, greedy).token_ids == want[0]
+
+
+def test_package_key_follows_the_weights(tiny32):
+    from llama_lab.engine.compiled_step import package_key
+
+    model = PagedRunner(tiny32, max_batch_size=2, compile=False, kv_cache_tokens=2048).model
+    key = package_key(model, shape_constants=(1,), max_rows=4)
+    assert package_key(model, shape_constants=(1,), max_rows=4) == key
+    assert package_key(model, shape_constants=(2,), max_rows=4) != key
+    assert package_key(model, shape_constants=(1,), max_rows=8) != key
+    other = load_model("random:tiny", dtype="fp32", seed=4)  # same shapes, other weights
+    assert package_key(PagedRunner(other, max_batch_size=2, compile=False, kv_cache_tokens=2048).model,
+                       shape_constants=(1,), max_rows=4) != key
+
+
+def test_a_broken_package_is_rebuilt_and_replaces_the_models_older_ones(tiny32, monkeypatch, tmp_path, caplog):
+    from llama_lab.engine import compiled_step
+
+    monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path))
+    compiled = tmp_path / "compiled"
+    compiled.mkdir()
+    built: list[str] = []
+    real_key = compiled_step.package_key
+    monkeypatch.setattr(compiled_step, "package_key", lambda *a, **k: built.append(real_key(*a, **k)) or built[-1])
+    stem = "random-tiny"
+    assert tiny32.name == stem
+    old = compiled / f"{stem}-{'0' * 20}.pt2"  # the same model's package from an earlier version
+    neighbour = compiled / f"{stem}-other-{'0' * 20}.pt2"  # another model whose name starts alike
+    for f in (old, neighbour):
+        f.write_bytes(b"old")
+    runner = PagedRunner(tiny32, max_batch_size=2, compile=True, kv_cache_tokens=2048)
+    runner.warm_up()
+    key = built[-1]
+    path = compiled / f"{stem}-{key}.pt2"
+    assert runner.package == {"path": str(path), "reused": False}
+    # now break it: the next start says so, builds it again and decodes compiled
+    path.write_bytes(b"half a file")
+    runner = PagedRunner(tiny32, max_batch_size=2, compile=True, kv_cache_tokens=2048)
+    with caplog.at_level("WARNING", logger="llama_lab.engine.compiled_step"):
+        runner.warm_up()
+    assert "compiling again" in caplog.text
+    assert runner.package == {"path": str(path), "reused": False} and runner.mode.startswith("compiled")
+    assert sorted(p.name for p in compiled.iterdir()) == sorted([path.name, neighbour.name])
+
+
+def test_no_compiled_step_without_room_on_disk(tiny32, monkeypatch, tmp_path):
+    import shutil
+
+    monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1024, 1024))
+    with Engine(tiny32, compile=True) as engine:
+        assert engine.describe()["decode"] == "eager"
+        assert "GiB free" in engine.describe()["compile_error"]
+        out = engine.generate(_prompt(tiny32), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert out.completion_tokens == 4
+    assert not list((tmp_path / "compiled").glob("*.pt2"))
 
 
 def test_cancel_lands_within_one_step_on_the_compiled_path(tiny32):
@@ -216,7 +276,7 @@ def test_the_engine_makes_generators_on_the_models_device(tiny_model, monkeypatc
         def warm_up(self):
             return 0.0
 
-        def reserve(self, tokens):
+        def reserve(self, tokens, prompt=()):
             return object()
 
         def release(self, seq):
@@ -297,3 +357,44 @@ def test_no_compile_when_the_packed_copy_would_not_fit(tiny32, monkeypatch):
     assert runner.compiled is None and runner.mode == "eager"
     assert "free memory" in runner.compile_error
     assert runner.eager_linears == "torch"  # the oneDNN copy has the same guard
+
+
+# ---------------------------------------------------------------- prefix caching
+
+def test_the_next_turn_of_a_chat_reuses_its_history(tiny32):
+    """A follow-up turn takes the conversation's blocks from the cache and answers exactly as a full prefill."""
+    history = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and the sea. " * 12}]
+    first = tiny32.chat_prompt_ids(history)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with Engine(tiny32, compile=False, prefix_caching=False) as plain:
+        answer = plain.generate(first, greedy)
+        follow = tiny32.chat_prompt_ids(history + [{"role": "assistant", "content": answer.text},
+                                                   {"role": "user", "content": "And then?"}])
+        want = plain.generate(follow, greedy).token_ids
+        assert plain.stats.prompt_tokens_cached == 0 and plain.describe()["prefix_caching"] is False
+    common = next(i for i, (x, y) in enumerate(zip(first, follow)) if x != y)
+    block = 64
+    assert common >= 2 * block, "the test needs a history of a few blocks"
+    with Engine(tiny32, compile=False) as engine:
+        assert engine.generate(first, greedy).token_ids == answer.token_ids
+        got = engine.generate(follow, greedy)
+        cached = engine.stats.prompt_tokens_cached
+    assert common // block * block <= cached < len(follow)
+    assert got.token_ids == want
+
+
+def test_requests_share_a_system_prompt_while_they_run(tiny32):
+    system = {"role": "system", "content": "You are a terse assistant who answers in one line. " * 15}
+    prompts = [tiny32.chat_prompt_ids([system, {"role": "user", "content": q}]) for q in ("Hi", "Who are you?")]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    with Engine(tiny32, compile=False, prefix_caching=False) as plain:
+        want = plain.generate(prompts[1], greedy).token_ids
+    with Engine(tiny32, compile=False) as engine:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        running = engine.submit(prompts[0], SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True),
+                                events.put)
+        events.get(timeout=60)  # its first token: its prompt is in the cache, and named for others to use
+        got = engine.generate(prompts[1], greedy)
+        assert engine.stats.prompt_tokens_cached >= 64
+        running.cancel()
+    assert got.token_ids == want

@@ -68,17 +68,20 @@ def reference_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out[0].transpose(0, 1)
 
 
+def cpu_flags() -> str:
+    """The CPU's feature flags: code built for this machine (-march=native, inductor's) is keyed by them."""
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
 def _build_dir() -> Path:
     """Where the compiled kernel lives: keyed by the source, torch and the CPU (it is built -march=native)."""
     from llama_lab.model.loading import cache_root
 
     source = (files("llama_lab.engine") / "csrc" / "paged_attention.cpp").read_bytes()
-    cpu = ""
-    try:
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        cpu = platform.processor()
-    key = hashlib.sha256(source + torch.__version__.encode() + cpu.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + torch.__version__.encode() + cpu_flags().encode()).hexdigest()[:16]
     return cache_root() / "kernels" / f"paged_attention-{key}"
 
 

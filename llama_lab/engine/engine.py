@@ -63,6 +63,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclasses.dataclass
@@ -86,6 +87,7 @@ class EngineStats:
     steps: int = 0  # forward passes of the decode batch
     prefill_chunks: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
     completion_tokens: int = 0
     requests_finished: int = 0
     requests_cancelled: int = 0
@@ -134,6 +136,7 @@ class _Seq:
     detok: Detokenizer
     sampler: RowState
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which the prefix cache held at admission
     last_token: int = -1
     output: list[int] = dataclasses.field(default_factory=list)
 
@@ -142,14 +145,16 @@ class _Seq:
         return len(self.handle.prompt_ids) + len(self.output)
 
 
-def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0) -> Any:
+def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0,
+                prefix_caching: bool = True) -> Any:
     """``PagedRunner`` where ``FastLlama`` covers the model, else the transformers fallback."""
     from llama_lab.engine.hf_runner import HFRunner
     from llama_lab.engine.paged_runner import PagedRunner
 
     reason = unsupported_reason(loaded.model)
     if reason is None:
-        return PagedRunner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens)
+        return PagedRunner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens,
+                           prefix_caching=prefix_caching)
     logger.warning("%s: %s; using the transformers forward (slower)", loaded.name, reason)
     return HFRunner(loaded)
 
@@ -172,7 +177,8 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_active: int = 256,
-                 prefill_chunk: int = 512, compile: bool | None = None, kv_cache_tokens: int = 0) -> None:
+                 prefill_chunk: int = 512, compile: bool | None = None, kv_cache_tokens: int = 0,
+                 prefix_caching: bool = True) -> None:
         if compile is None:
             compile = default_compile()
         self.loaded = loaded
@@ -199,7 +205,8 @@ class Engine:
         atexit.register(self._atexit)
         try:  # on the engine thread: it is the model's only user (fusing weights and compiling included)
             self.runner = self.call(lambda: make_runner(loaded, max_batch_size=max_batch_size, compile=compile,
-                                                        kv_cache_tokens=kv_cache_tokens)).result()
+                                                        kv_cache_tokens=kv_cache_tokens,
+                                                        prefix_caching=prefix_caching)).result()
             self.warmup_seconds = self.call(self.runner.warm_up).result()
         except BaseException:
             self.close()
@@ -268,8 +275,10 @@ class Engine:
             "eager_linears": getattr(runner, "eager_linears", "torch"),
             "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 2),
             "compile_error": runner.compile_error,
+            "compiled_package": getattr(runner, "package", None),
             "kv_cache_tokens": cache.capacity_tokens if cache is not None else None,
             "kv_block_size": cache.shape.block_size if cache is not None else None,
+            "prefix_caching": cache.pool.prefix_caching if cache is not None else False,
         }
 
     def close(self, timeout: float = 10.0) -> None:
@@ -354,7 +363,7 @@ class Engine:
                 continue
             p = handle.params
             need = min(len(handle.prompt_ids) + p.max_tokens, self.loaded.context_length)
-            cache = self.runner.reserve(need)
+            cache = self.runner.reserve(need, handle.prompt_ids)
             if cache is None:
                 return  # the head waits for blocks to come back (first come, first served)
             with self._cond:
@@ -367,7 +376,9 @@ class Engine:
                 self.runner.release(cache)
                 self._finish_unadmitted(handle, "error", str(exc))
                 continue
-            prefilling.append(_Seq(handle=handle, cache=cache, sampler=sampler,
+            cached = getattr(cache, "length", 0)  # prompt tokens the prefix cache already holds
+            self.stats.prompt_tokens_cached += cached
+            prefilling.append(_Seq(handle=handle, cache=cache, sampler=sampler, prefilled=cached, cached=cached,
                                    detok=Detokenizer(self.loaded.tokenizer, handle.prompt_ids, p.stop)))
 
     def _prefill_step(self, prefilling: list[_Seq], running: list[_Seq]) -> None:
@@ -467,7 +478,7 @@ class Engine:
         if text or finish or entry:
             handle._sink(Delta(text=text, token_ids=[] if is_stop else [token], finish_reason=finish,
                                logprobs=[entry] if entry else [], prompt_tokens=len(handle.prompt_ids),
-                               completion_tokens=len(seq.output)))
+                               completion_tokens=len(seq.output), cached_tokens=seq.cached))
         if finish:
             self.runner.release(seq.cache)
             self._mark_done(handle, finish)
@@ -489,7 +500,7 @@ class Engine:
         if not seq.handle.done.is_set():
             seq.handle._sink(Delta(text="", token_ids=[], finish_reason=reason,
                                    prompt_tokens=len(seq.handle.prompt_ids), completion_tokens=len(seq.output),
-                                   error=error))
+                                   error=error, cached_tokens=seq.cached))
             self._mark_done(seq.handle, reason)
 
     def _finish_unadmitted(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:

@@ -58,8 +58,8 @@ class HFRunner:
         if self._cancelled is not None and self._cancelled():
             raise PrefillCancelled
 
-    def reserve(self, tokens: int) -> HFSeq:
-        return HFSeq()
+    def reserve(self, tokens: int, prompt: Sequence[int] = ()) -> HFSeq:
+        return HFSeq()  # no prefix cache here: every prompt is computed
 
     def release(self, seq: HFSeq) -> None:
         if seq in self._batch:

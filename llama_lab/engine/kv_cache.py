@@ -5,7 +5,8 @@ Each layer's keys and values live in one tensor ``[kv_heads, num_blocks, block_s
 grows by concatenation, a finished request's blocks go straight to
 the next one, and a token's attention reads only its own sequence's blocks. A request reserves
 the blocks for its prompt plus its ``max_tokens`` when it is admitted, so a running request never
-waits for memory. Block 0 is scratch: padding rows of a step write there.
+waits for memory; its leading blocks may be cached ones that already hold its prompt's first tokens
+(``block_pool.py``). Block 0 is scratch: padding rows of a step write there.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Sequence
 
 import torch
+
+from llama_lab.engine.block_pool import BlockPool
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class PagedKVCache:
     still multiplies the masked values by zero and uninitialized memory may hold NaN.
     """
 
-    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device, zero: bool) -> None:
+    def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device, zero: bool,
+                 prefix_caching: bool = True) -> None:
         if num_blocks < 2:
             raise ValueError("the KV cache needs at least two blocks (one is scratch)")
         self.shape, self.num_blocks, self.device = shape, num_blocks, device
@@ -53,8 +58,7 @@ class PagedKVCache:
         size = (shape.kv_heads, num_blocks, shape.block_size, shape.head_dim)
         self.k = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
         self.v = [make(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)]
-        # LIFO: a released block is the next one handed out, so reused pages are already resident.
-        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))
+        self.pool = BlockPool(num_blocks, shape.block_size, first=SCRATCH_BLOCK + 1, prefix_caching=prefix_caching)
 
     @property
     def capacity_tokens(self) -> int:
@@ -63,22 +67,23 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return self.pool.free_blocks
 
-    def allocate(self, tokens: int) -> list[int] | None:
-        """Blocks for ``tokens`` tokens, or None if not enough are free right now."""
-        n = self.shape.blocks_for(tokens)
-        if n > len(self._free):
-            return None
-        return [self._free.pop() for _ in range(n)]
+    def allocate(self, tokens: int, prefix: Sequence[int] = ()) -> tuple[list[int], int] | None:
+        """Blocks for ``tokens`` tokens and how many tokens of ``prefix`` they already hold, or None
+        if not enough are free right now."""
+        return self.pool.allocate(tokens, prefix)
 
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+    def publish(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
+        self.pool.publish(blocks, tokens)
+
+    def release(self, blocks: Sequence[int]) -> None:
+        self.pool.release(blocks)
 
     def __repr__(self) -> str:
         gib = self.num_blocks * self.shape.block_size * self.shape.bytes_per_token / 2**30
         return (f"PagedKVCache({self.num_blocks} blocks x {self.shape.block_size} tokens = {self.capacity_tokens} tokens, "
-                f"{gib:.2f} GiB, {self.free_blocks} free, {self.device})")
+                f"{gib:.2f} GiB, {self.free_blocks} free, {self.pool.cached_blocks} holding cached prefixes, {self.device})")
 
 
 def plan_blocks(shape: CacheShape, device: torch.device, *, requested_tokens: int, max_batch_size: int,

@@ -1,13 +1,14 @@
 """Runs ``FastLlama`` over the paged KV cache: eager prompt chunks, compiled decode steps.
 
-The decode step is ``torch.compile``d once with a dynamic token count, so one graph serves every
-batch size (on the CPU up to ``CPU_COMPILED_MAX_ROWS`` rows; bigger batches decode eagerly): on the
-CPU with inductor's weight freezing and its C++ GEMM templates (the weights are pre-packed once; a
-one-token matrix-vector product streams them near the memory bandwidth), and on other devices with
-inductor's default. A batch of one is padded with a scratch row to two tokens
-(torch.compile treats sizes 0 and 1 as constants, which would mean a second graph and a second copy
-of the packed weights). Prompts run eagerly in chunks: their big matrix products are fast without
-compilation, and the eager loop can stop between layers when a client leaves.
+On the CPU the decode step is compiled ahead of time (``compiled_step.py``: torch.export and
+AOTInductor with weight freezing and the C++ GEMM templates; the weights are pre-packed once and a
+one-token matrix-vector product streams them near the memory bandwidth) for 2 to
+``CPU_COMPILED_MAX_ROWS`` rows, and kept on disk, so only a model's first start on a machine pays
+for it; bigger batches decode eagerly. On other devices ``torch.compile`` (inductor's defaults)
+compiles it at every start with a dynamic token count. A batch of one is padded with a scratch row
+to two tokens (the tracers treat sizes 0 and 1 as constants, which would mean a second graph and a
+second copy of the packed weights). Prompts run eagerly in chunks: their big matrix products are fast
+without compilation, and the eager loop can stop between layers when a client leaves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from llama_lab.engine import compiled_step
 from llama_lab.engine.attention import cpu_kernel
 from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, plan_blocks
 from llama_lab.engine.llama import FastLlama, PrefillCancelled, Step, unsupported_reason
@@ -38,10 +40,11 @@ CPU_COMPILED_MAX_ROWS = 4
 
 @dataclasses.dataclass
 class SeqCache:
-    """One request's place in the cache: its blocks and how many tokens they hold."""
+    """One request's place in the cache: its blocks, and the tokens whose keys and values they hold."""
 
     blocks: list[int]
     length: int = 0
+    tokens: list[int] = dataclasses.field(default_factory=list)  # what fills positions 0..length-1
 
 
 @dataclasses.dataclass
@@ -53,37 +56,9 @@ class PrefillJob:
     want_logits: bool  # the chunk ends the prompt: its last token's logits pick the first output token
 
 
-def compile_options(device: torch.device) -> dict[str, Any]:
-    """Inductor options: frozen, pre-packed weights and C++ GEMM templates on the CPU.
-
-    Only the C++ templates are offered (no timing contest against oneDNN): they won every decode
-    shape measured on a quiet machine, and a contest timed on a busy one picked oneDNN for some
-    layers and cached that choice for good (the step went from 13.7 to 18-26 ms).
-    """
-    if device.type == "cpu":
-        return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-    return {}
-
-
-def _apply_compile_options(options: dict[str, Any]) -> None:
-    """Set inductor's options on the calling thread (the engine's), where the step is compiled.
-
-    Inductor's settings are per thread, and ``torch.compile(options=...)`` does not turn weight
-    freezing on (measured: the weights stayed graph inputs, no packed constants); set here, on the
-    compiling thread, they do.
-    """
-    import torch._inductor.config as inductor_config
-
-    for key, value in options.items():
-        setattr(inductor_config, key, value)
-
-
 def _use_persistent_compile_cache() -> None:
     """Keep inductor's generated C++ kernels beside the converted models rather than in /tmp.
 
-    The compiled graph itself is not cached: it holds oneDNN-packed weights, which inductor cannot
-    pickle (its log: "Bypassing FX Graph Cache because 'mkldnn tensors unpickleable'"), so every start
-    compiles; the kernels it builds on the way are reused (measured: 80 s cold, 66 s warm for SmolLM2).
     Torch writes its own default into ``TORCHINDUCTOR_CACHE_DIR`` the first time anything asks for
     the cache dir, so that value counts as unset; a value the user chose is kept.
     """
@@ -96,26 +71,32 @@ def _use_persistent_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
+def _weights_bytes(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
 def _no_room_to_compile(model: nn.Module, device: torch.device) -> str | None:
     """Why the decode step must not be compiled for lack of memory, or None.
 
-    On a CPU, inductor's freezing keeps a packed copy of every weight beside the model's own, so an
-    8B model in bf16 (16 GB) would need 32 GB; refuse when the copy would take over half of the
-    memory that is free now, rather than let the start-up be killed.
+    On a CPU the compiled step holds its own copy of the weights, twice over (packed for its kernels,
+    and plain: AOTInductor keeps every parameter it was given), beside the model's, so an 8B model in
+    bf16 (16 GB) would need 32 GB more; refuse when that would take over half of the memory that is
+    free now, rather than let the start-up be killed.
     """
     if device.type != "cpu":
         return None
     import psutil
 
-    seen: set[int] = set()
-    need = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            need += p.numel() * p.element_size()
+    need = 2 * _weights_bytes(model)
     free = psutil.virtual_memory().available
     if need > 0.5 * free:
-        return (f"the compiled step's packed copy of the weights ({need / 2**30:.1f} GiB) would take over half "
+        return (f"the compiled step's copies of the weights ({need / 2**30:.1f} GiB) would take over half "
                 f"of the free memory ({free / 2**30:.1f} GiB)")
     return None
 
@@ -124,7 +105,7 @@ class PagedRunner:
     """The model, its KV cache and the (compiled) step functions, used only from the engine thread."""
 
     def __init__(self, loaded: Any, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True) -> None:
         reason = unsupported_reason(loaded.model)
         if reason:
             raise ValueError(reason)
@@ -141,11 +122,13 @@ class PagedRunner:
                            dtype=m.embed.dtype)
         blocks = plan_blocks(shape, self.device, requested_tokens=kv_cache_tokens, max_batch_size=max_batch_size,
                              context_length=loaded.context_length)
-        self.cache = PagedKVCache(shape, blocks, self.device, zero=kernel is None)
+        self.cache = PagedKVCache(shape, blocks, self.device, zero=kernel is None, prefix_caching=prefix_caching)
         self.block_size = block_size
         self.max_batch_size = max_batch_size
+        self.name = loaded.name
         self.compile_requested = compile
-        self.compiled: Any = None
+        self.compiled: Any = None  # a CompiledStep (CPU) or torch.compile's wrapper (other devices)
+        self._compile_ahead = False  # the CPU's package is loaded or built in warm_up, on the engine thread
         self.compile_seconds: float | None = None
         self.compile_error: str | None = None
         no_room = _no_room_to_compile(m, self.device) if compile and not m.quantized else None
@@ -156,21 +139,43 @@ class PagedRunner:
             logger.warning("not compiling the decode step: %s; decoding eagerly", no_room)
         elif compile:
             _use_persistent_compile_cache()
-            self.compiled = torch.compile(m, dynamic=False, fullgraph=True)
+            if self.device.type == "cpu":
+                self._compile_ahead = True
+            else:
+                self.compiled = torch.compile(m, dynamic=False, fullgraph=True)
 
     @property
     def mode(self) -> str:
         if self.compiled is None:
             return "eager"
-        return f"compiled (up to {CPU_COMPILED_MAX_ROWS} rows; eager beyond)" if self.device.type == "cpu" else "compiled"
+        if isinstance(self.compiled, compiled_step.CompiledStep):
+            return f"compiled ahead of time (up to {CPU_COMPILED_MAX_ROWS} rows; eager beyond)"
+        return "compiled"
+
+    @property
+    def package(self) -> dict[str, Any] | None:
+        """The CPU's compiled-step package: its path and whether this start reused it."""
+        if not isinstance(self.compiled, compiled_step.CompiledStep):
+            return None
+        return {"path": str(self.compiled.path), "reused": self.compiled.reused}
 
     # ---------------------------------------------------------------- cache bookkeeping
 
-    def reserve(self, tokens: int) -> SeqCache | None:
-        blocks = self.cache.allocate(tokens)
-        return SeqCache(blocks) if blocks is not None else None
+    def reserve(self, tokens: int, prompt: Sequence[int] = ()) -> SeqCache | None:
+        """Room for ``tokens`` tokens, or None; ``length`` says how many of ``prompt`` are already in it.
+
+        The prompt's last token is always computed (its logits choose the first output token), so
+        at most the blocks before it are taken from the prefix cache.
+        """
+        got = self.cache.allocate(tokens, prompt[:-1])
+        if got is None:
+            return None
+        blocks, cached = got
+        return SeqCache(blocks, length=cached, tokens=list(prompt[:cached]))
 
     def release(self, seq: SeqCache) -> None:
+        """Give the blocks back; the full ones stay cached under their tokens for later prompts."""
+        self.cache.publish(seq.blocks, seq.tokens)
         self.cache.release(seq.blocks)
         seq.blocks = []
 
@@ -188,15 +193,14 @@ class PagedRunner:
 
     # ---------------------------------------------------------------- steps
 
-    @torch.inference_mode()
-    def decode(self, seqs: Sequence[SeqCache], tokens: Sequence[int]) -> torch.Tensor:
-        """One token for each sequence: logits ``[len(seqs), vocab]`` (float32, on the device)."""
+    def _decode_step(self, seqs: Sequence[SeqCache], tokens: Sequence[int]) -> Step:
+        """The step tensors for one token per sequence, padded to at least two rows (see the module doc)."""
         n = len(seqs)
         positions = [s.length for s in seqs]
         pad = max(0, 2 - n)
         all_pos = positions + [0] * pad
         bs = self.block_size
-        step = Step(
+        return Step(
             tokens=torch.tensor(list(tokens) + [0] * pad, dtype=torch.long),
             positions=torch.tensor(all_pos, dtype=torch.long),
             rows=torch.arange(n + pad, dtype=torch.long),
@@ -206,16 +210,23 @@ class PagedRunner:
             block_tables=self._table(seqs, all_pos, pad),
             logit_rows=torch.arange(n + pad, dtype=torch.long),
         )
-        logits = self._run_decode(self._to_device(step))
-        for s in seqs:
+
+    @torch.inference_mode()
+    def decode(self, seqs: Sequence[SeqCache], tokens: Sequence[int]) -> torch.Tensor:
+        """One token for each sequence: logits ``[len(seqs), vocab]`` (float32, on the device)."""
+        logits = self._run_decode(self._to_device(self._decode_step(seqs, tokens)))
+        for s, t in zip(seqs, tokens):
             s.length += 1
-        return logits[:n]
+            s.tokens.append(t)
+        return logits[:len(seqs)]
 
     def _run_decode(self, step: Step) -> torch.Tensor:
         args = (*step.tensors(), self.cache.k, self.cache.v)
         rows = step.tokens.shape[0]
         if self.compiled is None or (self.device.type == "cpu" and rows > CPU_COMPILED_MAX_ROWS):
             return self.model(*args)
+        if isinstance(self.compiled, compiled_step.CompiledStep):
+            return self.compiled(*args)
         for t in (step.tokens, step.positions, step.rows, step.blocks, step.offsets, step.logit_rows):
             torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(step.block_tables, 0)
@@ -255,21 +266,34 @@ class PagedRunner:
         logits = self.model.prefill(self._to_device(step), self.cache.k, self.cache.v, segments, cancelled)
         for job in jobs:
             job.seq.length += len(job.tokens)
+            job.seq.tokens.extend(job.tokens)
+            if job.want_logits:  # the whole prompt is in: requests arriving meanwhile can share its blocks
+                self.cache.publish(job.seq.blocks, job.seq.tokens)
         return logits if logit_rows else None
 
     def warm_up(self) -> float:
-        """Compile (or load from inductor's cache) and run the decode step once; seconds spent.
+        """Load or build the CPU's compiled step (or let torch.compile compile), run it once; seconds spent.
 
-        Call it on the thread that will decode (the engine's): that is where the compile options
-        apply. Uses only the scratch block, so it leaves no trace in the cache. A compile failure
-        is logged and the runner falls back to eager decoding.
+        Call it on the thread that will decode (the engine's). Uses only the scratch block, so it
+        leaves no trace in the cache. A compile failure is logged and the runner decodes eagerly.
         """
         started = time.perf_counter()
-        if self.compiled is not None:
-            _apply_compile_options(compile_options(self.device))
-            logger.info("compiling the decode step (about a minute for a small model on 2 cores, at every start; "
-                        "kernels cached in %s; --no-compile skips it)", os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         scratch = [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
+        if self._compile_ahead:
+            m = self.model
+            example = (*self._decode_step(scratch, [0] * len(scratch)).tensors(), self.cache.k, self.cache.v)
+            constants = (m.num_heads, m.num_kv_heads, m.head_dim, m.eps, m.scale, repr(m.act), self.attention,
+                         self.block_size, str(self.cache.shape.dtype))
+            try:
+                self.compiled = compiled_step.load_or_build(m, example, name=self.name, shape_constants=constants,
+                                                            max_rows=CPU_COMPILED_MAX_ROWS,
+                                                            weights_bytes=_weights_bytes(m))
+            except Exception as exc:  # no C++ compiler, no room on disk, an export the model defeats
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+                logger.warning("could not compile the decode step (%s); decoding eagerly",
+                               self.compile_error.splitlines()[0])
+        elif self.compiled is not None:
+            logger.info("compiling the decode step (torch.compile, at every start; --no-compile skips it)")
         try:
             for _ in range(2):
                 self.decode(scratch, [0] * len(scratch))
@@ -279,7 +303,7 @@ class PagedRunner:
             if self.compiled is None:
                 raise
             self.compile_error = f"{type(exc).__name__}: {exc}"
-            logger.warning("torch.compile failed (%s); decoding eagerly", self.compile_error.splitlines()[0])
+            logger.warning("the compiled decode step failed (%s); decoding eagerly", self.compile_error.splitlines()[0])
             self.compiled = None
             self.decode(scratch[:1], [0])
         self.compile_seconds = time.perf_counter() - started

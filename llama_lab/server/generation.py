@@ -36,6 +36,7 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 def completion_budget(prompt_tokens: int, context_length: int, requested: int | None, default: int,
@@ -134,7 +135,8 @@ async def respond(request: Request, body: GenerationRequest, prompts: list[list[
         raise APIError(400, str(exc), param=param) from None
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     meta = _Meta(rid=rid, created=int(time.time()), model=state.model_name(body.model), kind=kind,
-                 prompt_tokens=sum(len(ids) for ids in prompts[:: max(1, body.n)]), echo_texts=echo_texts)
+                 prompt_tokens=sum(len(ids) for ids in prompts[:: max(1, body.n)]), echo_texts=echo_texts,
+                 per_prompt=max(1, body.n))
     events = _guarded(request, streams, state.metrics)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -169,6 +171,7 @@ class _Meta:
     kind: str  # "chat" or "text"
     prompt_tokens: int
     echo_texts: list[str] | None = None
+    per_prompt: int = 1  # choices per prompt (``n``): choice i answers prompt i // per_prompt
 
 
 async def _guarded(request: Request, streams: AsyncStreams, metrics: ServerMetrics) -> AsyncIterator[tuple[int, Delta]]:
@@ -224,9 +227,11 @@ def _chunk(meta: _Meta, choices: list[dict[str, Any]], usage: dict[str, int] | N
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _usage(meta: _Meta, completion: int) -> dict[str, int]:
+def _usage(meta: _Meta, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens the prefix cache held (not computed again)."""
     return {"prompt_tokens": meta.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": meta.prompt_tokens + completion}
+            "total_tokens": meta.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": min(cached, meta.prompt_tokens)}}
 
 
 def _chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -247,7 +252,7 @@ def _text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, 
 
 async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_usage: bool, n: int) -> AsyncIterator[str]:
     """OpenAI's streaming format: one id, a role chunk, content chunks, a finish chunk, [DONE]."""
-    completion = 0
+    completion = cached = 0
     try:
         if meta.kind == "chat":
             yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -259,6 +264,7 @@ async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_us
             finish = None
             if delta.finish_reason is not None:
                 completion += delta.completion_tokens
+                cached += delta.cached_tokens if index % meta.per_prompt == 0 else 0  # a prompt counts once
                 finish = _finish_reason(delta)
             if not (delta.text or delta.logprobs or finish):
                 continue
@@ -271,7 +277,7 @@ async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_us
                           "logprobs": _text_logprobs(delta.logprobs) if delta.logprobs else None, "finish_reason": finish}
             yield _chunk(meta, [choice])
         if include_usage:
-            yield _chunk(meta, [], _usage(meta, completion))
+            yield _chunk(meta, [], _usage(meta, completion, cached))
         yield "data: [DONE]\n\n"
     except APIError as exc:  # after the 200 went out: say it in the text too, since NextChat drops error chunks
         logger.warning("stream %s ended with an error: %s", meta.rid, exc.message)
@@ -291,6 +297,7 @@ async def _collect(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, n: int
         if delta.finish_reason is not None:
             c.finish_reason = _finish_reason(delta)
             c.completion_tokens = delta.completion_tokens
+            c.cached_tokens = delta.cached_tokens
     out = []
     for i, c in enumerate(choices):
         text = "".join(c.text)
@@ -304,4 +311,5 @@ async def _collect(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, n: int
                         "finish_reason": c.finish_reason})
     return {"id": meta.rid, "object": "chat.completion" if meta.kind == "chat" else "text_completion",
             "created": meta.created, "model": meta.model, "system_fingerprint": "llama_lab", "choices": out,
-            "usage": _usage(meta, sum(c.completion_tokens for c in choices))}
+            "usage": _usage(meta, sum(c.completion_tokens for c in choices),
+                            sum(c.cached_tokens for c in choices[::meta.per_prompt]))}

@@ -1,0 +1,176 @@
+"""The CPU decode step compiled ahead of time (torch.export + AOTInductor) and kept on disk.
+
+``torch.compile`` could not carry its work over to the next process: with weight freezing the graph
+holds oneDNN-packed weights, which inductor's FX graph cache cannot pickle ("mkldnn tensors
+unpickleable"), so every start compiled again (66-80 s for SmolLM2 on 2 cores). AOTInductor compiles
+the same frozen step (same options, same C++ GEMM kernels: the same greedy tokens and step time,
+measured) into a ``.pt2`` package with the packed weights inside, and a later start loads that in
+about two seconds.
+
+Because the weights are inside, the package's name is keyed by their bytes (sha256) and by everything
+else that shapes the generated code: the model's constants, the engine's source, torch, Python, the
+CPU's flags, the inductor options and the largest batch. A new key replaces the model's older
+packages, so one model keeps one package (about twice its weights on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from llama_lab.engine.attention import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+# Bump when the package's contents change in a way the key below does not see.
+PACKAGE_FORMAT = 1
+# Frozen, pre-packed weights and only the C++ GEMM templates (no timing contest against oneDNN): they
+# won every decode shape measured on a quiet machine, and a contest timed on a busy one picked oneDNN
+# for some layers and kept that choice for good (the step went from 13.7 to 18-26 ms). The weights go
+# into a blob beside the library rather than into its data section: loaded that way they are in memory
+# once, not twice (measured with SmolLM2: 1.55 GB RSS for the whole engine against 2.07 GB).
+INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                                    "aot_inductor.package_constants_in_so": False,
+                                    "aot_inductor.package_constants_on_disk_format": "binary_blob"}
+# The engine's files whose text shapes the compiled code.
+SOURCES = ("llama.py", "attention.py", "compiled_step.py", "csrc/paged_attention.cpp")
+
+
+class NoRoomOnDisk(RuntimeError):
+    """The package would not fit in the cache directory or the temporary directory."""
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, shape, dtype, bytes); tied tensors count once."""
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        ptr = t.data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        data = t.detach().contiguous().cpu().reshape(-1)
+        h.update(memoryview(data.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def package_key(model: nn.Module, *, shape_constants: tuple[Any, ...], max_rows: int) -> str:
+    """The name a package for this model and this machine gets: see the module doc."""
+    h = hashlib.sha256()
+    for part in (PACKAGE_FORMAT, weights_digest(model), shape_constants, max_rows, sorted(INDUCTOR_OPTIONS.items()),
+                 torch.__version__, sys.version_info[:2], cpu_flags()):
+        h.update(repr(part).encode() + b"\0")
+    for source in SOURCES:
+        h.update((files("llama_lab.engine") / source).read_bytes())
+    return h.hexdigest()[:20]
+
+
+def _export(model: nn.Module, example: tuple[Any, ...], max_rows: int) -> Any:
+    """The decode step as an ExportedProgram: any 2..max_rows tokens, block-table width and cache size.
+
+    ``example`` is ``FastLlama.forward``'s arguments: seven step tensors, then the per-layer K and V
+    cache lists. Sizes 0 and 1 would be constants to the tracer, hence the minimum of two rows (the
+    runner pads a single row with a scratch one).
+    """
+    from torch.export import Dim, export
+
+    rows, width, blocks = Dim("rows", min=2, max=max_rows), Dim("width", min=2), Dim("blocks", min=2)
+    *step, k_caches, v_caches = example
+    per_token = {0: rows}
+    dynamic = [per_token] * len(step)
+    dynamic[5] = {0: rows, 1: width}  # block_tables [rows, width]
+    cache = [{1: blocks}] * len(k_caches)
+    with torch.inference_mode():
+        return export(model, example, dynamic_shapes=(*dynamic, cache, cache), strict=False)
+
+
+def _discard_build_copy(package: Path) -> None:
+    """Delete the library and weights AOTInductor left in its cache dir: the package holds the same bytes."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    with zipfile.ZipFile(package) as z:
+        names = [Path(n).name for n in z.namelist() if n.endswith((".so", ".blob"))]
+    for name in names:
+        for path in Path(cache_dir()).glob(f"*/{name}"):
+            path.unlink(missing_ok=True)
+
+
+def _check_disk(directory: Path, weights_bytes: int) -> None:
+    """The package is about twice the weights; it is written here and unpacked to the temp dir at load."""
+    need = 3 * weights_bytes
+    for where in (directory, Path(tempfile.gettempdir())):
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise NoRoomOnDisk(f"{where} has {free / 2**30:.1f} GiB free; the compiled step needs about "
+                               f"{need / 2**30:.1f} GiB there")
+
+
+class CompiledStep:
+    """A loaded package: call it like ``FastLlama.forward``; ``path`` and ``reused`` say where it came from."""
+
+    def __init__(self, path: Path, reused: bool) -> None:
+        self.path, self.reused = path, reused
+        self._run: Callable[..., Any] = torch._inductor.aoti_load_package(str(path))
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self._run(*args)
+
+
+def load_or_build(model: nn.Module, example: tuple[Any, ...], *, name: str, shape_constants: tuple[Any, ...],
+                  max_rows: int, weights_bytes: int) -> CompiledStep:
+    """The package for this model from the cache, or built (about a minute and a half for SmolLM2).
+
+    A package that fails to load is built again; the build is written to a temporary name and
+    renamed into place, so two servers starting at once never see half a file.
+    """
+    from llama_lab.model.loading import cache_root
+
+    directory = cache_root() / "compiled"
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    path = directory / f"{stem}-{package_key(model, shape_constants=shape_constants, max_rows=max_rows)}.pt2"
+    logger.debug("package key computed in %.1f s", time.perf_counter() - started)
+    if path.is_file():
+        try:
+            step = CompiledStep(path, reused=True)
+            logger.info("loaded the compiled decode step from %s", path)
+            return step
+        except Exception as exc:  # a package from a broken write or an incompatible runtime: build anew
+            logger.warning("could not load %s (%s); compiling again", path, str(exc).splitlines()[0] if str(exc) else exc)
+            path.unlink(missing_ok=True)
+    _check_disk(directory, weights_bytes)
+    logger.info("compiling the decode step ahead of time (once per model and machine; about a minute and a half "
+                "for a small model on 2 cores; later starts load %s)", path)
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+    try:
+        tmp = build / path.name
+        with warnings.catch_warnings():  # torch's own pytree deprecation notice, not ours to act on
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            program = _export(model, example, max_rows)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                     inductor_configs=dict(INDUCTOR_OPTIONS))
+        _discard_build_copy(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    mine = re.compile(re.escape(stem) + r"-[0-9a-f]{20}\.pt2")
+    for old in directory.iterdir():
+        if old != path and mine.fullmatch(old.name):
+            old.unlink(missing_ok=True)
+    return CompiledStep(path, reused=False)

@@ -1,0 +1,88 @@
+"""Prefix caching's bookkeeping: whole blocks named by their tokens, shared, kept, given up LRU."""
+
+from __future__ import annotations
+
+from llama_lab.engine.block_pool import BlockPool
+
+BS = 4
+
+
+def _pool(blocks: int = 9, **kw) -> BlockPool:
+    return BlockPool(blocks, BS, **kw)  # block 0 is the scratch block: never handed out
+
+
+def test_a_prompt_reuses_the_whole_blocks_an_earlier_one_filled():
+    pool = _pool()
+    prompt = list(range(100, 111))  # 11 tokens: two whole blocks and three more
+    blocks, cached = pool.allocate(16, prompt)
+    assert cached == 0 and len(blocks) == 4 and 0 not in blocks
+    pool.publish(blocks, prompt)
+    pool.release(blocks)
+    assert pool.free_blocks == 8 and pool.cached_blocks == 2
+    again, cached = pool.allocate(16, prompt + [7, 7])
+    assert cached == 2 * BS and again[:2] == blocks[:2]
+    # a prompt that differs inside the second block reuses only the first
+    pool.release(again)
+    other, cached = pool.allocate(12, prompt[:5] + [0, 0, 0, 0])
+    assert cached == BS and other[0] == blocks[0]
+
+
+def test_the_chain_names_a_block_by_everything_before_it():
+    pool = _pool()
+    a = [1, 2, 3, 4, 5, 6, 7, 8]
+    blocks, _ = pool.allocate(8)
+    pool.publish(blocks, a)
+    pool.release(blocks)
+    # the same second block after a different first one is not a match
+    _, cached = pool.allocate(12, [9, 9, 9, 9, 5, 6, 7, 8, 0])
+    assert cached == 0
+
+
+def test_shared_blocks_are_counted_and_only_freed_by_the_last_user():
+    pool = _pool()
+    prompt = list(range(8)) + [42]
+    first, _ = pool.allocate(12, prompt)
+    pool.publish(first, prompt)  # the prompt is in (published when its prefill ends): others may share
+    second, cached = pool.allocate(12, prompt)
+    assert cached == 8 and second[:2] == first[:2] and second[2] != first[2]
+    pool.release(first)
+    third, cached = pool.allocate(12, prompt)
+    assert cached == 8 and third[:2] == first[:2]
+    pool.release(second)
+    pool.release(third)
+    pool.release(third)  # a second release gives nothing back twice
+    assert pool.free_blocks == 8
+
+
+def test_cached_prefixes_give_way_least_recently_used_first():
+    pool = _pool(blocks=5)  # 4 usable blocks
+    a, b = [1] * 8, [2] * 8
+    for prompt in (a, b):
+        blocks, _ = pool.allocate(8)
+        pool.publish(blocks, prompt)
+        pool.release(blocks)
+    assert pool.cached_blocks == 4 and pool.free_blocks == 4
+    touched, cached = pool.allocate(8, a + [0])  # a is used again: b is now the older one
+    assert cached == 8
+    pool.release(touched)
+    fresh, cached = pool.allocate(8)  # two blocks and nothing free: b's are given up
+    assert cached == 0 and pool.cached_blocks == 2
+    pool.release(fresh)
+    assert pool.allocate(4, b + [0])[1] == 0
+    assert pool.allocate(8, a + [0])[1] == 8
+
+
+def test_no_room_is_none_and_changes_nothing():
+    pool = _pool(blocks=3)
+    held, _ = pool.allocate(8)
+    assert pool.allocate(1) is None
+    pool.release(held)
+    assert pool.free_blocks == 2
+
+
+def test_off_means_no_names_and_no_reuse():
+    pool = _pool(prefix_caching=False)
+    blocks, _ = pool.allocate(8)
+    pool.publish(blocks, list(range(8)))
+    pool.release(blocks)
+    assert pool.cached_blocks == 0 and pool.allocate(8, list(range(9)))[1] == 0
