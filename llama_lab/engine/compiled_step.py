@@ -57,13 +57,13 @@ class NoRoomOnDisk(RuntimeError):
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, shape, dtype, bytes); tied tensors count once."""
     h = hashlib.sha256()
-    seen: set[int] = set()
+    seen: set[tuple[int, int, torch.dtype]] = set()
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        ptr = t.data_ptr()
-        if ptr in seen:
+        same = (t.data_ptr(), t.numel(), t.dtype)
+        if same in seen:
             continue
-        seen.add(ptr)
+        seen.add(same)
         data = t.detach().contiguous().cpu().reshape(-1)
         h.update(memoryview(data.view(torch.uint8).numpy()))
     return h.hexdigest()
