@@ -89,10 +89,8 @@ class BlockPool:
         for i, start in enumerate(range(0, min(len(tokens), len(blocks) * bs) - bs + 1, bs)):
             digest = _chain(digest, tokens[start:start + bs])
             block = blocks[i]
-            if self._name_of.get(block) == digest or digest in self._named:
-                continue  # already named, or another block holds the same prefix: this one stays private
-            if block in self._name_of:  # cannot happen for a full block of this sequence; stay consistent anyway
-                continue
+            if block in self._name_of or digest in self._named:
+                continue  # matched from the cache (named already), or another block holds this prefix: stays private
             self._named[digest] = block
             self._name_of[block] = digest
 
