@@ -124,9 +124,16 @@ def test_compiled_decode_gives_the_eager_tokens(tiny32):
             t.join()
     assert got == want
     assert all(o.token_ids == want[1] for o in outs)
-    # the next start loads the package the first one left (built there, or by an earlier run)
+    # the next start loads the package the first one left (built there, or by an earlier run), and
+    # leaves no unpacked copy of it in the temp dir (a killed server would never remove one)
+    import tempfile
+    from pathlib import Path
+
+    before = set(Path(tempfile.gettempdir()).iterdir())
     with Engine(tiny32, compile=True) as again:
         assert again.describe()["compiled_package"]["reused"] is True, again.describe()
+        assert not {p.name for p in set(Path(tempfile.gettempdir()).iterdir()) - before
+                    if p.name.startswith(("aotinductor_", "llama_lab-aoti-"))}
         assert again.generate(ids, greedy).token_ids == want[0]
 
 

@@ -15,6 +15,7 @@ packages, so one model keeps one package (about twice its weights on disk).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ import warnings
 import zipfile
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -120,12 +121,36 @@ def _check_disk(directory: Path, weights_bytes: int) -> None:
                                f"{need / 2**30:.1f} GiB there")
 
 
+@contextlib.contextmanager
+def _unpacked_privately() -> Iterator[None]:
+    """Let AOTInductor unpack a package into a directory of ours, deleted once the package is loaded.
+
+    Its loader unpacks into a fresh directory under ``TMPDIR`` and removes it only when the loader is
+    destroyed, which a killed server never does: a day of starts here left fourteen 521 MB copies in
+    /tmp. Once loaded, the library is mapped and the weights are in memory, and Linux keeps a deleted
+    file's data while it is in use, so the directory can go at once. ``TMPDIR`` is the only way to
+    point the loader elsewhere; it is changed for the process during the load (at engine start).
+    """
+    scratch = tempfile.mkdtemp(prefix="llama_lab-aoti-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 class CompiledStep:
     """A loaded package: call it like ``FastLlama.forward``; ``path`` and ``reused`` say where it came from."""
 
     def __init__(self, path: Path, reused: bool) -> None:
         self.path, self.reused = path, reused
-        self._run: Callable[..., Any] = torch._inductor.aoti_load_package(str(path))
+        with _unpacked_privately():
+            self._run: Callable[..., Any] = torch._inductor.aoti_load_package(str(path))
 
     def __call__(self, *args: Any) -> torch.Tensor:
         return self._run(*args)
