@@ -131,7 +131,7 @@ def _unpacked_privately() -> Iterator[None]:
     file's data while it is in use, so the directory can go at once. ``TMPDIR`` is the only way to
     point the loader elsewhere; it is changed for the process during the load (at engine start).
     """
-    scratch = tempfile.mkdtemp(prefix="llama_lab-aoti-")
+    scratch = tempfile.mkdtemp(prefix="llama_lab-aoti-")  # first: Python's own temp dir is settled before TMPDIR moves
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = scratch
     try:

@@ -332,7 +332,7 @@ class Engine:
                 if running:
                     self._decode_step(running)
                 elif had_work and not prefilling:
-                    _release_freed_memory()
+                    release_freed_memory()
         finally:
             with self._cond:
                 self._closed = True
@@ -520,7 +520,7 @@ class Engine:
             self.stats.requests_finished += 1
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed memory back to the OS when the batch empties (glibc keeps it otherwise)."""
     try:
         import ctypes

@@ -354,10 +354,13 @@ def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
     import torch
 
     from llama_lab.engine import Engine, SamplingParams
+    from llama_lab.engine.engine import release_freed_memory
     from llama_lab.model.loading import load_model
 
     _import_heavy(mode)
     gc.collect()
+    # hand free heap back first: an engine trims it once idle, which would otherwise show as negative growth
+    release_freed_memory()
     proc = psutil.Process()
     with Monitor(interval_s=settings.interval_s) as mon:
         r.monitor_backend, r.energy_source = mon.backend, mon.energy_source
