@@ -182,9 +182,10 @@ def test_a_broken_package_is_rebuilt_and_replaces_the_models_older_ones(tiny32, 
 
 def test_no_compiled_step_without_room_on_disk(tiny32, monkeypatch, tmp_path):
     import shutil
+    from types import SimpleNamespace
 
     monkeypatch.setenv("LLAMA_LAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1024, 1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12 - 1024, free=1024))
     with Engine(tiny32, compile=True) as engine:
         assert engine.describe()["decode"] == "eager"
         assert "GiB free" in engine.describe()["compile_error"]
