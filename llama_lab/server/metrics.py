@@ -29,7 +29,7 @@ class ServerMetrics:
         Gauge("llama_lab_batch_running", "requests in the decode batch", registry=r).set_function(lambda: stats.running)
         Gauge("llama_lab_engine_steps", "decode steps run by the engine", registry=r).set_function(lambda: stats.steps)
         Gauge("llama_lab_prompt_tokens_cached", "prompt tokens taken from the prefix cache instead of computed",
-              registry=r).set_function(lambda: getattr(stats, "prompt_tokens_cached", 0))
+              registry=r).set_function(lambda: stats.prompt_tokens_cached)
         metrics = self
 
         class _StatusCounter:
