@@ -9,12 +9,25 @@ from conftest import run_cli
 pytestmark = pytest.mark.slow
 
 
-def _tiny_checkpoint_dir(tiny_model):
-    from llama_lab.model.loading import cache_root
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A Hugging Face directory (config, safetensors, tokenizer) of the random tiny preset, written here.
 
-    dirs = sorted(p for p in (cache_root() / "random").glob("tiny-seed0-*") if (p / "config.json").is_file())
-    assert dirs, "the tiny_model fixture writes this checkpoint"
-    return dirs[-1]
+    The old demo's ``--base_model`` takes a directory; this test makes its own rather than reading
+    one that some other test may or may not have left in the cache.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llama_lab.model.loading import random_preset
+
+    config, tokenizer = random_preset("tiny")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target = tmp_path_factory.mktemp("tiny-checkpoint")
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
 
 
 def test_serve_random_tiny_answers_models_and_chat(cli_server):
@@ -25,9 +38,8 @@ def test_serve_random_tiny_answers_models_and_chat(cli_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
-def test_old_demo_flags_work(cli_server, tiny_model):
-    model_dir = _tiny_checkpoint_dir(tiny_model)
-    proc, url = cli_server("--base_model", str(model_dir), "--only_cpu")
+def test_old_demo_flags_work(cli_server, tiny_checkpoint):
+    proc, url = cli_server("--base_model", str(tiny_checkpoint), "--only_cpu")
     health = httpx.get(url + "/health").json()
     assert health["mode"] == "cpu" and health["device"] == "cpu"
     assert httpx.get(url + "/v1/models").status_code == 200
