@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) bench/engine_bench.py
+	$(PY) -m bench.engine_bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

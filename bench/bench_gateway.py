@@ -4,8 +4,8 @@ Starts a backend (``llama-lab serve --model random:tiny``) and a gateway in fron
 separate processes on 127.0.0.1, then alternates identical requests direct / through the gateway
 so drift hits both sides alike. Prints a table, then one JSON line for scripts.
 
-    python bench/bench_gateway.py [--requests 100] [--stream-tokens 128] [--rounds 4]
-    python bench/bench_gateway.py --backend-url http://127.0.0.1:19327
+    python -m bench.bench_gateway [--requests 100] [--stream-tokens 128] [--rounds 4]
+    python -m bench.bench_gateway --backend-url http://127.0.0.1:19327
 """
 
 from __future__ import annotations

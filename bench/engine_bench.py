@@ -1,8 +1,8 @@
 """Decode speed of the engine against raw ``model.generate`` and the previous engine, in one run.
 
-    python bench/engine_bench.py                    # embedded SmolLM2, bf16: all sides, every sweep
-    python bench/engine_bench.py --quick            # shorter sweeps (a few minutes)
-    python bench/engine_bench.py --model random:llama-3-8b --impls raw,eager,compiled   # on a GPU
+    python -m bench.engine_bench                    # embedded SmolLM2, bf16: all sides, every sweep
+    python -m bench.engine_bench --quick            # shorter sweeps (a few minutes)
+    python -m bench.engine_bench --model random:llama-3-8b --impls raw,eager,compiled   # on a GPU
 
 Sides (each in a fresh process, same model, dtype and thread count):
   raw       Hugging Face ``model.generate`` (greedy, eos ignored; batches left-padded)
@@ -33,10 +33,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _servers import baseline_tree  # noqa: E402
 
 TEXT = ("The lighthouse keeper climbed the spiral stairs every evening, counting the steps, listening to the sea "
         "and writing down what the ships carried past the rocks. ")
@@ -169,11 +165,15 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_side(impl: str, args: argparse.Namespace, argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    from bench._servers import baseline_tree  # here, not at the top: the worker runs by path, without ``bench``
+
     cwd = None
     if impl == "previous":
         tree = baseline_tree(args.baseline_ref)
         env["PYTHONPATH"] = str(tree)
         cwd = str(tree)
+    # The worker runs this file by path, not with -m: no working directory is put first on sys.path,
+    # so PYTHONPATH alone decides which llama_lab it imports (the previous side's tree, or the package).
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", impl, *argv],
                           capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode != 0:

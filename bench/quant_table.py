@@ -1,8 +1,8 @@
 """The quantization table from the command line: every load mode, one fresh process each.
 
-    python bench/quant_table.py                       # embedded SmolLM2, all modes -> data/quant_table_cpu.csv
-    python bench/quant_table.py --quick               # CI-sized run
-    python bench/quant_table.py --source random:llama-3-8b --out data/quant_table_gpu.csv   # on a GPU
+    python -m bench.quant_table                       # embedded SmolLM2, all modes -> data/quant_table_cpu.csv
+    python -m bench.quant_table --quick               # CI-sized run
+    python -m bench.quant_table --source random:llama-3-8b --out data/quant_table_gpu.csv   # on a GPU
 
 Prints the table, the theoretical bytes of the 8B preset beside the seed's nvidia-smi figures,
 and, as the last stdout line, one JSON object with every figure.
@@ -20,6 +20,7 @@ from pathlib import Path
 from llama_lab.lab.quant_table import (
     SEED_8B_MIB, BenchSettings, format_table, machine_info, run_table, save_csv, summary_json, theory_table,
 )
+from llama_lab.web.flags import split_commas
 
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the repository's results folder
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_tokens is not None:
         overrides["decode_tokens"] = args.decode_tokens
     if args.modes:
-        overrides["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        overrides["modes"] = tuple(split_commas(args.modes))
     settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
 
     results = run_table(settings, progress=not args.no_progress)

@@ -1,6 +1,6 @@
 """Server benchmark: our OpenAI-compatible server against ``transformers serve``, same machine, same run.
 
-    python bench/server_bench.py [--only ours|peer] [--quick]
+    python -m bench.server_bench [--only ours|peer] [--quick]
 
 Runs raw ``model.generate`` (in a subprocess) as the ceiling, then starts each server as a
 subprocess on a free 127.0.0.1 port and drives it with httpx streaming clients:
@@ -31,11 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import httpx
 
-import httpx  # noqa: E402
-
-from _servers import (  # noqa: E402
+from bench._servers import (
     BENCH_DTYPE,
     ForeignLoad,
     OFFLINE_ENV,

@@ -1,7 +1,7 @@
 """Start-up time and memory of ``llama-lab serve --compile``: this tree against an earlier commit, one run.
 
-    python bench/startup_bench.py                          # against 181788d (the torch.compile step)
-    python bench/startup_bench.py --baseline-ref <ref> --starts 3
+    python -m bench.startup_bench                          # against 181788d (the torch.compile step)
+    python -m bench.startup_bench --baseline-ref <ref> --starts 3
 
 Each side starts ``--starts`` times in turn: seconds until ``/health`` answers, then one short chat
 request, two idle seconds, then the RSS of the server with its child processes (torch.compile leaves compile workers
@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _servers import baseline_tree  # noqa: E402
-
-from llama_lab.web.launcher import ServerProcess  # noqa: E402
+from bench._servers import baseline_tree
+from llama_lab.web.launcher import ServerProcess
 
 SERVE = ["{python}", "-m", "llama_lab", "serve", "--model", "default", "--host", "127.0.0.1", "--port", "{port}",
          "--dtype", "bf16", "--compile"]

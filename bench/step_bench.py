@@ -1,8 +1,8 @@
 """One decode step of one sequence, by context length, for each way the engine can run it, in one process.
 
-    python bench/step_bench.py                        # embedded model: eager and the compiled package
-    python bench/step_bench.py --torch-compile        # also torch.compile's frozen step (compiles ~70 s)
-    python bench/step_bench.py --contexts 10,1000,4000,8000 --rounds 5
+    python -m bench.step_bench                        # embedded model: eager and the compiled package
+    python -m bench.step_bench --torch-compile        # also torch.compile's frozen step (compiles ~70 s)
+    python -m bench.step_bench --contexts 10,1000,4000,8000 --rounds 5
 
 The steps take turns on the same sequence (eager, package, torch.compile, eager, ...), so a slow
 spell of a shared machine hits all of them alike; each figure is the mean over ``--steps`` steps,

@@ -1,8 +1,8 @@
 """The stop-button experiment (seed Bug 2) from the command line: llama_lab's server vs the old demo's pattern.
 
-    python bench/stop_button.py                 # embedded SmolLM2, 300-token answer, leave after 20 chunks
-    python bench/stop_button.py --quick         # CI-sized run (about a minute)
-    python bench/stop_button.py --plot stop.png
+    python -m bench.stop_button                 # embedded SmolLM2, 300-token answer, leave after 20 chunks
+    python -m bench.stop_button --quick         # CI-sized run (about a minute)
+    python -m bench.stop_button --plot stop.png
 
 Each server runs as a subprocess; a streaming client leaves mid-answer by closing the connection
 (what NextChat's stop button does in the browser build). Prints, per server, the tokens generated

@@ -14,8 +14,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 
+from llama_lab.gateway.store import LogRow, Store
 from llama_lab.web.launcher import ServerProcess, free_port, llama_lab_command, wait_healthy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +142,10 @@ class QuotaProbe:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def logged_tokens(store: Store, token_id: int) -> int:
+    """The tokens the request log holds for a token: its ``used`` counter must equal this once requests settle."""
+    query = select(func.coalesce(func.sum(LogRow.total_tokens), 0)).where(LogRow.token_id == token_id)
+    with store.engine.connect() as conn:
+        return int(conn.scalar(query))

@@ -7,6 +7,7 @@ Each test here runs a real server and measures ``/health`` and a concurrent stre
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ from conftest import wait_idle
 
 from llama_lab import serve
 from llama_lab.server.settings import ServerSettings
+from llama_lab.web.body_limit import BodyLimit
 from llama_lab.web.flags import FlagParser, add_settings_flags, settings_from_args
 
 HI = [{"role": "user", "content": "hi"}]
@@ -188,6 +190,25 @@ def test_the_limit_is_a_setting_flag_and_env_var(monkeypatch):
     assert settings_from_args(ServerSettings, parser.parse_args(["--max-body-bytes", "65536"])).max_body_bytes == 65536
     monkeypatch.setenv("LLAMA_LAB_MAX_BODY_BYTES", "123456")
     assert ServerSettings().max_body_bytes == 123456
+
+
+def test_a_client_that_leaves_mid_upload_reaches_the_app_as_a_disconnect():
+    """The app sees ``http.disconnect`` (the gateway logs the abandoned request), and nothing is sent to the client."""
+    arriving = [{"type": "http.request", "body": b'{"messages": ', "more_body": True}, {"type": "http.disconnect"}]
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(await receive())
+
+    async def receive():
+        return arriving.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "client": ("127.0.0.1", 1)}
+    asyncio.run(BodyLimit(app, max_bytes=1024)(scope, receive, send))
+    assert seen == [{"type": "http.disconnect"}] and sent == []
 
 
 # ---------------------------------------------------------------- the event loop keeps answering

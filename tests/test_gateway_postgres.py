@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from gateway_support import ADMIN_KEY, PG_URL, chat_body, pg_schema_url, wait_for
+from gateway_support import ADMIN_KEY, PG_URL, chat_body, logged_tokens, pg_schema_url, wait_for
 from llama_lab.gateway import serve_gateway
 from llama_lab.gateway.schemas import TokenIn
 from llama_lab.gateway.store import Store
@@ -42,7 +42,7 @@ def test_store_settle_is_atomic_on_postgres(pg_url):
             t.start()
         for t in threads:
             t.join()
-        assert stores[1].get_token(token.id).used == 8 * 40 * 5 == stores[0].logged_tokens(token.id)
+        assert stores[1].get_token(token.id).used == 8 * 40 * 5 == logged_tokens(stores[0], token.id)
     finally:
         for s in stores:
             s.close()

@@ -23,6 +23,7 @@ from gateway_support import (
     StallingServer,
     chat_body,
     free_port,
+    logged_tokens,
     pg_schema_url,
     sse_data,
     wait_for,
@@ -108,7 +109,7 @@ def _reserve_race(stores: list[Store], quota: int, amount: int, attempts: int) -
     for i, rid in enumerate(won):  # settle each for less than it held: the rest is released
         stores[i % len(stores)].settle(_entry(token.id, 3, 4), rid)
     used, reserved, _ = stores[0].quota_state(token.id)
-    assert (used, reserved) == (7 * len(won), 0) and used == stores[0].logged_tokens(token.id)
+    assert (used, reserved) == (7 * len(won), 0) and used == logged_tokens(stores[0], token.id)
 
 
 def test_reservations_are_race_free_on_sqlite(tmp_path):

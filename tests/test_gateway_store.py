@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from gateway_support import logged_tokens
 from llama_lab.gateway.schemas import parse_expiry
 from llama_lab.gateway.routing import upstream_url, weighted_order
 from llama_lab.gateway.schemas import Channel, ChannelIn, ChannelPatch, TokenIn, TokenPatch
@@ -46,7 +47,7 @@ def test_settle_is_atomic_under_concurrency(store):
         t.start()
     for t in threads:
         t.join()
-    assert store.get_token(token.id).used == 8 * 25 * 7 == store.logged_tokens(token.id)
+    assert store.get_token(token.id).used == 8 * 25 * 7 == logged_tokens(store, token.id)
 
 
 def test_state_survives_reopen(tmp_path):

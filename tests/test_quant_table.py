@@ -115,7 +115,7 @@ def test_shipped_cpu_table():
 def test_script_prints_table_and_json_last(tmp_path):
     out = tmp_path / "table.csv"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quant_table.py"), "--source", "random:tiny", "--quick",
+        [sys.executable, "-m", "bench.quant_table", "--source", "random:tiny", "--quick",
          "--modes", "full,4bit", "--decode-tokens", "4", "--no-isolate", "--no-progress", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )

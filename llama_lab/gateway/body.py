@@ -1,24 +1,21 @@
-"""Request bodies that cannot freeze the gateway: a size limit enforced while reading, big JSON off the loop."""
+"""Request bodies that cannot freeze the gateway: big JSON parsed off the event loop, and sent on unencoded.
+
+The size limit itself is ``web.body_limit.BodyLimit``, which both apps share.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, TypeVar
 
 import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from llama_lab.web.errors import error_body
-
-log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# Below this, parsing on the event loop is quicker than a thread hop (a few hundred microseconds).
+# Below this, parsing on the event loop is quicker than the hop to a worker thread and back.
 OFF_LOOP_BYTES = 256 * 1024
 
 
@@ -104,78 +101,3 @@ def _end(obj: JsonObject, text: str, idx: int) -> JsonObject:
     if _WS.match(text, idx + 1).end() != len(text):
         raise ValueError("extra data")
     return obj
-
-
-class BodyLimit:
-    """ASGI middleware: refuse a body over ``max_bytes`` with 413, having held at most that much of it.
-
-    A declared ``Content-Length`` over the limit is refused before a byte is read; a chunked body is
-    counted as it arrives. The server discards the rest of a refused body without buffering it.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, send, f"{declared} bytes")
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending: let the app see it
-                await self.app(scope, _replay(message, receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, send, f"more than {self.max_bytes} bytes")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay(body, receive), send)
-
-    async def _refuse(self, scope: Scope, send: Send, size: str) -> None:
-        client = scope.get("client") or ("?", 0)
-        log.warning("refused a %s body on %s %s from %s", size, scope.get("method"), scope.get("path"), client[0])
-        mib = self.max_bytes / 2**20
-        message = (
-            f"The request body is too large: {size}, and this gateway accepts at most {self.max_bytes} bytes "
-            f"({mib:.3g} MiB). Send a shorter conversation, or ask the gateway admin to raise --max-body-bytes."
-        )
-        content = json.dumps(error_body(message, "invalid_request_error", code="request_too_large")).encode()
-        await send({
-            "type": "http.response.start", "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
-        })
-        await send({"type": "http.response.body", "body": content, "more_body": False})
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers") or []:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _replay(first: Message, receive: Receive) -> Receive:
-    """A ``receive`` that answers ``first`` once, then the real one (which reports the disconnect)."""
-    pending: list[Message] = [first]
-
-    async def replay() -> Message:
-        if pending:
-            return pending.pop()
-        return await receive()
-
-    return replay

@@ -1,7 +1,8 @@
 """``llama-lab gateway``: run a gateway, or manage a running one's channels, tokens and logs.
 
 The flags of ``channel``, ``token`` and ``logs`` are generated from the models in ``schemas``
-(``model_flags``), so a field added there shows up here, in the REST API and in the client at once.
+(``web.flags.add_model_flags``), so a field added there shows up here, in the REST API and in the
+client at once.
 """
 
 from __future__ import annotations
@@ -11,87 +12,16 @@ import json
 import logging
 import os
 import sys
-import types
-import typing
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic.fields import FieldInfo
 
 from llama_lab.gateway.admin import DEFAULT_URL, Gateway, GatewayAdminError
-from llama_lab.gateway.schemas import CHANNELS, TOKENS, Cli, LogFilter, Resource, parse_csv
+from llama_lab.gateway.schemas import CHANNELS, TOKENS, LogFilter, Resource
 from llama_lab.gateway.settings import GatewaySettings
-from llama_lab.web.flags import FlagParser, add_settings_flags, settings_from_args
+from llama_lab.web.flags import FlagParser, add_model_flags, add_settings_flags, model_values, settings_from_args
 
 log = logging.getLogger(__name__)
-
-_SCALARS: dict[Any, Any] = {int: int, float: float, str: str}
-
-
-def _value_type(info: FieldInfo) -> Any:
-    """The field's type without ``None``: ``int | None`` -> int, ``list[str]`` -> list."""
-    annotation = info.annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
-    return typing.get_origin(annotation) or annotation
-
-
-def _word_parser(name: str, parse: Any) -> Any:
-    """argparse reports a parser's ValueError as "invalid <func> value"; keep the parser's own words."""
-    if parse in _SCALARS.values():
-        return parse
-
-    def word(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    word.__name__ = name
-    return word
-
-
-def model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, positional: bool = False) -> None:
-    """One flag per field of ``model`` (absent from the namespace unless given, so an update changes only those).
-
-    With ``positional``, the model's required fields are positional arguments (``channel add NAME BASE_URL``).
-    """
-    for name, info in model.model_fields.items():
-        cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
-        kind = _value_type(info)
-        parse = cli.parse or (parse_csv if kind is list and not cli.repeat else _SCALARS.get(kind, str))
-        parse = _word_parser(name, parse)
-        if positional and info.is_required():
-            parser.add_argument(name, type=parse, help=info.description)
-            continue
-        flag = cli.flag or "--" + name.replace("_", "-")
-        common = {"dest": name, "default": cli.default if cli.default is not None else argparse.SUPPRESS}
-        if kind is bool:
-            group = parser.add_mutually_exclusive_group()
-            on, off = cli.on or flag, cli.off or "--no-" + flag[2:]
-            if info.default is not True:  # creating with default True: only the flag that changes it
-                group.add_argument(on, action="store_true", help=info.description, **common)
-            if info.default is not False:
-                group.add_argument(off, action="store_false", help=f"{name}: false", **common)
-            continue
-        target = parser.add_mutually_exclusive_group() if cli.none else parser
-        help_text = info.description or ""
-        if cli.default is not None:
-            help_text += f" [default here: {cli.default}]"
-        target.add_argument(flag, type=parse, action="append" if cli.repeat else "store",
-                            metavar=cli.metavar or name.upper(), help=help_text, **common)
-        if cli.none:
-            target.add_argument(cli.none, action="store_const", const=None, help=f"set {name} to null", **common)
-
-
-def model_values(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
-    """The fields of ``model`` the user typed; a repeated ``--map A=B`` becomes a dict."""
-    values = {n: getattr(args, n) for n in model.model_fields if hasattr(args, n)}
-    for name, value in values.items():
-        if _value_type(model.model_fields[name]) is dict and isinstance(value, list):
-            values[name] = dict(value)
-    return values
 
 
 def _client_flags() -> argparse.ArgumentParser:
@@ -107,11 +37,11 @@ def _client_flags() -> argparse.ArgumentParser:
 def _collection_commands(sub: Any, res: Resource, common: argparse.ArgumentParser, help_text: str) -> Any:
     actions = sub.add_parser(res.name, help=help_text).add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", parents=[common], help=f"add a {res.name}")
-    model_flags(add, res.create, positional=True)
+    add_model_flags(add, res.create, positional=True)
     actions.add_parser("list", parents=[common], help=f"list {res.path}")
     update = actions.add_parser("update", parents=[common], help=f"change a {res.name} (only the flags given)")
     update.add_argument("id", type=int)
-    model_flags(update, res.patch)
+    add_model_flags(update, res.patch)
     delete = actions.add_parser("delete", parents=[common], help=f"delete a {res.name}")
     delete.add_argument("id", type=int)
     return actions
@@ -138,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _collection_commands(sub, TOKENS, common, "manage API keys (a new key is shown once)")
 
     logs = sub.add_parser("logs", parents=[common], help="show the request log, newest first")
-    model_flags(logs, LogFilter)
+    add_model_flags(logs, LogFilter)
     return parser
 
 

@@ -1,8 +1,8 @@
 """Admin API shapes: the one declaration of channel, token and log-filter fields.
 
 The REST routes, the Python client (``Gateway``) and the CLI flags all derive from these models.
-A field whose command-line spelling is not the plain ``--field-name`` carries ``Cli`` metadata;
-pydantic ignores it, the CLI builder reads it.
+A field whose command-line spelling is not the plain ``--field-name`` carries ``Cli`` metadata
+(``web.flags``); pydantic ignores it, the CLI builder reads it.
 """
 
 from __future__ import annotations
@@ -12,24 +12,11 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
-
-@dataclass(frozen=True)
-class Cli:
-    """How a field is spelled on ``llama-lab gateway``, when ``--field-name VALUE`` would not do."""
-
-    flag: str | None = None  # the option, when not --field-name
-    parse: Callable[[str], Any] | None = None  # one command-line word -> value; ValueError = bad word
-    repeat: bool = False  # given several times: a list, or a dict of (key, value) pairs
-    on: str | None = None  # bool fields: the flag that sets True ...
-    off: str | None = None  # ... and the one that sets False
-    none: str | None = None  # a flag that sets the field to null (--unlimited)
-    metavar: str | None = None
-    default: Any = None  # a CLI-only default (``logs --limit`` shows 20 rows, the API 100)
-
+from llama_lab.web.flags import Cli, split_commas
 
 # -- value parsers shared by the models and the command line ---------------------------------
 
@@ -61,10 +48,6 @@ def parse_expiry(text: str) -> float | None:
 def parse_since(text: str) -> float | None:
     """A duration *ago* ('1h'), a date, or unix seconds: for log filters."""
     return _when(text, -1)
-
-
-def parse_csv(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_pair(text: str) -> tuple[str, str]:
@@ -148,7 +131,7 @@ class ChannelFields(BaseModel):
         min_length=1, json_schema_extra={"pattern": "^https?://"},
         description="OpenAI-compatible base URL, with or without /v1, e.g. http://192.168.1.20:19327/v1.",
     )
-    models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
+    models: Annotated[list[str], Cli(parse=split_commas, metavar="A,B")] = Field(
         default_factory=list, description="Models served, comma-separated on the CLI; empty = any model."
     )
     model_mapping: Annotated[
@@ -193,7 +176,7 @@ class TokenFields(BaseModel):
     """The token fields an admin sets (and reads back)."""
 
     name: str = Field(min_length=1, description="Who or what uses it, e.g. alice; shown in logs and errors.")
-    models: Annotated[list[str], Cli(parse=parse_csv, metavar="A,B")] = Field(
+    models: Annotated[list[str], Cli(parse=split_commas, metavar="A,B")] = Field(
         default_factory=list, description="Allowed models, comma-separated on the CLI; empty = all."
     )
     expires_at: Annotated[

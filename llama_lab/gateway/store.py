@@ -26,7 +26,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     inspect,
     select,
     text,
@@ -413,9 +412,3 @@ class Store:
         query = query.order_by(LogRow.id.desc()).limit(f.limit).offset(f.offset)
         with self._session() as s:
             return [LogOut.model_validate(r) for r in s.scalars(query)]
-
-    def logged_tokens(self, token_id: int) -> int:
-        with self._session() as s:
-            return int(
-                s.scalar(select(func.coalesce(func.sum(LogRow.total_tokens), 0)).where(LogRow.token_id == token_id))
-            )

@@ -1,7 +1,7 @@
 """THE BUGGY PATTERN, reproduced on purpose: the old demo's streaming, with the user's attempted stop fix.
 
 Do not copy this code. It exists so the stop experiment (``llama_lab.lab.stop_experiment``) can measure
-the seed's Bug 2 beside llama_lab's server: pressing stop in the client closes the stream, yet the
+the stop-button bug beside llama_lab's server: pressing stop in the client closes the stream, yet the
 server keeps generating to ``max_tokens`` at full power.
 
 What it reproduces from Chinese-LLaMA-Alpaca-3's ``openai_api_server.py`` and the write-up:

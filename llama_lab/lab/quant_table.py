@@ -49,7 +49,8 @@ DECODE_PROMPTS = [
 ]
 WEIGHTS_TOLERANCE = 0.15  # the bar: framework weights memory within 15% of the theoretical bytes
 
-# The seed write-up's hand measurements for the 8B model (nvidia-smi, whole device; nvidia-smi's MB are MiB).
+# The 8B model's memory as the reference write-up measured it by hand (nvidia-smi, whole device; nvidia-smi's MB
+# are MiB): printed beside the theoretical bytes, the figures a reader of that write-up compares against.
 SEED_8B_MIB = {"full": 15708, "8bit": 9336, "4bit": 5744, "cpu": 0}
 
 
@@ -387,7 +388,7 @@ def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
             with mon.phase("quality"):
                 text = Path(settings.ppl_path).read_text(encoding="utf-8")
                 # on the engine's thread: a second thread running torch keeps its own OpenMP team,
-                # which then competes with the engine's and slows later decoding by ~40% on 2 cores
+                # which then competes with the engine's for the cores and slows later decoding (docs/profiling.md)
                 r.perplexity, r.ppl_tokens = engine.call(lambda: perplexity(lm, text, settings.ppl_max_tokens)).result()
             with mon.phase("warmup"):  # the same shapes as the timed runs: lazy init and kernel choices are paid here
                 timed_requests(engine, prompts[:1], settings.decode_tokens)
@@ -547,7 +548,7 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def theory_table(preset: str = "llama-3-8b") -> str:
-    """Theoretical weight bytes per mode for an architecture preset; for the 8B, beside the seed's nvidia-smi."""
+    """Theoretical weight bytes per mode for an architecture preset; for the 8B, beside the write-up's nvidia-smi."""
     seed = preset == "llama-3-8b"
     lines = [f"{'mode':>5}  {'theory weights MiB':>18}" + (f"  {'seed nvidia-smi MiB':>19}" if seed else "")
              + f"   ({preset}, bf16 compute; nvidia-smi adds the CUDA context, ~0.4-0.5 GiB)"]
@@ -558,7 +559,7 @@ def theory_table(preset: str = "llama-3-8b") -> str:
 
 
 def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None = None) -> str:
-    """A readable fixed-width table; ``seed_mib`` adds the seed's nvidia-smi figures beside ours."""
+    """A readable fixed-width table; ``seed_mib`` adds the reference write-up's nvidia-smi figures beside ours."""
     header = ["mode", "load s", "weights MiB", "theory MiB", "w/theory", "device MiB", "RSS MiB", "peak MiB",
               "TTFT s", "tok/s b1", "b1 spread", "tok/s bN", "bN spread", "J/tok", "ppl"]
     if seed_mib:

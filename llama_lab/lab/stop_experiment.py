@@ -1,4 +1,4 @@
-"""The stop-button experiment (the seed's Bug 2): does the server stop when the client leaves?
+"""The stop-button experiment: does the server stop generating when the client leaves?
 
 A client streams a long chat completion, reads ``leave_after`` chunks and closes the connection,
 as NextChat's stop button aborts its fetch. A ``Monitor`` watches the server process, and the

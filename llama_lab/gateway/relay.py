@@ -1,0 +1,104 @@
+"""One OpenAI request through the gateway: reserve its worst-case cost, proxy it, settle what it used.
+
+``relay`` checks the caller and the body, holds the quota the request may cost (prompt bound plus
+completion cap), and hands a ``Relay`` response the channels to try; the ``Relay`` settles the
+reservation against the usage the backend reported. A request refused before it is forwarded is
+logged and its reservation released here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import Request
+
+from llama_lab.gateway.auth import check_model, current_token
+from llama_lab.gateway.body import JsonObject, off_loop_if_large, parse_object
+from llama_lab.gateway.errors import GatewayError
+from llama_lab.gateway.proxy import ProxyCall, Relay
+from llama_lab.gateway.quota import completion_cap, worst_case
+from llama_lab.gateway.schemas import TokenOut
+from llama_lab.web.errors import APIError
+
+
+async def reserve(request: Request, token: TokenOut, need: int) -> int | None:
+    """Hold ``need`` tokens of the token's quota, or refuse with 429 saying how much is left."""
+    state = request.app.state
+    rid = await state.reservations.take(token.id, need)
+    if rid is not None:
+        return rid
+    used, reserved, quota = await state.store.run(state.store.quota_state, token.id)
+    if quota is None:  # made unlimited since we read it
+        return None
+    if used >= quota:
+        message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used. "
+                   "Ask the gateway admin to raise the quota.")
+    else:
+        free = max(quota - used - reserved, 0)
+        message = (
+            f"Token '{token.name}' has not enough quota left for this request: it may cost up to {need} tokens "
+            f"(the prompt's upper bound plus max_tokens), and {free} of its {quota}-token quota are free "
+            f"({used} used, {reserved} held by requests in flight). Lower max_tokens, or ask the gateway admin "
+            "to raise the quota."
+        )
+    raise GatewayError(429, message, "insufficient_quota", "insufficient_quota")
+
+
+def _parse_request(raw: bytes) -> JsonObject:
+    try:
+        body = parse_object(raw)
+    except ValueError as exc:
+        raise GatewayError(400, f"The request body is not valid JSON: {exc}.") from exc
+    if not isinstance(body.values, dict):
+        raise GatewayError(400, "The request body must be a JSON object.")
+    return body
+
+
+async def relay(request: Request, path: str) -> Relay:
+    """Check, reserve and route one request to ``path`` upstream; the returned response proxies and settles it."""
+    state = request.app.state
+    token: TokenOut | None = None
+    model: Any = None
+    rid: int | None = None
+    need: int | None = None
+    started = time.time()
+    try:
+        token = await current_token(request)
+        raw = await request.body()  # at most --max-body-bytes: BodyLimit refused anything bigger
+        source = await off_loop_if_large(len(raw), _parse_request, raw)
+        body, overrides = source.values, {}
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(400, "You must provide a model parameter (a model name, as listed by GET /v1/models).")
+        check_model(token, model)
+        cap = completion_cap(body)
+        if cap is None:  # the cap we reserve is the cap the backend gets
+            overrides["max_tokens"] = cap = state.settings.default_max_tokens
+        if token.quota is not None:
+            need = await off_loop_if_large(len(raw), worst_case, body, cap)
+            rid = await reserve(request, token, need)
+        candidates = await state.router.candidates(model)
+        if not candidates:
+            raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")
+    except BaseException as exc:  # refused (or failed) before forwarding: log it, release what it held
+        refused = isinstance(exc, APIError)
+        await state.reservations.settle(
+            {
+                "time": started, "token_id": token.id if token else None, "token_name": token.name if token else None,
+                "channel_id": None, "channel_name": None, "model": model if isinstance(model, str) else None,
+                "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": (time.time() - started) * 1000,
+                "first_byte_ms": None, "status": exc.status if refused else 500, "stream": False,
+                "error": exc.message if refused else f"the gateway failed before forwarding: {exc!r}",
+            },
+            rid,
+        )
+        raise
+    stream = bool(body.get("stream"))
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    call = ProxyCall(
+        path=path, body=body, source=source, overrides=overrides, body_size=len(raw), model=model, stream=stream,
+        client_wants_usage=bool(options.get("include_usage")), token=token, reservation=rid, reserved=need,
+    )
+    return Relay(call, candidates, router=state.router, reservations=state.reservations, client=state.client,
+                 settings=state.settings)
