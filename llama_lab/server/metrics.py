@@ -30,6 +30,18 @@ class ServerMetrics:
         Gauge("llama_lab_engine_steps", "decode steps run by the engine", registry=r).set_function(lambda: stats.steps)
         Gauge("llama_lab_prompt_tokens_cached", "prompt tokens taken from the prefix cache instead of computed",
               registry=r).set_function(lambda: stats.prompt_tokens_cached)
+        policy = engine.thread_policy  # engine/threads.py: why the engine runs the threads it runs
+        Gauge("llama_lab_engine_threads", "CPU threads the engine's model work uses now",
+              registry=r).set_function(lambda: policy.threads)
+        Gauge("llama_lab_engine_threads_max", "threads that fit this process's CPU affinity and cgroup quota (or pinned)",
+              registry=r).set_function(lambda: policy.max_threads)
+        Gauge("llama_lab_cpu_used_by_others", "CPUs' worth of time other work used on the engine's cores at the last sample",
+              registry=r).set_function(lambda: policy.others or 0.0)
+        reason = Gauge("llama_lab_engine_threads_reason", "1 for the reason behind the thread count "
+                       "(cpu_limit: every core it may use; busy: other work uses some; pinned: --threads)",
+                       ["reason"], registry=r)
+        for value in type(policy.reason):
+            reason.labels(value.value).set_function(lambda value=value: float(policy.reason is value))
         metrics = self
 
         class _StatusCounter:

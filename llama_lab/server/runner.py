@@ -18,9 +18,18 @@ class ServerHandle(BackgroundServer):
     def __init__(self, engine: Engine, settings: ServerSettings, owns_engine: bool) -> None:
         from llama_lab.server.app import create_app
 
+        from llama_lab.engine.threads import hand_over_the_gil_sooner
+
         self.engine, self.settings = engine, settings
+        restore_gil = hand_over_the_gil_sooner()  # the engine shares this interpreter with the notebook's cells
+
+        def on_stop() -> None:
+            restore_gil()
+            if owns_engine:
+                engine.close()
+
         super().__init__(create_app(engine, settings), settings.host, settings.port, name="llama_lab server",
-                         log_level=settings.log_level, on_stop=engine.close if owns_engine else None)
+                         log_level=settings.log_level, on_stop=on_stop)
 
     @property
     def base_url(self) -> str:
