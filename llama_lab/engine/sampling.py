@@ -11,15 +11,26 @@ over the renormalized top-k distribution (the token that crosses ``top_p`` is ke
 draw by inverse CDF with a uniform from the row's generator. Top-p looks at the ``TOP_P_CANDIDATES``
 most likely tokens first and falls back to a full sort only for a row whose nucleus is larger, so
 a CPU batch is not sorting 128k-entry vocabularies every step.
+
+Before temperature, a row's ``logit_bias`` is added and, for a row with a grammar, every token its
+grammar forbids gets ``-inf`` (the bitmask is filled on the host, copied to the device without a
+sync, and applied to the constrained rows only: a batch without grammars never builds one). The
+grammar's matcher advances on the host once the ids are there (``advance_grammars``), so a
+constrained step still has one host synchronization.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+
+from llama_lab.defaults import DEFAULTS
+
+if TYPE_CHECKING:
+    from llama_lab.engine.grammar import CompiledGrammar
 
 TOP_P_CANDIDATES = 64
 _MIN_TEMPERATURE = 1e-5  # below this a temperature only changes rounding; treat it as this
@@ -29,9 +40,9 @@ _MIN_TEMPERATURE = 1e-5  # below this a temperature only changes rounding; treat
 class SamplingParams:
     """Everything that shapes one request's output; the server builds it in exactly one place."""
 
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int = DEFAULTS.max_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
     top_k: int = 0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -41,6 +52,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # benchmarks only: decode exactly max_tokens
+    logit_bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit), OpenAI's -100..100
+    grammar: "CompiledGrammar | None" = None  # constrains the output (engine.grammar); None: free text
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -58,6 +71,9 @@ class SamplingParams:
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError("top_logprobs must be between 0 and 20")
         self.stop = tuple(s for s in self.stop if s)
+        self.logit_bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if any(t < 0 or not math.isfinite(b) for t, b in self.logit_bias):
+            raise ValueError("logit_bias needs token ids >= 0 and finite biases")
 
     @property
     def greedy(self) -> bool:
@@ -90,6 +106,13 @@ class RowState:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             ids = torch.tensor([i for i in prompt_ids if 0 <= i < vocab], dtype=torch.long, device=device)
             self.seen.index_fill_(0, ids, True)
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            known = [(t, b) for t, b in params.logit_bias if t < vocab]
+            self.bias = (torch.tensor([t for t, _ in known], dtype=torch.long, device=device),
+                         torch.tensor([b for _, b in known], dtype=torch.float32, device=device))
+        self.matcher: Any = params.grammar.matcher() if params.grammar is not None else None
+        self.mask_words = (vocab + 31) // 32
 
 
 def record_tokens(rows: Sequence[RowState], tokens: torch.Tensor) -> None:
@@ -186,10 +209,70 @@ def _sample_filtered(scaled: torch.Tensor, rows: Sequence[RowState], u: torch.Te
     return picked
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+    """Add each biased row's ``logit_bias`` in place (OpenAI: added to the logits before sampling)."""
+    for i, row in enumerate(rows):
+        if row.bias is not None:
+            ids, values = row.bias
+            logits[i].index_add_(0, ids, values)
+    return logits
+
+
+def grammar_bitmask(rows: Sequence[RowState], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The constrained rows' bitmasks ``[R, ceil(V/32)]`` int32 on ``device`` and their row indices.
+
+    Filled on the host by each row's matcher; the copy to the device is queued without waiting.
+    None when no row has a grammar: free batches build nothing.
+    """
+    from llama_lab.engine.grammar import fill_bitmask
+
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None]
+    if not constrained:
+        return None
+    mask = torch.empty((len(constrained), rows[constrained[0]].mask_words), dtype=torch.int32)
+    fill_bitmask([rows[i].matcher for i in constrained], mask)
+    index = torch.tensor(constrained, dtype=torch.long)
+    return mask.to(device, non_blocking=True), index.to(device, non_blocking=True)
+
+
+def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Set to ``-inf``, in the rows ``index`` of ``logits`` ``[B, V]``, every token whose bit in ``mask`` is 0."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+    forbidden = ((mask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab] == 0
+    if forbidden.shape[1] < vocab:  # tokens past the grammar's vocabulary are never allowed
+        forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
+    rows = logits.index_select(0, index)
+    rows.masked_fill_(forbidden, float("-inf"))
+    return logits.index_copy_(0, index, rows)
+
+
+def advance_grammars(rows: Sequence[RowState], ids: Sequence[int], stop_ids: frozenset[int] | set[int]) -> list[str | None]:
+    """Feed each constrained row its chosen token (host ids, after the step's one sync).
+
+    Returns, per row, None or the reason its grammar broke (the row then ends with an error).
+    A stop token ends the request instead and is not fed.
+    """
+    errors: list[str | None] = [None] * len(rows)
+    for i, (row, token) in enumerate(zip(rows, ids)):
+        if row.matcher is None or token in stop_ids:
+            continue
+        if not row.matcher.consume_token(int(token)) or row.matcher.is_error():
+            errors[i] = f"the grammar rejected token {token}: {row.matcher.get_error() or 'not allowed'}"
+    return errors
+
+
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     """The next token of every row, on the logits' device. ``logits`` is ``[B, V]`` float32."""
+    adjusted = False
     if any(r.params.penalized for r in rows):
-        logits = apply_penalties(logits.clone(), rows)
+        logits, adjusted = apply_penalties(logits.clone(), rows), True
+    if any(r.bias is not None for r in rows):
+        logits = apply_logit_bias(logits if adjusted else logits.clone(), rows)
+        adjusted = True
+    bitmask = grammar_bitmask(rows, logits.device)
+    if bitmask is not None:
+        logits = apply_bitmask(logits if adjusted else logits.clone(), *bitmask)
     out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # Llama 3.1's date preamble about as many; 64 leaves room.
 TEMPLATE_OVERHEAD_TOKENS = 64
 
+# A backend that renders tools with a generic prompt (llama_lab's, for templates without tool support)
+# adds fixed instructions around the tools' JSON: 105 tokens for SmolLM2; 128 leaves room.
+TOOL_PROMPT_OVERHEAD_TOKENS = 128
+
 _PROMPT_FIELDS = ("messages", "prompt", "suffix", "tools", "functions", "tool_choice", "response_format")
 
 
@@ -36,7 +40,8 @@ def prompt_upper_bound(body: dict[str, Any]) -> int:
         value = body.get(field)
         if value is not None:
             size += len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-    return size + TEMPLATE_OVERHEAD_TOKENS
+    tools = TOOL_PROMPT_OVERHEAD_TOKENS if body.get("tools") or body.get("functions") else 0
+    return size + TEMPLATE_OVERHEAD_TOKENS + tools
 
 
 def _count(body: dict[str, Any], field: str) -> int | None:

@@ -13,6 +13,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from llama_lab.engine import Engine
+from llama_lab.engine.grammar import GrammarCompiler
+from llama_lab.model.chat import tool_format
 from llama_lab.server.metrics import ServerMetrics
 from llama_lab.server.protocol import Defaults
 from llama_lab.server.routes import router
@@ -35,6 +37,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     state.metrics = ServerMetrics(engine)
     state.defaults = Defaults(max_tokens=settings.default_max_tokens, temperature=settings.default_temperature,
                               top_p=settings.default_top_p)
+    # Structured outputs: grammars compiled for this model's tokenizer (cached), calls read in its template's format.
+    state.grammars = GrammarCompiler(engine.loaded.tokenizer, engine.loaded.stop_token_ids)
+    state.tool_format = tool_format(engine.loaded.tokenizer)
     state.model_name = lambda requested: requested if requested in served else served[0]
     install_error_handlers(app)
     # Added first, so it runs inside CORS and metrics: a 413 is counted and readable by a browser page.

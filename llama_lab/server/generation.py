@@ -19,8 +19,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llama_lab.engine import Delta, Engine, EngineClosed, EngineOverloaded, RequestHandle, SamplingParams
+from llama_lab.engine.grammar import CompiledGrammar, GrammarError
+from llama_lab.model.chat import ToolFormat
 from llama_lab.server.metrics import ServerMetrics
-from llama_lab.server.protocol import Defaults, GenerationRequest
+from llama_lab.server.protocol import ChatCompletionRequest, Defaults, GenerationRequest
+from llama_lab.server.tools import ToolCallParser, ToolEvent
 from llama_lab.web.errors import APIError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class _Choice:
     """What the JSON (non-streaming) answer accumulates per choice."""
 
     text: list[str] = field(default_factory=list)
+    calls: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
@@ -115,11 +119,18 @@ async def respond(request: Request, body: GenerationRequest, prompts: list[list[
     if body.ignored_fields():
         logger.debug("ignoring unsupported request fields: %s", ", ".join(body.ignored_fields()))
     param = "messages" if kind == "chat" else "prompt"
+    vocab = len(engine.loaded.tokenizer)
+    for token, _ in body.bias_pairs():
+        if token >= vocab:
+            raise APIError(400, f"logit_bias names token {token}, outside this model's vocabulary (0..{vocab - 1})",
+                           param="logit_bias")
+    tools = state.tool_format if isinstance(body, ChatCompletionRequest) and body.tool_mode()[0] != "none" else None
+    grammar = await _compiled_grammar(state, body, tools)
     jobs = []
     for i, ids in enumerate(prompts):
         budget = completion_budget(len(ids), engine.loaded.context_length, body.requested_max_tokens(),
                                    defaults.max_tokens, param)
-        jobs.append((ids, body.to_sampling_params(max_tokens=budget, defaults=defaults, index=i)))
+        jobs.append((ids, body.to_sampling_params(max_tokens=budget, defaults=defaults, index=i, grammar=grammar)))
     echo_texts = None
     if getattr(body, "echo", False):  # decoding a long prompt is tokenizer work: off the event loop
         tokenizer = engine.loaded.tokenizer
@@ -136,13 +147,30 @@ async def respond(request: Request, body: GenerationRequest, prompts: list[list[
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     meta = _Meta(rid=rid, created=int(time.time()), model=state.model_name(body.model), kind=kind,
                  prompt_tokens=sum(len(ids) for ids in prompts[:: max(1, body.n)]), echo_texts=echo_texts,
-                 per_prompt=max(1, body.n))
+                 per_prompt=max(1, body.n), tools=tools,
+                 legacy_functions=isinstance(body, ChatCompletionRequest) and body.legacy_functions())
     events = _guarded(request, streams, state.metrics)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _EventStream(_sse(events, meta, include_usage, n=len(prompts)), on_close=streams.cancel,
                             media_type="text/event-stream", headers=SSE_HEADERS)
     return JSONResponse(await _collect(events, meta, n=len(prompts)))
+
+
+async def _compiled_grammar(state: Any, body: GenerationRequest, tools: ToolFormat | None) -> CompiledGrammar | None:
+    """The request's grammar, compiled on a worker thread (cached by schema); a 400 naming the field if invalid."""
+    try:
+        wanted = body.grammar_spec(tools or state.tool_format)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=getattr(body, "tool_choice_param", lambda: None)()) from None
+    if wanted is None:
+        return None
+    spec, field_name = wanted
+    try:
+        return await asyncio.to_thread(state.grammars.compile, spec)
+    except GrammarError as exc:
+        raise APIError(400, f"'{field_name}' cannot be enforced: {exc}", param=field_name,
+                       code="invalid_schema") from None
 
 
 class _EventStream(StreamingResponse):
@@ -172,6 +200,17 @@ class _Meta:
     prompt_tokens: int
     echo_texts: list[str] | None = None
     per_prompt: int = 1  # choices per prompt (``n``): choice i answers prompt i // per_prompt
+    tools: ToolFormat | None = None  # read tool calls out of the answer, in this format
+    legacy_functions: bool = False  # answer with ``function_call`` (the request sent ``functions``)
+
+    def parser(self) -> ToolCallParser | None:
+        return ToolCallParser(self.tools) if self.tools is not None else None
+
+    def finish(self, reason: str, calls: int) -> str:
+        """``tool_calls`` (``function_call`` for legacy requests) when a finished answer called tools."""
+        if calls and reason == "stop":
+            return "function_call" if self.legacy_functions else "tool_calls"
+        return reason
 
 
 async def _guarded(request: Request, streams: AsyncStreams, metrics: ServerMetrics) -> AsyncIterator[tuple[int, Delta]]:
@@ -218,6 +257,25 @@ def _finish_reason(delta: Delta) -> str:
                    f"generation ended early: {delta.error or delta.finish_reason}", type="server_error")
 
 
+def _chat_deltas(meta: _Meta, parser: ToolCallParser | None, text: str, final: bool) -> list[dict[str, Any]]:
+    """A text delta as OpenAI's ``delta`` objects: content, or a tool call's name first, then its arguments."""
+    if parser is None:
+        return [{"content": text}] if text else []
+    events = parser.feed(text) + (parser.finish() if final else [])
+    return [_event_delta(meta, e) for e in events]
+
+
+def _event_delta(meta: _Meta, e: ToolEvent) -> dict[str, Any]:
+    if e.kind == "content":
+        return {"content": e.text}
+    if meta.legacy_functions:
+        return {"function_call": {"name": e.name, "arguments": ""} if e.kind == "start" else {"arguments": e.text}}
+    if e.kind == "start":
+        return {"tool_calls": [{"index": e.index, "id": e.id, "type": "function",
+                                "function": {"name": e.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]}
+
+
 def _chunk(meta: _Meta, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
     obj = "chat.completion.chunk" if meta.kind == "chat" else "text_completion"
     payload: dict[str, Any] = {"id": meta.rid, "object": obj, "created": meta.created, "model": meta.model,
@@ -253,6 +311,7 @@ def _text_logprobs(entries: list[dict[str, Any]], offset: int = 0) -> dict[str, 
 async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_usage: bool, n: int) -> AsyncIterator[str]:
     """OpenAI's streaming format: one id, a role chunk, content chunks, a finish chunk, [DONE]."""
     completion = cached = 0
+    parsers = [meta.parser() for _ in range(n)]
     try:
         if meta.kind == "chat":
             yield _chunk(meta, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -269,9 +328,21 @@ async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_us
             if not (delta.text or delta.logprobs or finish):
                 continue
             if meta.kind == "chat":
-                choice: dict[str, Any] = {"index": index, "delta": {"content": delta.text} if delta.text or not finish else {},
-                                          "logprobs": _chat_logprobs(delta.logprobs) if delta.logprobs else None,
-                                          "finish_reason": finish}
+                parser = parsers[index]
+                deltas = _chat_deltas(meta, parser, delta.text, finish is not None)
+                if finish is not None:
+                    finish = meta.finish(finish, parser.calls if parser else 0)
+                elif not deltas and not delta.logprobs:
+                    continue  # held back by the tool-call parser
+                deltas = deltas or [{}]
+                for j, d in enumerate(deltas):
+                    last = j == len(deltas) - 1
+                    if not d and not last:
+                        continue
+                    yield _chunk(meta, [{"index": index, "delta": d,
+                                         "logprobs": _chat_logprobs(delta.logprobs) if delta.logprobs and j == 0 else None,
+                                         "finish_reason": finish if last else None}])
+                continue
             else:
                 choice = {"index": index, "text": delta.text,
                           "logprobs": _text_logprobs(delta.logprobs) if delta.logprobs else None, "finish_reason": finish}
@@ -290,19 +361,30 @@ async def _sse(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, include_us
 async def _collect(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, n: int) -> dict[str, Any]:
     """The non-streaming answer: the same events, gathered."""
     choices = [_Choice() for _ in range(n)]
+    parsers = [meta.parser() for _ in range(n)]
     async for index, delta in events:
         c = choices[index]
-        c.text.append(delta.text)
+        final = delta.finish_reason is not None
+        if meta.kind == "chat" and parsers[index] is not None:
+            for d in _chat_deltas(meta, parsers[index], delta.text, final):
+                _gather(c, d)
+        else:
+            c.text.append(delta.text)
         c.logprobs.extend(delta.logprobs)
-        if delta.finish_reason is not None:
-            c.finish_reason = _finish_reason(delta)
+        if final:
+            c.finish_reason = meta.finish(_finish_reason(delta), len(c.calls))
             c.completion_tokens = delta.completion_tokens
             c.cached_tokens = delta.cached_tokens
     out = []
     for i, c in enumerate(choices):
         text = "".join(c.text)
         if meta.kind == "chat":
-            out.append({"index": i, "message": {"role": "assistant", "content": text},
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if c.calls and meta.legacy_functions:
+                message.update(content=text or None, function_call=c.calls[0]["function"])
+            elif c.calls:
+                message.update(content=text or None, tool_calls=c.calls)
+            out.append({"index": i, "message": message,
                         "logprobs": _chat_logprobs(c.logprobs) if c.logprobs else None, "finish_reason": c.finish_reason})
         else:
             prefix = meta.echo_texts[i] if meta.echo_texts else ""
@@ -313,3 +395,16 @@ async def _collect(events: AsyncIterator[tuple[int, Delta]], meta: _Meta, n: int
             "created": meta.created, "model": meta.model, "system_fingerprint": "llama_lab", "choices": out,
             "usage": _usage(meta, sum(c.completion_tokens for c in choices),
                             sum(c.cached_tokens for c in choices[::meta.per_prompt]))}
+
+
+def _gather(choice: _Choice, delta: dict[str, Any]) -> None:
+    """Fold one chat ``delta`` into the JSON answer's message (as the SDK's stream helpers do)."""
+    if "content" in delta:
+        choice.text.append(delta["content"])
+    parts = delta.get("tool_calls") or ([{"index": len(choice.calls) - ("name" not in delta["function_call"]),
+                                          "function": delta["function_call"]}] if "function_call" in delta else [])
+    for part in parts:
+        if part["index"] >= len(choice.calls):
+            choice.calls.append({"id": part.get("id", ""), "type": "function",
+                                 "function": {"name": part["function"].get("name", ""), "arguments": ""}})
+        choice.calls[part["index"]]["function"]["arguments"] += part["function"].get("arguments", "")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import struct
 import time
 from datetime import date
@@ -19,9 +18,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from jinja2 import TemplateError
 
 from llama_lab.engine import EngineClosed
+from llama_lab.model.chat import render_tool_chat
 from llama_lab.server.generation import respond
 from llama_lab.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from llama_lab.web import billing
+from llama_lab.web.auth import bearer_token, same_key
 from llama_lab.web.errors import APIError
 
 router = APIRouter()
@@ -32,9 +33,7 @@ async def check_key(request: Request) -> None:
     api_key = request.app.state.settings.api_key
     if api_key is None:
         return
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(given.encode(), api_key.get_secret_value().encode()):
+    if not same_key(bearer_token(request.headers) or "", api_key.get_secret_value()):
         raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
                        type="invalid_request_error", code="invalid_api_key")
 
@@ -96,11 +95,7 @@ async def billing_usage(request: Request, start_date: date | None = None, end_da
     return billing.usage(state.metrics.tokens_used, state.settings.tokens_per_usd)
 
 
-for _prefix in billing.BILLING_PREFIXES:
-    router.add_api_route(f"{_prefix}/dashboard/billing/subscription", billing_subscription, methods=["GET"],
-                         dependencies=[Depends(check_key)])
-    router.add_api_route(f"{_prefix}/dashboard/billing/usage", billing_usage, methods=["GET"],
-                         dependencies=[Depends(check_key)])
+billing.add_billing_routes(router, billing_subscription, billing_usage, dependencies=[Depends(check_key)])
 
 
 # ---------------------------------------------------------------- generation routes
@@ -109,7 +104,18 @@ for _prefix in billing.BILLING_PREFIXES:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     loaded = request.app.state.engine.loaded
     try:
-        prompt = await asyncio.to_thread(lambda: loaded.chat_prompt_ids([m.as_template_message() for m in body.messages]))
+        mode, _ = body.tool_mode()
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=body.tool_choice_param()) from None
+    tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in body.function_definitions()]
+    messages = [m.as_template_message() for m in body.messages]
+
+    def render() -> list[int]:
+        text = render_tool_chat(loaded.tokenizer, messages, tools if mode != "none" else None)
+        return loaded.tokenizer.encode(text, add_special_tokens=False)
+
+    try:
+        prompt = await asyncio.to_thread(render)
     except TemplateError as exc:
         raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
     return await respond(request, body, [prompt] * body.n, kind="chat")
@@ -146,7 +152,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]
 
 
 def mean_pooled_embeddings(loaded: Any, inputs: list[list[int]]) -> list[list[float]]:
-    """Mean of the last hidden states over each input's tokens, L2-normalized (as the old demo offered)."""
+    """Mean of the last hidden states over each input's tokens, L2-normalized.
+
+    The old demo's pooling: its clients get the vectors they were built against.
+    """
     import torch
 
     base = loaded.model.get_decoder() if hasattr(loaded.model, "get_decoder") else loaded.model.model

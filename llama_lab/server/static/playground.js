@@ -4,7 +4,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const SAVED = ["temperature", "top-p", "max-tokens", "seed", "system", "endpoint"];
+  const SAVED = ["temperature", "top-p", "max-tokens", "seed", "system", "endpoint", "format", "schema"];
   const PREFIX = "llama_lab.playground.";
 
   const state = {
@@ -179,7 +179,23 @@
       const value = numberField(id, parse);
       if (value !== undefined) body[name] = value;
     }
+    const format = responseFormat();
+    if (format) body.response_format = format;
     return body;
+  }
+
+  // JSON mode: the server constrains the answer with a grammar, so it always parses (or stops at max_tokens).
+  function responseFormat() {
+    const type = $("format").value;
+    if (type === "json_object") return { type };
+    if (type !== "json_schema") return null;
+    let schema;
+    try {
+      schema = JSON.parse($("schema").value || "{}");
+    } catch (err) {
+      throw new ServerError(`the JSON schema is not valid JSON: ${err.message}`);
+    }
+    return { type, json_schema: { name: "playground", schema, strict: true } };
   }
 
   async function send(text) {
