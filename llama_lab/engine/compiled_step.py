@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from llama_lab.engine.attention import cpu_flags
+from llama_lab.kernels import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,18 @@ PACKAGE_FORMAT = 1
 # for some layers and kept that choice for good (the step went from 13.7 to 18-26 ms). The weights go
 # into a blob beside the library rather than into its data section: loaded that way they are in memory
 # once, not twice (measured with SmolLM2: 1.55 GB RSS for the whole engine against 2.07 GB).
+# Dynamic threads: every parallel region asks OpenMP for the engine's current thread count instead of
+# a count baked in at compile time, so the engine can drop to fewer threads when the machine is busy
+# (engine/threads.py). The work is still split for the machine's core count (``cpp.threads``): a
+# package built under taskset or a quota stays fast when a later start may use every core.
 INDUCTOR_OPTIONS: dict[str, Any] = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                                    "cpp.dynamic_threads": True, "cpp.threads": os.cpu_count() or 1,
                                     "aot_inductor.package_constants_in_so": False,
                                     "aot_inductor.package_constants_on_disk_format": "binary_blob"}
-# The engine's files whose text shapes the compiled code.
-SOURCES = ("llama.py", "attention.py", "compiled_step.py", "csrc/paged_attention.cpp")
+# The files whose text shapes the compiled code.
+SOURCES = (("llama_lab.engine", "llama.py"), ("llama_lab.engine", "attention.py"), ("llama_lab.engine", "compiled_step.py"),
+           ("llama_lab.model", "quant.py"), ("llama_lab.kernels", "csrc/paged_attention.cpp"),
+           ("llama_lab.kernels", "csrc/quant_linear.cpp"))
 
 
 class NoRoomOnDisk(RuntimeError):
@@ -76,8 +83,8 @@ def package_key(model: nn.Module, *, shape_constants: tuple[Any, ...], max_rows:
     for part in (PACKAGE_FORMAT, weights_digest(model), shape_constants, max_rows, sorted(INDUCTOR_OPTIONS.items()),
                  torch.__version__, sys.version_info[:2], cpu_flags()):
         h.update(repr(part).encode() + b"\0")
-    for source in SOURCES:
-        h.update((files("llama_lab.engine") / source).read_bytes())
+    for package, source in SOURCES:
+        h.update((files(package) / source).read_bytes())
     return h.hexdigest()[:20]
 
 

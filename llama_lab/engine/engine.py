@@ -36,7 +36,10 @@ import torch
 
 from llama_lab.engine.detokenizer import Detokenizer
 from llama_lab.engine.llama import PrefillCancelled, unsupported_reason
-from llama_lab.engine.sampling import RowState, SamplingParams, choose_tokens, logprob_entries, record_tokens
+from llama_lab.engine.runner import PrefillJob, Runner
+from llama_lab.engine.sampling import (RowState, SamplingParams, advance_grammars, choose_tokens, logprob_entries,
+                                       record_tokens)
+from llama_lab.engine.threads import engine_policy, name_current_thread
 from llama_lab.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -146,7 +149,7 @@ class _Seq:
 
 
 def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0,
-                prefix_caching: bool = True) -> Any:
+                prefix_caching: bool = True) -> Runner:
     """``PagedRunner`` where ``FastLlama`` covers the model, else the transformers fallback."""
     from llama_lab.engine.hf_runner import HFRunner
     from llama_lab.engine.paged_runner import PagedRunner
@@ -178,7 +181,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_active: int = 256,
                  prefill_chunk: int = 512, compile: bool | None = None, kv_cache_tokens: int = 0,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, threads: int = 0) -> None:
         if compile is None:
             compile = default_compile()
         self.loaded = loaded
@@ -193,9 +196,10 @@ class Engine:
         self._ids = itertools.count(1)
         self._closed = False
         self._vocab_limit = len(loaded.tokenizer)
-        self.runner: Any = None
+        self.runner: Runner = None  # type: ignore[assignment]  # made on the engine thread
         self.warmup_seconds: float | None = None
-        self._threads = torch.get_num_threads()  # the caller's setting; OpenMP's is per thread
+        # The caller's torch count caps it (OpenMP's is per thread); 0 follows the machine (threads.py).
+        self.thread_policy, self._os_thread_name = engine_policy(threads)
         self._thread = threading.Thread(target=self._loop, name=f"llama-lab-engine-{loaded.name}", daemon=True)
         self._thread.start()
         # An engine left open at interpreter exit would be torn down mid-wait by torch's thread
@@ -268,18 +272,9 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """How the engine runs: runner, decode mode, attention, KV cache, warm-up time."""
-        runner = self.runner
-        cache = getattr(runner, "cache", None)
-        return {
-            "runner": type(runner).__name__, "decode": runner.mode, "attention": runner.attention,
-            "eager_linears": getattr(runner, "eager_linears", "torch"),
-            "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 2),
-            "compile_error": runner.compile_error,
-            "compiled_package": getattr(runner, "package", None),
-            "kv_cache_tokens": cache.capacity_tokens if cache is not None else None,
-            "kv_block_size": cache.shape.block_size if cache is not None else None,
-            "prefix_caching": cache.pool.prefix_caching if cache is not None else False,
-        }
+        return {**self.runner.describe(),
+                "warmup_seconds": None if self.warmup_seconds is None else round(self.warmup_seconds, 2),
+                "threads": self.thread_policy.describe()}
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread; waiting and running requests end with finish_reason 'cancelled'."""
@@ -306,7 +301,8 @@ class Engine:
     # ------------------------------------------------------------ engine thread
 
     def _loop(self) -> None:
-        torch.set_num_threads(self._threads)
+        name_current_thread(self._os_thread_name)  # before the first parallel region: the OpenMP team inherits it
+        torch.set_num_threads(self.thread_policy.threads)
         prefilling: list[_Seq] = []
         running: list[_Seq] = []
         try:
@@ -325,6 +321,8 @@ class Engine:
                             fut.set_exception(exc)
                 had_work = bool(prefilling or running)
                 self._admit(prefilling, running)
+                if prefilling or running:
+                    self._follow_thread_policy()
                 if prefilling:
                     self._prefill_step(prefilling, running)
                 running[:] = self._drop_finished(running)
@@ -333,6 +331,7 @@ class Engine:
                     self._decode_step(running)
                 elif had_work and not prefilling:
                     release_freed_memory()
+                    self.thread_policy.pause()
         finally:
             with self._cond:
                 self._closed = True
@@ -344,6 +343,12 @@ class Engine:
                 self._finish_unadmitted(handle, "cancelled")
             for _, fut in calls:
                 fut.cancel()
+
+    def _follow_thread_policy(self) -> None:
+        """Run the policy's thread count (engine thread only: torch's count is per OS thread)."""
+        threads = self.thread_policy.update()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def _admit(self, prefilling: list[_Seq], running: list[_Seq]) -> None:
         """Move waiting requests into the batch while there is room in it and in the KV cache."""
@@ -388,7 +393,6 @@ class Engine:
             self._finish(seq, "cancelled")
         if not prefilling:
             return
-        from llama_lab.engine.paged_runner import PrefillJob
 
         budget, jobs, members = self.prefill_chunk, [], []
         for seq in prefilling:
@@ -451,12 +455,16 @@ class Engine:
             record_tokens(rows, tokens)
             entries = logprob_entries(raw, tokens, rows, self.loaded.tokenizer)
             ids = tokens.tolist()
+            broken = advance_grammars(rows, ids, self.loaded.stop_token_ids)  # host work after the one sync
         except Exception as exc:
             logger.exception("sampling failed")
             for seq in seqs:
                 self._finish(seq, "error", str(exc))
             return
-        for seq, token, entry in zip(seqs, ids, entries):
+        for seq, token, entry, error in zip(seqs, ids, entries, broken):
+            if error is not None:
+                self._finish(seq, "error", error)
+                continue
             self._accept(seq, int(token), entry)
 
     def _accept(self, seq: _Seq, token: int, entry: dict[str, Any] | None) -> None:

@@ -49,6 +49,11 @@ class HFRunner:
         # A cancel interrupts a prefill forward between decoder layers (a chunk can take a second).
         self._hooks = [layer.register_forward_pre_hook(self._check_cancel) for layer in getattr(decoder, "layers", ())]
 
+    def describe(self) -> dict[str, Any]:
+        return {"runner": type(self).__name__, "decode": self.mode, "attention": self.attention,
+                "eager_linears": "torch", "compile_error": self.compile_error, "compiled_package": None,
+                "kv_cache_tokens": None, "kv_cache_dtype": None, "kv_block_size": None, "prefix_caching": False}
+
     def close(self) -> None:
         for hook in self._hooks:  # the model may outlive this runner (notebooks, tests)
             hook.remove()

@@ -22,6 +22,8 @@ from torch import nn
 
 from llama_lab.engine import cpu_linear
 from llama_lab.engine.attention import AttentionFn, reference_attention, reference_prefill
+from llama_lab.model.quant import QuantEmbedding, QuantLinear
+from llama_lab.model.quant import fuse as fuse_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ def unsupported_reason(model: Any) -> str | None:
 
 def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear
+
+
+def _traceable(module: nn.Module) -> bool:
+    """A linear the compiler can trace: plain, or packed for the CPU kernels (custom ops with shapes)."""
+    return type(module) in (nn.Linear, QuantLinear)
 
 
 def _fuse(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -123,10 +130,16 @@ class FastLlama(nn.Module):
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[config.hidden_act]
-        self.embed = decoder.embed_tokens.weight
+        embed = decoder.embed_tokens
+        # a packed table is read row by row by its own op; a float one is indexed
+        self.embed_table = embed if isinstance(embed, QuantEmbedding) else None
+        self.embed = None if self.embed_table is not None else embed.weight
         self.norm = decoder.norm.weight
+        self.dtype = self.norm.dtype  # activations, rotary tables and the KV cache
         self.lm_head = hf_model.lm_head
+        # bitsandbytes (or other) layers that torch.compile does not trace: the step then runs eagerly
         self.quantized = False
+        self.packed_weights = False  # linears packed for the CPU kernels (model/quant.py)
         # oneDNN-packed copies of the linears' weights, for eager steps on a CPU (see cpu_linear.py);
         # empty unless ``pack_cpu_linears`` filled it. The compiled step never uses them.
         self.packed: dict[nn.Module, torch.Tensor] = {}
@@ -136,15 +149,26 @@ class FastLlama(nn.Module):
             layer = nn.Module()
             layer.ln1, layer.ln2 = hf_layer.input_layernorm.weight, hf_layer.post_attention_layernorm.weight
             projections = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, attn.o_proj, mlp.down_proj)
+            qkv_gate_up = None
             if all(_is_plain_linear(m) for m in projections):
-                layer.qkv = _linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
-                layer.gate_up = _linear(*_fuse([mlp.gate_proj, mlp.up_proj]))
+                qkv_gate_up = (_linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj])),
+                               _linear(*_fuse([mlp.gate_proj, mlp.up_proj])))
+            elif all(isinstance(m, QuantLinear) for m in projections):
+                qkv = fuse_quantized([attn.q_proj, attn.k_proj, attn.v_proj])
+                gate_up = fuse_quantized([mlp.gate_proj, mlp.up_proj])
+                if qkv is not None and gate_up is not None:  # else: mixed formats (a GGUF's Q4_K with Q6_K)
+                    qkv_gate_up = (qkv, gate_up)
+            if qkv_gate_up is not None:
+                layer.qkv, layer.gate_up = qkv_gate_up
                 layer.fused = True
-            else:  # bitsandbytes (or other) linears: call the modules as they are
+            else:  # call the modules as they are
                 layer.q, layer.k, layer.v, layer.gate, layer.up = (attn.q_proj, attn.k_proj, attn.v_proj,
                                                                    mlp.gate_proj, mlp.up_proj)
                 layer.fused = False
+            if not all(_traceable(m) for m in projections):
                 self.quantized = True
+            if any(isinstance(m, QuantLinear) for m in projections):
+                self.packed_weights = True
             layer.o, layer.down = attn.o_proj, mlp.down_proj
             self.layers.append(layer)
         rotary = decoder.rotary_emb
@@ -152,7 +176,7 @@ class FastLlama(nn.Module):
         freqs = torch.outer(positions, rotary.inv_freq.float())
         emb = torch.cat([freqs, freqs], dim=-1)
         scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        dtype = self.embed.dtype
+        dtype = self.dtype
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
@@ -205,11 +229,17 @@ class FastLlama(nn.Module):
         h = self._rms(x, layer.ln1)
         q, k, v = self._qkv(layer, h)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        k_cache[:, step.blocks, step.offsets] = k.transpose(0, 1)  # cache: [KV, blocks, block_size, D]
-        v_cache[:, step.blocks, step.offsets] = v.transpose(0, 1)
-        att = attend(q, k_cache, v_cache)
+        kv = k_cache.dtype  # may be narrower than the activations (a 16-bit cache for fp32 activations)
+        k_cache[:, step.blocks, step.offsets] = k.transpose(0, 1).to(kv)  # cache: [KV, blocks, block_size, D]
+        v_cache[:, step.blocks, step.offsets] = v.transpose(0, 1).to(kv)
+        att = attend(q.to(kv), k_cache, v_cache).to(x.dtype)
         x = x + self._lin(layer.o, att.reshape(x.shape[0], self.num_heads * self.head_dim))
         return x + self._mlp(layer, self._rms(x, layer.ln2))
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.embed_table is not None:
+            return self.embed_table(tokens).to(self.dtype)
+        return self.embed[tokens]
 
     def _logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return self._lin(self.lm_head, self._rms(x[rows], self.norm)).float()
@@ -221,7 +251,7 @@ class FastLlama(nn.Module):
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> torch.Tensor:
         """One decode step (any token count): the function ``torch.compile`` sees."""
         step = Step(tokens, positions, rows, blocks, offsets, block_tables, logit_rows)
-        x = self.embed[tokens]
+        x = self._embed(tokens)
         cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
         kernel = self.kernel
 
@@ -238,7 +268,7 @@ class FastLlama(nn.Module):
                 segments: Sequence[tuple[int, int, int, int]], cancelled: Callable[[], bool]) -> torch.Tensor:
         """Prompt chunks of one or more sequences, eagerly; ``segments`` lists (row, start, count,
         first_position) per sequence for the reference attention. Raises ``PrefillCancelled``."""
-        x = self.embed[step.tokens]
+        x = self._embed(step.tokens)
         cos, sin = self.cos[step.positions][:, None, :], self.sin[step.positions][:, None, :]
         kernel = self.kernel
 

@@ -13,7 +13,6 @@ without compilation, and the eager loop can stop between layers when a client le
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from llama_lab.engine import compiled_step
 from llama_lab.engine.attention import cpu_kernel
 from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, plan_blocks
 from llama_lab.engine.llama import FastLlama, PrefillCancelled, Step, unsupported_reason
+from llama_lab.engine.runner import PrefillJob, SeqCache
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +36,6 @@ DEFAULT_BLOCK_SIZE = 64
 # weights (cpu_linear.py) 22, 23 and 28 ms for 4, 8 and 16. So bigger CPU batches decode eagerly; no second
 # graph (and no second packed copy).
 CPU_COMPILED_MAX_ROWS = 4
-
-
-@dataclasses.dataclass
-class SeqCache:
-    """One request's place in the cache: its blocks, and the tokens whose keys and values they hold."""
-
-    blocks: list[int]
-    length: int = 0
-    tokens: list[int] = dataclasses.field(default_factory=list)  # what fills positions 0..length-1
-
-
-@dataclasses.dataclass
-class PrefillJob:
-    """A chunk of one prompt: ``tokens`` go to positions ``seq.length ...``."""
-
-    seq: SeqCache
-    tokens: Sequence[int]
-    want_logits: bool  # the chunk ends the prompt: its last token's logits pick the first output token
 
 
 def _use_persistent_compile_cache() -> None:
@@ -71,10 +53,31 @@ def _use_persistent_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
+KV_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kv_cache_dtype(model: FastLlama, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: the activations', except for fp32 activations over packed weights on a CPU.
+
+    There a step reads the cache as much as the weights at a few thousand tokens of context, so it is
+    kept in 16 bits, as llama.cpp keeps its f16 cache: bf16 where the CPU computes with it natively,
+    else fp16 (exact conversions with F16C). ``LLAMA_LAB_KV_DTYPE`` (fp32, fp16, bf16) overrides.
+    """
+    chosen = os.environ.get("LLAMA_LAB_KV_DTYPE", "auto").lower()
+    if chosen in KV_DTYPES:
+        return KV_DTYPES[chosen]
+    if device.type == "cpu" and model.dtype == torch.float32 and model.packed_weights:
+        from llama_lab.model.loading import cpu_has_fast_bf16
+
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float16
+    return model.dtype
+
+
 def _weights_bytes(model: nn.Module) -> int:
+    """Parameters and buffers (packed weights are buffers), each storage counted once."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
@@ -119,7 +122,7 @@ class PagedRunner:
             packed = m.pack_cpu_linears()
         self.eager_linears = f"onednn-packed ({packed} weights)" if packed else "torch"
         shape = CacheShape(layers=len(m.layers), kv_heads=m.num_kv_heads, head_dim=m.head_dim, block_size=block_size,
-                           dtype=m.embed.dtype)
+                           dtype=kv_cache_dtype(m, self.device))
         blocks = plan_blocks(shape, self.device, requested_tokens=kv_cache_tokens, max_batch_size=max_batch_size,
                              context_length=loaded.context_length)
         self.cache = PagedKVCache(shape, blocks, self.device, zero=kernel is None, prefix_caching=prefix_caching)
@@ -151,6 +154,13 @@ class PagedRunner:
         if isinstance(self.compiled, compiled_step.CompiledStep):
             return f"compiled ahead of time (up to {CPU_COMPILED_MAX_ROWS} rows; eager beyond)"
         return "compiled"
+
+    def describe(self) -> dict[str, Any]:
+        return {"runner": type(self).__name__, "decode": self.mode, "attention": self.attention,
+                "eager_linears": self.eager_linears, "compile_error": self.compile_error,
+                "compiled_package": self.package, "kv_cache_tokens": self.cache.capacity_tokens,
+                "kv_cache_dtype": str(self.cache.shape.dtype).replace("torch.", ""),
+                "kv_block_size": self.cache.shape.block_size, "prefix_caching": self.cache.pool.prefix_caching}
 
     @property
     def package(self) -> dict[str, Any] | None:

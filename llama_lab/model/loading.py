@@ -14,14 +14,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
+from llama_lab.cache import MARKER, cache_root, is_complete, published_dir
 from llama_lab.model.chat import normalize_messages, render_chat, resolve_stop_ids
 from llama_lab.model.presets import ARCH_PRESETS, RANDOM_PREFIX, LoadMode
 
@@ -60,6 +59,7 @@ class LoadedModel:
     rss_delta_bytes: int
     device_bytes: int | None
     context_length: int
+    weights_format: str = ""  # how the weights are stored, e.g. "gguf Q4_1 x210, Q8_0 x1 -> q4/q8 CPU kernels"
 
     def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
         """Token ids of a chat prompt rendered with the model's own template."""
@@ -72,7 +72,8 @@ class LoadedModel:
             f"LoadedModel(name={self.name!r}, mode={self.mode.value}, device={self.device}, "
             f"dtype={str(self.dtype).replace('torch.', '')}, {weights}, "
             f"weights={self.weights_bytes / 2**20:.1f} MiB, load={self.load_seconds:.2f}s, "
-            f"context={self.context_length}, stop_ids={sorted(self.stop_token_ids)})"
+            f"context={self.context_length}, stop_ids={sorted(self.stop_token_ids)}"
+            + (f", weights_format={self.weights_format!r})" if self.weights_format else ")")
         )
 
 
@@ -92,16 +93,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def cache_root() -> Path:
-    """Where converted models live; ``LLAMA_LAB_CACHE`` overrides the platform cache dir."""
-    env = os.environ.get("LLAMA_LAB_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("llama_lab"))
-
-
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{_CACHE_FORMAT}".encode()).hexdigest()[:16]
@@ -115,15 +106,13 @@ def converted_gguf_dir(gguf: Path) -> Path:
     complete, so a crash mid-write never leaves a directory that later loads as garbage.
     """
     target = _gguf_cache_dir(gguf)
-    if (target / "llama_lab.json").is_file():
+    if is_complete(target):
         return target
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to a cached safetensors copy (one time, ~15 s)", gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with published_dir(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -134,17 +123,7 @@ def converted_gguf_dir(gguf: Path) -> Path:
         fresh.generation_config = gguf_model.generation_config
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "llama_lab.json").write_text(json.dumps({"source": str(gguf), "format": _CACHE_FORMAT}))
-        if target.exists() and not (target / "llama_lab.json").is_file():
-            shutil.rmtree(target)  # an incomplete copy from something else: never trust it
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "llama_lab.json").is_file():  # lost a race with another process: fine
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "format": _CACHE_FORMAT}))
     return target
 
 
@@ -157,7 +136,7 @@ def shipped_tokenizer_dir() -> Path:
     return Path(str(files("llama_lab.model") / "tokenizer"))
 
 
-def _random_model_dir(preset: str, mode: LoadMode) -> tuple[Any, Any]:
+def random_preset(preset: str) -> tuple[Any, Any]:
     """Config and tokenizer for a random-weight preset; the tokenizer ships with the package."""
     from transformers import AutoTokenizer, LlamaConfig
 
@@ -241,7 +220,7 @@ def _rss() -> int:
 
 def load_model(
     source: str | os.PathLike = "default",
-    mode: str | LoadMode = LoadMode.FULL,
+    mode: str | LoadMode = LoadMode.AUTO,
     *,
     device: str | None = None,
     dtype: str | None = None,
@@ -250,8 +229,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a chat model for generation.
 
-    ``device`` picks the GPU (``"0"``, ``"cuda:1"``) like the old demo's ``--gpus``; ``dtype``
-    overrides the automatic choice (bf16 on GPUs and bf16-capable CPUs, else fp16/fp32).
+    ``mode`` ``auto`` keeps a GGUF file's quantization on the CPU (``gguf``) and loads anything else
+    in full precision. ``device`` picks the GPU (``"0"``, ``"cuda:1"``) like the old demo's ``--gpus``;
+    ``dtype`` overrides the automatic choice (bf16 on GPUs and bf16-capable CPUs, else fp16/fp32).
     Random presets are seeded with ``seed`` so two loads give the same weights.
 
     The work runs on a short-lived thread of its own (see ``on_fresh_thread``).
@@ -286,44 +266,63 @@ def on_fresh_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str | None, dtype: str | None,
                 name: str | None, seed: int) -> LoadedModel:
-    mode = _parse_mode(mode)
     src = os.fspath(source)
+    gguf = _gguf_source(src)
+    mode = _resolve_mode(_parse_mode(mode), gguf, device)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started, rss0 = time.perf_counter(), _rss()  # after the imports: load time, not import time
 
     dev = _resolve_device(mode, device)
-    compute = _compute_dtype(dev, dtype)
+    kernel_format = mode.cpu_kernel_format
+    compute = torch.float32 if mode is LoadMode.GGUF or kernel_format else _compute_dtype(dev, dtype)
     random_weights = src.startswith(RANDOM_PREFIX)
     quant = _bnb_config(mode, compute) if mode.bits else None
     cuda_before = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
+    weights_format = ""
 
-    if random_weights:
-        preset = src[len(RANDOM_PREFIX):]
-        config, tokenizer = _random_model_dir(preset, mode)
-        model_dir = _random_checkpoint(preset, config, tokenizer, seed) if quant is not None else None
-        display = name or f"random-{preset}"
+    if mode is LoadMode.GGUF:
+        assert gguf is not None
+        model, tokenizer, weights_format = _load_gguf_packed(gguf)
+        display = name or (EMBEDDED_NAME if src == "default" else gguf.stem)
     else:
-        model_dir, display = _resolve_source(src)
-        display = name or display
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # weights that the CPU kernels will quantize are loaded in bf16 first: an 8B model then peaks at
+        # 16 GB (one layer at a time is packed and its floats freed), not 32
+        load_dtype = torch.bfloat16 if kernel_format else compute
+        if random_weights:
+            preset = src[len(RANDOM_PREFIX):]
+            config, tokenizer = random_preset(preset)
+            model_dir = _random_checkpoint(preset, config, tokenizer, seed) if quant is not None else None
+            display = name or f"random-{preset}"
+        else:
+            model_dir, display = _resolve_source(src)
+            display = name or display
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    if random_weights and quant is None:
-        torch.manual_seed(seed)
-        with torch.device(dev):
-            model = AutoModelForCausalLM.from_config(config, dtype=compute)
-    else:
-        kwargs: dict[str, Any] = {"dtype": compute}
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-            kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise LoadError(f"could not load the model in {model_dir}: {exc}") from exc
-        if quant is None:
-            model = model.to(dev)
+        if random_weights and quant is None:
+            torch.manual_seed(seed)
+            with torch.device(dev):
+                model = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
+        else:
+            kwargs: dict[str, Any] = {"dtype": load_dtype}
+            if quant is not None:
+                kwargs["quantization_config"] = quant
+                kwargs["device_map"] = {"": dev.index if dev.type == "cuda" else "cpu"}
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+            except (OSError, ValueError) as exc:
+                raise LoadError(f"could not load the model in {model_dir}: {exc}") from exc
+            if quant is None:
+                model = model.to(dev)
+        if kernel_format:
+            from llama_lab.model.quant import quantize_model
+
+            try:
+                count = quantize_model(model, kernel_format)
+            except RuntimeError as exc:  # no C++ compiler: the kernels could not be built
+                raise LoadError(f"load mode '{mode.value}' needs the CPU kernels: {exc}") from None
+            weights_format = f"{mode.value}: {count} linears as {kernel_format} (groups of 32), embedding q8"
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -337,12 +336,63 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
         source=src, name=display, random_weights=random_weights, load_seconds=time.perf_counter() - started,
         weights_bytes=int(model.get_memory_footprint()), rss_delta_bytes=_rss() - rss0,
         device_bytes=(torch.cuda.memory_allocated(dev) - cuda_before) if cuda_before is not None else None,
-        context_length=ctx,
+        context_length=ctx, weights_format=weights_format,
     )
     if random_weights:
         logger.warning("%s has RANDOM weights: use it for memory/speed profiling and tests only", display)
     logger.info("loaded %r", loaded)
     return loaded
+
+
+def _gguf_source(src: str) -> Path | None:
+    """The GGUF file a source names ('default', a .gguf file, a directory holding only one), or None."""
+    if src == "default":
+        return embedded_gguf_path()
+    if src.startswith(RANDOM_PREFIX):
+        return None
+    path = Path(src).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return None
+
+
+def _resolve_mode(mode: LoadMode, gguf: Path | None, device: str | None) -> LoadMode:
+    """``auto`` (and ``cpu`` for a GGUF) made concrete; modes that cannot apply are refused here."""
+    import torch
+
+    on_cpu = mode is LoadMode.CPU or not (device or torch.cuda.is_available())
+    if mode is LoadMode.AUTO:
+        return LoadMode.GGUF if gguf is not None and on_cpu else LoadMode.FULL
+    if mode is LoadMode.CPU and gguf is not None:
+        return LoadMode.GGUF
+    if mode is LoadMode.GGUF and gguf is None:
+        raise LoadError("load mode 'gguf' keeps a GGUF file's quantization, but this source is not a .gguf file; "
+                        "use 'int8' or 'int4' to quantize a Hugging Face model for the CPU")
+    if (mode is LoadMode.GGUF or mode.cpu_kernel_format) and device:
+        raise LoadError(f"load mode '{mode.value}' runs on the CPU kernels; on a GPU use 'full', '8bit' or '4bit'")
+    return mode
+
+
+def _load_gguf_packed(gguf: Path) -> tuple[Any, Any, str]:
+    from llama_lab.model.gguf_native import ensure_packed, load_packed
+
+    try:
+        directory = ensure_packed(gguf)
+        model, tokenizer = load_packed(directory)
+    except RuntimeError as exc:  # no C++ compiler: the kernels could not be built
+        raise LoadError(f"load mode 'gguf' needs the CPU kernels: {exc}; use mode 'full'") from None
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"could not load {gguf}: {exc}") from exc
+    types = json.loads((directory / "llama_lab.json").read_text()).get("types", {})
+    counts: dict[str, int] = {}
+    for qtype in types.values():
+        counts[qtype] = counts.get(qtype, 0) + 1
+    listed = ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return model, tokenizer, f"gguf {listed} -> q4/q8 CPU kernels"
 
 
 def _parse_mode(mode: str | LoadMode) -> LoadMode:
@@ -382,18 +432,12 @@ def _random_checkpoint(preset: str, config: Any, tokenizer: Any, seed: int) -> P
     from transformers import AutoModelForCausalLM
 
     target = cache_root() / "random" / f"{preset}-seed{seed}-v{_CACHE_FORMAT}"
-    if (target / "llama_lab.json").is_file():
+    if is_complete(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with published_dir(target) as tmp:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "llama_lab.json").write_text(json.dumps({"preset": preset, "seed": seed}))
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MARKER).write_text(json.dumps({"preset": preset, "seed": seed}))
     return target

@@ -7,18 +7,23 @@ from typing import Any
 
 
 class LoadMode(str, enum.Enum):
-    """How weights are placed and stored; the seed's four rows (full, 8-bit, 4-bit, CPU only)."""
+    """How weights are placed and stored: the seed's four rows (full, 8-bit, 4-bit, CPU only), the CPU's
+    weight-only quantized kernels, and ``auto``, which picks one of them for the source and device."""
 
+    AUTO = "auto"  # a GGUF on the CPU: gguf; anything else: full
     FULL = "full"  # bf16/fp16 on the GPU; on CPU bf16 where fast, else fp32
     INT8 = "8bit"  # bitsandbytes LLM.int8
     NF4 = "4bit"  # bitsandbytes NF4 with double quantization
-    CPU = "cpu"  # force the CPU even when a GPU is present
+    CPU = "cpu"  # force the CPU even when a GPU is present (a GGUF keeps its quantization there)
+    GGUF = "gguf"  # a GGUF file's own quantized blocks, repacked for the CPU kernels (model/gguf_native.py)
+    Q8 = "int8"  # weight-only int8 in groups of 32, CPU kernels (model/quant.py)
+    Q4 = "int4"  # weight-only 4-bit in groups of 32, CPU kernels
 
     @classmethod
     def parse(cls, value: "str | LoadMode") -> "LoadMode":
         if isinstance(value, LoadMode):
             return value
-        aliases = {"8-bit": "8bit", "int8": "8bit", "4-bit": "4bit", "nf4": "4bit", "only_cpu": "cpu"}
+        aliases = {"8-bit": "8bit", "4-bit": "4bit", "nf4": "4bit", "only_cpu": "cpu", "q8": "int8", "q4": "int4"}
         key = aliases.get(str(value).lower(), str(value).lower())
         try:
             return cls(key)
@@ -28,8 +33,13 @@ class LoadMode(str, enum.Enum):
 
     @property
     def bits(self) -> int | None:
-        """Bits per quantized linear weight, or None when weights keep the compute dtype."""
+        """Bits per bitsandbytes-quantized linear weight, or None when bitsandbytes is not used."""
         return {LoadMode.INT8: 8, LoadMode.NF4: 4}.get(self)
+
+    @property
+    def cpu_kernel_format(self) -> str | None:
+        """The CPU kernels' format (``q8`` / ``q4``) this mode quantizes floats to, or None."""
+        return {LoadMode.Q8: "q8", LoadMode.Q4: "q4"}.get(self)
 
 
 # Architecture presets for random-weight models: real shapes, no download. Values follow the

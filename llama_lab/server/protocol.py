@@ -6,17 +6,28 @@ Unknown fields are accepted and logged as ignored, never fatal: clients such as 
 fields a local model has no use for. Known fields are strict, as OpenAI's API is: ``"stream":
 "yes"``, ``"max_tokens": "10"`` or ``"n": 2.0`` are 400s, not silently coerced (an integer is
 still a valid number for float fields such as ``temperature``).
+
+Structured outputs and tools (``response_format``, ``tools``, ``tool_choice``, the legacy
+``functions`` / ``function_call``) are typed here too; what grammar they need is decided once, in
+``ChatCompletionRequest.grammar_spec``, and handed to ``to_sampling_params`` compiled.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Literal
+import re
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from llama_lab.defaults import DEFAULTS
 from llama_lab.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from llama_lab.engine.grammar import CompiledGrammar, GrammarSpec
+    from llama_lab.model.chat import ToolFormat
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +77,19 @@ class GenerationRequest(_Body):
     n: int = Field(1, ge=1, le=16)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM's and llama.cpp's extension: decode exactly max_tokens (benchmarks)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's shape: token ids as strings, biases in [-100, 100]; ids beyond the vocabulary are the server's check."""
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (as strings); got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} must be between -100 and 100; got {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -86,7 +110,15 @@ class GenerationRequest(_Body):
     def wants_logprobs(self) -> tuple[bool, int]:
         return False, 0
 
-    def to_sampling_params(self, *, max_tokens: int, defaults: "Defaults", index: int = 0) -> SamplingParams:
+    def bias_pairs(self) -> list[tuple[int, float]]:
+        return [(int(k), float(v)) for k, v in (self.logit_bias or {}).items()]
+
+    def grammar_spec(self, tool_format: "ToolFormat | None" = None) -> "tuple[GrammarSpec, str] | None":
+        """The grammar this request's output must follow and the request field it comes from; None: free text."""
+        return None
+
+    def to_sampling_params(self, *, max_tokens: int, defaults: "Defaults", index: int = 0,
+                           grammar: "CompiledGrammar | None" = None) -> SamplingParams:
         """The only place where request fields become generation parameters.
 
         ``max_tokens`` is the budget the server computed (the request's own, or the default cut
@@ -94,7 +126,7 @@ class GenerationRequest(_Body):
         OpenAI's definition exactly (logit -= presence * [count > 0] + frequency * count, over
         generated tokens); ``repetition_penalty`` is Hugging Face's multiplicative penalty over
         prompt and output. With ``n > 1`` each choice gets ``seed + index`` so choices differ but
-        stay reproducible.
+        stay reproducible. ``grammar`` is ``grammar_spec()`` compiled (off the event loop, cached).
         """
         logprobs, top = self.wants_logprobs()
         return SamplingParams(
@@ -109,15 +141,18 @@ class GenerationRequest(_Body):
             stop=tuple(self.stop or ()),
             logprobs=logprobs,
             top_logprobs=top,
+            logit_bias=tuple(self.bias_pairs()),
+            grammar=grammar,
+            ignore_eos=self.ignore_eos,
         )
 
 
 class Defaults(BaseModel):
-    """Server-side defaults for fields a request leaves out."""
+    """Server-side defaults for fields a request leaves out (the settings set them; values from ``DEFAULTS``)."""
 
-    max_tokens: int = 2048
-    temperature: float = 0.7
-    top_p: float = 0.9
+    max_tokens: int = DEFAULTS.max_tokens
+    temperature: float = DEFAULTS.temperature
+    top_p: float = DEFAULTS.top_p
 
 
 class StreamOptions(BaseModel):
@@ -131,11 +166,109 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+_FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _check_function_name(value: str) -> str:
+    if not _FUNCTION_NAME.match(value):
+        raise ValueError(f"function names are 1-64 letters, digits, '_' or '-'; got {value!r}")
+    return value
+
+
+def _check_arguments(value: str) -> str:
+    """A call's ``arguments`` must be a JSON object, as the model will read them back."""
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"arguments must be a JSON object encoded as a string: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be a JSON object encoded as a string")
+    return value
+
+
+class FunctionCall(BaseModel):
+    """A call the model made: what an assistant message carries back in the history."""
+
+    model_config = _CONTRACT
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, value: str) -> str:
+        return _check_arguments(value)
+
+
+class ToolCall(BaseModel):
+    model_config = _CONTRACT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    """A function the model may call; ``parameters`` is a JSON schema (an empty object when absent)."""
+
+    model_config = _CONTRACT
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return _check_function_name(value)
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters else {"type": "object", "properties": {}}
+
+
+class Tool(BaseModel):
+    model_config = _CONTRACT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _CONTRACT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _CONTRACT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``text``, ``json_object`` (any JSON object) or ``json_schema`` (that schema); all but text are enforced by a grammar."""
+
+    model_config = _CONTRACT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with a 'name' and a 'schema'")
+        return self
+
+
 class ChatMessage(BaseModel):
     model_config = _CONTRACT
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    tool_calls: list[Any] | None = None
-    function_call: Any = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    tool_call_id: str | None = None
     # declared after role and tool calls so its validator can read them; validated when absent too
     content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
@@ -156,10 +289,26 @@ class ChatMessage(BaseModel):
         return value
 
     def as_template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it: Hugging Face's shape for tool calls (arguments as a dict)."""
         from llama_lab.model.chat import message_text
 
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": message_text([p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content)}
+        out: dict[str, Any] = {"role": role, "content": message_text(
+            [p.model_dump() for p in self.content] if isinstance(self.content, list) else self.content)}
+        calls = list(self.tool_calls or [])
+        if self.function_call is not None:
+            calls.append(ToolCall(id="call_legacy", function=self.function_call))
+        if calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": json.loads(c.function.arguments)}}
+                                 for c in calls]
+        if role in ("tool", "function"):
+            out["role"] = "tool"
+            if self.tool_call_id is not None:
+                out["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                out["name"] = self.name
+        return out
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -167,6 +316,92 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None  # legacy: tools without the wrapper
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> "ChatCompletionRequest":
+        """A named choice must name a declared function; tools and legacy functions do not mix."""
+        if self.tools and self.functions:
+            raise PydanticCustomError("tools_and_functions", "send either 'tools' or the legacy 'functions', not both")
+        names = [f.name for f in self.function_definitions()]
+        if len(set(names)) != len(names):
+            raise PydanticCustomError("duplicate_function", "function names must be unique")
+        return self
+
+    def legacy_functions(self) -> bool:
+        """The request used ``functions``: the answer carries ``function_call`` instead of ``tool_calls``."""
+        return bool(self.functions) and not self.tools
+
+    def function_definitions(self) -> list[FunctionDefinition]:
+        if self.tools:
+            return [t.function for t in self.tools]
+        return list(self.functions or [])
+
+    def tool_mode(self) -> tuple[str, str | None]:
+        """``(mode, name)``: ``none`` (no tools shown or parsed), ``auto``, ``required`` or ``named``."""
+        functions = self.function_definitions()
+        choice: Any = self.function_call if self.legacy_functions() else self.tool_choice
+        if not functions:
+            if isinstance(choice, NamedToolChoice | NamedFunction) or choice == "required":
+                field = "function_call" if self.functions is not None and not self.tools else "tool_choice"
+                raise ValueError(f"'{field}' asks for a tool call but no tools were given")
+            return "none", None
+        if choice is None or choice == "auto":
+            return "auto", None
+        if choice == "none" or choice == "required":
+            return choice, None
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else choice.name
+        if name not in {f.name for f in functions}:
+            raise ValueError(f"'{name}' is not one of the functions given in "
+                             f"'{'functions' if self.legacy_functions() else 'tools'}': "
+                             f"{', '.join(f.name for f in functions)}")
+        return "named", name
+
+    def tool_choice_param(self) -> str:
+        return "function_call" if self.legacy_functions() else "tool_choice"
+
+    def allows_parallel_calls(self) -> bool:
+        return self.parallel_tool_calls is not False and not self.legacy_functions()
+
+    def grammar_spec(self, tool_format: "ToolFormat | None" = None) -> "tuple[GrammarSpec, str] | None":
+        """The grammar for ``response_format`` and forced tool calls, with the field it comes from.
+
+        ``required`` / a named function: the model must write calls in its template's format with
+        arguments valid for the function's parameters. ``auto`` with a ``response_format``: either
+        calls or the formatted answer. ``auto`` alone: free text, parsed for calls afterwards.
+        """
+        from llama_lab.engine.grammar import GrammarSpec
+        from llama_lab.model.chat import tool_call_grammar
+
+        mode, name = self.tool_mode()
+        answer = self._answer_schema()
+        if mode in ("required", "named"):
+            functions = [f for f in self.function_definitions() if name is None or f.name == name]
+            assert tool_format is not None
+            lark = tool_call_grammar(tool_format, [(f.name, f.parameters_schema()) for f in functions],
+                                     parallel=self.allows_parallel_calls())
+            return GrammarSpec.lark(lark), "tools" if name is None else self.tool_choice_param()
+        if mode == "auto" and answer is not None and tool_format is not None:
+            lark = tool_call_grammar(tool_format, [(f.name, f.parameters_schema()) for f in self.function_definitions()],
+                                     parallel=self.allows_parallel_calls(), or_answer=answer)
+            return GrammarSpec.lark(lark), "response_format"
+        if answer is not None:
+            return GrammarSpec.json_schema(answer), "response_format"
+        return None
+
+    def _answer_schema(self) -> dict[str, Any] | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return {"type": "object"}
+        assert fmt.json_schema is not None
+        return fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llama_lab.defaults import DEFAULTS
 from llama_lab.model.presets import LoadMode
 from llama_lab.web.flags import CommaList
 
@@ -35,7 +36,9 @@ class ServerSettings(BaseSettings):
 
     model: str = Field("default", description="'default' (embedded SmolLM2-135M-Instruct), a model directory, a .gguf file, or random:<preset>",
                        json_schema_extra={"aliases": ["--base_model", "--base-model"]})
-    mode: LoadMode = Field(LoadMode.FULL, description="load mode: full, 8bit, 4bit or cpu")
+    mode: LoadMode = Field(LoadMode.AUTO, description="load mode: auto (a GGUF keeps its quantization on the CPU, "
+                                                      "anything else loads in full), full, 8bit, 4bit, cpu, gguf, "
+                                                      "int8 or int4 (CPU kernels)")
     gpus: str | None = Field(None, description="GPU index(es) to use, like the old demo's --gpus 0 (sets CUDA_VISIBLE_DEVICES)")
     dtype: str | None = Field(None, description="compute dtype override: bf16, fp16 or fp32 (default: automatic)")
     host: str = Field("127.0.0.1", description="address to listen on (use 0.0.0.0 only behind a firewall or tunnel)")
@@ -46,9 +49,9 @@ class ServerSettings(BaseSettings):
                                     description="allowed browser origins (comma-separated, or '*'); localhost/127.0.0.1 on any port are always allowed")
     max_concurrency: int = Field(64, ge=1, description="requests running or waiting at once; more get 429")
     max_batch_size: int = Field(32, ge=1, description="requests decoded together in one batch")
-    default_max_tokens: int = Field(2048, ge=1, description="completion cap when a request gives no max_tokens (protects against clients that never stop)")
-    default_temperature: float = Field(0.7, ge=0, le=2, description="temperature when a request gives none")
-    default_top_p: float = Field(0.9, gt=0, le=1, description="top_p when a request gives none")
+    default_max_tokens: int = Field(DEFAULTS.max_tokens, ge=1, description="completion cap when a request gives no max_tokens (protects against clients that never stop)")
+    default_temperature: float = Field(DEFAULTS.temperature, ge=0, le=2, description="temperature when a request gives none")
+    default_top_p: float = Field(DEFAULTS.top_p, gt=0, le=1, description="top_p when a request gives none")
     max_body_bytes: int = Field(2 * 2**20, ge=1024, description="largest request body accepted, in bytes (2 MiB holds a 128k-token prompt); larger ones get 413 before they are read or tokenized")
     tokens_per_usd: int = Field(500_000, gt=0, description="NextChat's usage panel shows dollars: this many tokens = 1 USD (One API's unit, as the gateway's)")
     prefill_chunk: int = Field(512, ge=16, description="prompt tokens per prefill step (running streams advance between steps)")
@@ -60,6 +63,9 @@ class ServerSettings(BaseSettings):
                                                    "--no-prefix-caching computes every prompt in full")
     kv_cache_tokens: int = Field(0, ge=0, description="KV cache size in tokens (0: every batch slot can use the whole context, "
                                                       "capped by memory)")
+    threads: int = Field(0, ge=0, description="CPU threads for the model's work; 0 (automatic): the cores this process may use "
+                                              "(affinity, cgroup quota), one fewer for each core other work keeps busy, "
+                                              "back within seconds when it stops; a number pins it")
     log_level: str = Field("info", description="debug, info, warning or error")
 
     @field_validator("log_level")
@@ -102,4 +108,4 @@ def build_engine(settings: ServerSettings, loaded: "LoadedModel | None" = None) 
         loaded = load_model(settings.model, settings.mode, device=gpu_device(settings.gpus), dtype=settings.dtype)
     return Engine(loaded, max_batch_size=settings.max_batch_size, max_active=settings.max_concurrency,
                   prefill_chunk=settings.prefill_chunk, compile=settings.compile, kv_cache_tokens=settings.kv_cache_tokens,
-                  prefix_caching=settings.prefix_caching)
+                  prefix_caching=settings.prefix_caching, threads=settings.threads)

@@ -1,0 +1,262 @@
+"""llama_lab against llama.cpp's ``llama-server`` on the same GGUF file, in one run, one server at a time.
+
+    python -m bench.peer_bench                          # the embedded SmolLM2 Q4_1 GGUF
+    python -m bench.peer_bench --gguf model.gguf --repeats 3
+    python -m bench.peer_bench --llama-cpp-bin DIR      # an existing llama.cpp build (DIR/llama-server)
+
+llama.cpp is built once into the llama_lab cache dir from the copy vendored in the ``llama-cpp-python``
+sdist (``pip download --no-binary :all:``, then cmake ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``; about 8
+minutes on 2 cores). Both servers get greedy streamed chat requests with the same prompts, over HTTP:
+
+- one stream: decode tok/s of a 128-token answer (first token to last), median of ``--repeats``;
+- after a 4k prompt: the same, right after a fresh ~4,000-token prompt;
+- TTFT of that 4k prompt, and of the next turn (the conversation so far plus one question);
+- 16 streams: aggregate tok/s of 16 concurrent 64-token answers (llama-server runs ``-np 16``);
+- perplexity of ``llama_lab/lab/data/perplexity.txt`` in 512-token windows scored on their second
+  half, as ``llama-perplexity -c 512`` scores them, ours computed by the same rule.
+
+It prints a table with our/peer ratios and the CPU kind, then one JSON line. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import httpx
+
+from llama_lab.cache import cache_root
+from llama_lab.web.launcher import ServerProcess, llama_lab_command
+
+logger = logging.getLogger("peer_bench")
+
+LONG_TOKENS = 4000
+STORY = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
+
+
+# ---------------------------------------------------------------- the peer
+
+def cpu_kind() -> str:
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor())
+    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else \
+        "AVX2 (no AVX512)" if "avx2" in flags else "no AVX2"
+    return f"{name}, {os.cpu_count()} cores, {kind}"
+
+
+def build_llama_cpp(explicit: str | None) -> Path:
+    """A directory holding ``llama-server`` and ``llama-perplexity``: given, cached, or built now."""
+    if explicit:
+        return Path(explicit)
+    target = cache_root() / "peers" / "llama.cpp"
+    if (target / "llama-server").is_file() and (target / "llama-perplexity").is_file():
+        return target
+    work = Path(tempfile.mkdtemp(prefix="llama-cpp-build-"))
+    try:
+        logger.info("building llama.cpp's llama-server once (about 8 minutes on 2 cores) in %s", work)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "llama-cpp-python", "-d", str(work)], check=True, capture_output=True)
+        sdist = next(work.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
+        subprocess.run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+                       cwd=src, check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", "llama-server",
+                        "llama-perplexity"], cwd=src, check=True, capture_output=True)
+        target.mkdir(parents=True, exist_ok=True)
+        for exe in ("llama-server", "llama-perplexity"):
+            shutil.copy2(src / "build" / "bin" / exe, target / exe)
+        for lib in (src / "build" / "bin").glob("*.so*"):
+            shutil.copy2(lib, target / lib.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- requests
+
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One greedy streamed chat: time to first token, decode tok/s after it, the text."""
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    started = time.perf_counter()
+    first = last = None
+    chunks = 0
+    text = []
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta", {})
+            if delta.get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                chunks += 1
+                text.append(delta["content"])
+    answer = "".join(text)
+    usage_tokens = chunks  # both servers send one chunk per token here (no stop strings, greedy)
+    tok_s = (usage_tokens - 1) / (last - first) if first and last and last > first else float("nan")
+    return {"ttft": (first or time.perf_counter()) - started, "tok_s": tok_s, "tokens": usage_tokens, "text": answer}
+
+
+def long_prompt(tokenizer, target: int, salt: str) -> str:
+    base = files("llama_lab.lab").joinpath("data/perplexity.txt").read_text()
+    text = salt + "\n"
+    while len(tokenizer.encode(text)) < target:
+        text += base
+    ids = tokenizer.encode(text)[:target]
+    return tokenizer.decode(ids) + "\n\nSummarize the text above in a few sentences."
+
+
+async def bench_server(url: str, tokenizer, repeats: int) -> dict:
+    out: dict = {}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
+        await stream_chat(client, url, STORY, 16)  # warm-up
+        singles = [(await stream_chat(client, url, STORY, 128))["tok_s"] for _ in range(repeats)]
+        out["single_tok_s"] = statistics.median(singles)
+        longs, ttfts, nexts = [], [], []
+        for i in range(repeats):
+            messages = [{"role": "user", "content": long_prompt(tokenizer, LONG_TOKENS, f"Document {time.time_ns()}-{i}.")}]
+            first = await stream_chat(client, url, messages, 128)
+            longs.append(first["tok_s"])
+            ttfts.append(first["ttft"])
+            follow = messages + [{"role": "assistant", "content": first["text"]},
+                                 {"role": "user", "content": "Now give it a title."}]
+            nexts.append((await stream_chat(client, url, follow, 16))["ttft"])
+        out["long_tok_s"], out["ttft_4k_s"], out["next_turn_ttft_s"] = (statistics.median(longs),
+                                                                       statistics.median(ttfts),
+                                                                       statistics.median(nexts))
+        aggs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            results = await asyncio.gather(*[stream_chat(client, url, [{"role": "user", "content": f"Story {i}: "
+                                                                         + STORY[0]["content"]}], 64)
+                                             for i in range(16)])
+            aggs.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
+        out["x16_tok_s"] = statistics.median(aggs)
+    return out
+
+
+# ---------------------------------------------------------------- perplexity
+
+def our_perplexity(gguf: Path, ctx: int = 512) -> tuple[float, int]:
+    """llama-perplexity's rule: windows of ``ctx`` tokens, each scored on its second half."""
+    import torch
+
+    from llama_lab import load_model
+
+    lm = load_model(str(gguf))
+    text = files("llama_lab.lab").joinpath("data/perplexity.txt").read_text()
+    ids = lm.tokenizer.encode(text, add_special_tokens=False)
+    while len(ids) < 2 * ctx:
+        ids = ids + ids
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - ctx + 1, ctx):
+            window = torch.tensor([ids[start:start + ctx]])
+            logp = torch.log_softmax(lm.model(window).logits[0].float(), dim=-1)
+            for i in range(ctx // 2, ctx - 1):
+                nll -= float(logp[i, window[0, i + 1]])
+                count += 1
+    return math.exp(nll / count), count
+
+
+def peer_perplexity(bin_dir: Path, gguf: Path, threads: int, ctx: int = 512) -> float | None:
+    text = files("llama_lab.lab").joinpath("data/perplexity.txt").read_text()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(text * max(1, math.ceil(4 * ctx / max(1, len(text.split())))))
+    try:
+        done = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", f.name, "-c", str(ctx),
+                               "-t", str(threads), "-b", str(ctx)], capture_output=True, text=True, timeout=1800,
+                              env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
+    finally:
+        os.unlink(f.name)
+    match = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    return float(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------- main
+
+def run_side(name: str, argv: list[str], env: dict[str, str], tokenizer, repeats: int) -> dict:
+    server = ServerProcess(argv, env=env, startup_timeout_s=1800, name=name)
+    started = time.perf_counter()
+    server.start()
+    ready = time.perf_counter() - started
+    try:
+        result = asyncio.run(bench_server(server.url, tokenizer, repeats))
+        result["ready_s"] = ready
+        result["rss_mb"] = server.rss() / 2**20
+    finally:
+        server.stop()
+    logger.info("%s: %s", name, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", help="GGUF file (default: the embedded SmolLM2 Q4_1)")
+    ap.add_argument("--llama-cpp-bin", help="directory with llama-server and llama-perplexity (default: build once)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-perplexity", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from transformers import AutoTokenizer
+
+    from llama_lab.model.gguf_native import ensure_packed
+    from llama_lab.model.loading import embedded_gguf_path
+
+    gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(ensure_packed(gguf))
+    bin_dir = build_llama_cpp(args.llama_cpp_bin)
+    ctx = LONG_TOKENS + 1024
+    sides = {
+        "llama_lab": run_side("llama_lab", llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning"),
+                              {}, tokenizer, args.repeats),
+        "llama-server": run_side("llama-server", [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}",
+                                                  "--host", "127.0.0.1", "-t", str(args.threads), "-np", "16",
+                                                  "-c", str(16 * ctx)],
+                                 {"LD_LIBRARY_PATH": str(bin_dir)}, tokenizer, args.repeats),
+    }
+    if not args.skip_perplexity:
+        ours, scored = our_perplexity(gguf)
+        sides["llama_lab"]["perplexity"] = ours
+        sides["llama-server"]["perplexity"] = peer_perplexity(bin_dir, gguf, args.threads)
+    ratio = {k: sides["llama_lab"][k] / sides["llama-server"][k]
+             for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "ttft_4k_s", "next_turn_ttft_s", "perplexity")
+             if sides["llama_lab"].get(k) and sides["llama-server"].get(k)}
+    print(f"\n{gguf.name} on {cpu_kind()}; greedy, streamed over HTTP, {args.repeats} repeats (medians)\n")
+    cols = [("single_tok_s", "one stream tok/s"), ("long_tok_s", "after 4k tok/s"), ("ttft_4k_s", "TTFT 4k s"),
+            ("next_turn_ttft_s", "next turn TTFT s"), ("x16_tok_s", "16 streams tok/s"), ("perplexity", "perplexity"),
+            ("ready_s", "start to ready s"), ("rss_mb", "RSS MB")]
+    print("| side | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name, res in sides.items():
+        print(f"| {name} | " + " | ".join(f"{res[k]:.3g}" if isinstance(res.get(k), float) else "-" for k, _ in cols) + " |")
+    print("| ratio (ours / peer) | " + " | ".join(f"{ratio[k]:.2f}" if k in ratio else "-" for k, _ in cols) + " |")
+    print(json.dumps({"gguf": gguf.name, "cpu": cpu_kind(), "sides": sides, "ratio": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+// Weight-only quantized matrix products for the CPU: 4-bit and 8-bit weights in groups of 32, computed
+// as llama.cpp computes them (activations quantized per group, integer dot products, one float multiply
+// per group) but with int16 activations where llama.cpp uses int8: _mm256_madd_epi16 takes 16 int16
+// pairs per instruction, so a group costs about the same instructions as maddubs on int8, and the
+// activations' rounding error drops from 1/127 to 1/32767 of the group's largest value. The answers are
+// then those of the dequantized float weights (with int8 activations, SmolLM2's greedy answers changed).
+// An AVX2 path runs on every x86-64 CPU of the last decade, AVX512 ones included.
+//
+// Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
+// fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
+// (docs/engine.md has the figures and the command). A decode step is a matrix-vector product per weight:
+// the time is the weight bytes read, so 4.5-bit weights beat 32-bit ones only if unpacking them costs
+// less than the bandwidth saved, which takes integer SIMD.
+//
+// Layouts (made by llama_lab/engine/quant.py from GGUF blocks or from float weights):
+//   q4: qs uint8 [N, K/2]: group g of row n is 16 bytes; byte j holds element j (low nibble) and element
+//       j+16 (high nibble), as GGUF's Q4_0/Q4_1 blocks; d, m float16 [N, K/32]: w = d * q + m.
+//   q8: qs int8 [N, K]; d float16 [N, K/32]: w = d * q.
+// x is float32 [M, K]; the result is float32 [M, N]. K must be a multiple of 32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LLAMA_LAB_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kRowTile = 4;    // activation rows that share one unpacked weight group
+constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
+constexpr int64_t kGemmRows = 32;  // from this many activation rows on, dequantize and use a float GEMM
+constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
+constexpr int64_t kMaxGroups = 1024;  // K up to 32768 (an 8B model's widest is 14336)
+
+inline float half_to_float(const at::Half h) {
+#ifdef LLAMA_LAB_AVX2
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: each row of x becomes int8 groups with one scale each (and the group's exact float sum,
+// which the q4 minimum term needs).
+struct QuantizedRows {
+  std::vector<int16_t> q;    // [M, K]
+  std::vector<float> scale;  // [M, K/32]
+  std::vector<float> sum;    // [M, K/32]
+};
+
+void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
+#ifdef LLAMA_LAB_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    s = _mm256_add_ps(s, v[i]);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float mx = _mm_cvtss_f32(m4);
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+  *sum = _mm_cvtss_f32(s4);
+  const float d = mx / 32767.f;
+  *scale = d;
+  const __m256 inv = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_ROUND_NEAREST));
+  // pack 32 x int32 -> 32 x int16 in order (packs interleave 128-bit lanes; the permute restores the order)
+  const __m256i a = _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[0], i32[1]), 0xD8);
+  const __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi32(i32[2], i32[3]), 0xD8);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), a);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), b);
+#else
+  float mx = 0.f, s = 0.f;
+  for (int i = 0; i < kGroup; ++i) {
+    mx = std::max(mx, std::fabs(x[i]));
+    s += x[i];
+  }
+  *sum = s;
+  const float d = mx / 32767.f;
+  *scale = d;
+  const float inv = d != 0.f ? 1.f / d : 0.f;
+  for (int i = 0; i < kGroup; ++i) q[i] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+#endif
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t groups = K / kGroup;
+  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      quantize_group(x + g * kGroup, r.q.data() + g * kGroup, r.scale.data() + g, r.sum.data() + g);
+  });
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Integer dot products of one group of 32.
+#ifdef LLAMA_LAB_AVX2
+// A group's 32 weights as two vectors of 16 int16 (elements 0..15, 16..31).
+inline void unpack_q4(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, mask));
+  hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
+
+inline void unpack_q8(const int8_t* p, __m256i& lo, __m256i& hi) {
+  lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+}
+
+// 8 partial sums of a group's 32 int16 products, as floats. |w| <= 128, |x| <= 32767: each int32 lane
+// adds four products, far from overflow.
+inline __m256 dot_group(const __m256i wlo, const __m256i whi, const int16_t* x) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
+  return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(wlo, x0), _mm256_madd_epi16(whi, x1)));
+}
+
+inline float hsum(const __m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Per weight row, the float part of each group's product is computed 8 groups at a time before the integer
+// loop: scale[i][g] = d[g] * x_scale[i][g] (and, for q4, the minimum term sum_g m[g] * x_sum[i][g]), so the
+// inner loop is integer work plus one broadcast load and one FMA per group. Scalar float16 conversions and
+// multiplies in the inner loop made it 1.5-2x slower.
+#ifdef LLAMA_LAB_AVX2
+template <int MT>
+inline void group_scales(const at::Half* wd, const float* xd, int64_t groups, float (*scale)[kMaxGroups]) {
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wd + g)));
+    for (int i = 0; i < MT; ++i) _mm256_storeu_ps(scale[i] + g, _mm256_mul_ps(d8, _mm256_loadu_ps(xd + i * groups + g)));
+  }
+  for (; g < groups; ++g) {
+    const float dw = half_to_float(wd[g]);
+    for (int i = 0; i < MT; ++i) scale[i][g] = dw * xd[i * groups + g];
+  }
+}
+
+template <int MT>
+inline void min_terms(const at::Half* wm, const float* xs, int64_t groups, float* mins) {
+  __m256 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm + g)));
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xs + i * groups + g), acc[i]);
+  }
+  for (int i = 0; i < MT; ++i) mins[i] = hsum(acc[i]);
+  for (; g < groups; ++g) {
+    const float mw = half_to_float(wm[g]);
+    for (int i = 0; i < MT; ++i) mins[i] += mw * xs[i * groups + g];
+  }
+}
+#endif
+
+// One tile: weight rows [n0, n1) against MT activation rows from m0. MT is a template parameter so
+// the accumulators live in registers (indexed by a run-time count they spill to the stack: 3x slower).
+template <int MT>
+void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, int64_t N,
+             int64_t n0, int64_t n1, int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const float* xs = a.sum.data() + m0 * groups;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = qs + n * (K / 2);
+    const at::Half* wd = d + n * groups;
+    const at::Half* wm = m + n * groups;
+    float mins[MT];
+#ifdef LLAMA_LAB_AVX2
+    alignas(32) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    min_terms<MT>(wm, xs, groups, mins);
+    __m256 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // two groups per turn: two independent FMA chains
+      __m256i a0, b0, a1, b1;
+      unpack_q4(wq + g * 16, a0, b0);
+      unpack_q4(wq + g * 16 + 16, a1, b1);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+        acc2[i] = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), acc2[i]);
+      }
+    }
+    for (; g < groups; ++g) {
+      __m256i a0, b0;
+      unpack_q4(wq + g * 16, a0, b0);
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc[i], acc2[i])) + mins[i];
+#else
+    float acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = 0.f, mins[i] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* b = wq + g * 16;
+      const float dw = half_to_float(wd[g]), mw = half_to_float(wm[g]);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; ++j) dot += (b[j] & 0x0F) * x[j] + (b[j] >> 4) * x[j + 16];
+        acc[i] += dw * xd[i * groups + g] * static_cast<float>(dot);
+        mins[i] += mw * xs[i * groups + g];
+      }
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = acc[i] + mins[i];
+#endif
+  }
+}
+
+template <int MT>
+void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_t K, int64_t N, int64_t n0,
+             int64_t n1, int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wq = qs + n * K;
+    const at::Half* wd = d + n * groups;
+#ifdef LLAMA_LAB_AVX2
+    alignas(32) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    __m256 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      __m256i a0, b0, a1, b1;
+      unpack_q8(wq + g * kGroup, a0, b0);
+      unpack_q8(wq + g * kGroup + kGroup, a1, b1);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+        acc2[i] = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), acc2[i]);
+      }
+    }
+    for (; g < groups; ++g) {
+      __m256i a0, b0;
+      unpack_q8(wq + g * kGroup, a0, b0);
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc[i], acc2[i]));
+#else
+    float acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* b = wq + g * kGroup;
+      const float dw = half_to_float(wd[g]);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        int32_t dot = 0;
+        for (int j = 0; j < kGroup; ++j) dot += b[j] * x[j];
+        acc[i] += dw * xd[i * groups + g] * static_cast<float>(dot);
+      }
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = acc[i];
+#endif
+  }
+}
+
+// Calls tile<MT>(n0, n1, m0) for a run-time row count 1..kRowTile.
+template <template <int> class Tile, typename... Args>
+void dispatch_rows(int64_t mt, Args&&... args) {
+  switch (mt) {
+    case 1: Tile<1>::run(args...); break;
+    case 2: Tile<2>::run(args...); break;
+    case 3: Tile<3>::run(args...); break;
+    default: Tile<4>::run(args...); break;
+  }
+}
+
+template <int MT>
+struct Q4Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { q4_tile<MT>(args...); }
+};
+
+template <int MT>
+struct Q8Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { q8_tile<MT>(args...); }
+};
+
+void check_common(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be float32 [M, K]");
+  TORCH_CHECK(K % kGroup == 0 && x.size(1) == K, op, ": x has ", x.size(1), " columns; the weight has ", K,
+              " (a multiple of 32)");
+  TORCH_CHECK(K <= kGroup * kMaxGroups, op, ": rows wider than ", kGroup * kMaxGroups, " are not supported");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) == K / kGroup,
+              op, ": scales must be float16 [N, K/32]");
+}
+
+// Splits the output columns into tiles of kColTile weight rows, and within each tile walks the activation
+// rows kRowTile at a time, so a group unpacked once serves up to four rows and a tile's weights stay cached.
+template <typename Tile>
+at::Tensor run_tiles(int64_t M, int64_t N, Tile&& tile) {
+  auto out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  const int64_t tiles = (N + kColTile - 1) / kColTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kColTile, n1 = std::min(N, n0 + kColTile);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) tile(n0, n1, m0, std::min(kRowTile, M - m0), o);
+    }
+  });
+  return out;
+}
+
+// One dequantized weight row (float32, K values).
+void q4_row(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, int64_t n, float* o) {
+  const int64_t groups = K / kGroup;
+  const uint8_t* wq = qs + n * (K / 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
+    for (int j = 0; j < 16; ++j) {
+      const uint8_t b = wq[g * 16 + j];
+      o[g * kGroup + j] = dw * static_cast<float>(b & 0x0F) + mw;
+      o[g * kGroup + j + 16] = dw * static_cast<float>(b >> 4) + mw;
+    }
+  }
+}
+
+void q8_row(const int8_t* qs, const at::Half* d, int64_t K, int64_t n, float* o) {
+  const int64_t groups = K / kGroup;
+  const int8_t* wq = qs + n * K;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float dw = half_to_float(d[n * groups + g]);
+    for (int j = 0; j < kGroup; ++j) o[g * kGroup + j] = dw * static_cast<float>(wq[g * kGroup + j]);
+  }
+}
+
+// Many activation rows (a prompt chunk) make the product compute-bound, where a float GEMM beats integer
+// dot products that unpack each weight group again for every four rows: dequantize kGemmTile weight rows
+// at a time into a scratch matrix (a few MB, never the whole weight) and let ATen's GEMM take them.
+template <typename Row>
+at::Tensor dequant_gemm(const at::Tensor& x, int64_t N, int64_t K, Row&& row) {
+  const int64_t M = x.size(0);
+  auto out = at::empty({M, N}, x.options());
+  const int64_t tile = std::min(N, kGemmTile);
+  auto w = at::empty({tile, K}, x.options());
+  float* wp = w.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t len = std::min(tile, N - n0);
+    at::parallel_for(0, len, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row(n0 + i, wp + i * K);
+    });
+    out.narrow(1, n0, len).copy_(at::mm(x, w.narrow(0, 0, len).t()));
+  }
+  return out;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+  const int64_t K = qs.size(1) * 2, N = qs.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, "q4_linear: qs must be uint8 [N, K/2]");
+  check_common(x, qs, d, K, "q4_linear");
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, "q4_linear: mins must match the scales");
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const int64_t M = xc.size(0);
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  const at::Half* mp = mc.data_ptr<at::Half>();
+  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); });
+  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
+  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    dispatch_rows<Q4Tile>(mt, a, qp, dp, mp, K, N, n0, n1, m0, o);
+  });
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
+  const int64_t K = qs.size(1), N = qs.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kChar && qs.dim() == 2, "q8_linear: qs must be int8 [N, K]");
+  check_common(x, qs, d, K, "q8_linear");
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous();
+  const int64_t M = xc.size(0);
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
+  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
+  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    dispatch_rows<Q8Tile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows of the dequantized matrix: the embedding lookup (whose table is the tied lm_head's weight).
+template <typename Row>
+at::Tensor gather_rows(const at::Tensor& ids, int64_t N, int64_t K, Row&& row, const char* op) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, op, ": ids must be int64 [T]");
+  const at::Tensor ic = ids.contiguous();
+  const int64_t T = ic.size(0);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(ip[t] >= 0 && ip[t] < N, op, ": id ", ip[t], " out of range");
+  auto out = at::empty({T, K}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) row(ip[t], o + t * K);
+  });
+  return out;
+}
+
+at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+  const int64_t K = qs.size(1) * 2;
+  const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
+  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); }, "q4_rows");
+}
+
+at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d) {
+  const int64_t K = qs.size(1);
+  const at::Tensor qc = qs.contiguous(), dc = d.contiguous();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); }, "q8_rows");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
+  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+  m.impl("q4_rows", &q4_rows);
+  m.impl("q8_rows", &q8_rows);
+}

@@ -1,0 +1,187 @@
+"""GGUF files kept in their own quantization: repacked once into the CPU kernels' layout, then loaded.
+
+A GGUF's quantized blocks already are what a weight-only kernel wants, so they are never widened to
+floats for the matrix products: Q4_0 / Q4_1 / Q4_K become ``q4``, Q8_0 becomes ``q8`` (exactly; see
+``model/quant.py``), other quantized types are re-quantized to ``q8``, and float tensors (norms,
+biases) stay floats. The first load of a file writes the packed tensors (safetensors), the config,
+the tokenizer and the generation config into the cache dir, published with an atomic rename; every
+later load reads that copy.
+
+For the ``llama`` architecture, llama.cpp stores the q and k projections with their rows permuted for
+its rotary layout; they are put back in Hugging Face's order (the permutation ``transformers`` applies
+when it reads a GGUF), by moving whole packed rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llama_lab.cache import MARKER, cache_root, is_complete, published_dir
+from llama_lab.model.quant import QuantEmbedding, QuantLinear, from_gguf_blocks, require_kernels
+
+logger = logging.getLogger(__name__)
+
+PACK_FORMAT = 1  # bump when the packed layout changes
+SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
+
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face parameter a GGUF tensor holds, or None for tensors the model does not use."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    match = _LAYER.match(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    return None
+
+
+def hf_row_order(rows: int, heads: int) -> np.ndarray:
+    """Row indices that undo llama.cpp's q/k permutation (``transformers``' ``_reverse_permute_weights``)."""
+    dim = rows // heads // 2
+    return np.arange(rows).reshape(heads, dim, 2).swapaxes(2, 1).reshape(rows)
+
+
+def packed_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|{PACK_FORMAT}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}-packed"
+
+
+def file_types(gguf: Path) -> dict[str, int]:
+    """How many tensors of each GGUF type the file holds (``{"Q4_1": 210, "F32": 61, ...}``)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for t in GGUFReader(gguf).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- the one-time repack
+
+def ensure_packed(gguf: Path) -> Path:
+    """The packed copy of ``gguf`` in the cache, written first if needed (atomically)."""
+    target = packed_dir(gguf)
+    if is_complete(target):
+        return target
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    logger.info("repacking %s for the CPU kernels (one time)", gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if getattr(config, "model_type", None) not in SUPPORTED_ARCHS:
+        raise ValueError(f"{gguf.name}: architecture {config.model_type!r} cannot be kept quantized "
+                         f"(supported: {', '.join(sorted(SUPPORTED_ARCHS))}); load it with mode 'full'")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    source_types: dict[str, str] = {}
+    for t in GGUFReader(gguf).tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        qtype = t.tensor_type.name
+        source_types[name] = qtype
+        shape = tuple(int(x) for x in reversed(t.shape))  # ggml lists the fastest dimension first
+        data = np.asarray(t.data)
+        order = None
+        if config.model_type == "llama" and (".q_proj." in name or ".k_proj." in name):
+            order = hf_row_order(shape[0], heads if ".q_proj." in name else kv_heads)
+        if len(shape) == 2 and (packed := from_gguf_blocks(qtype, data.reshape(shape[0], -1), shape)) is not None:
+            base = name.removesuffix(".weight")
+            kinds[base] = packed.kind
+            for part in ("qs", "d", "m"):
+                value = getattr(packed, part)
+                if value is not None:
+                    tensors[f"{base}.{part}"] = (value[torch.from_numpy(order)] if order is not None else value).contiguous()
+        else:
+            value = torch.from_numpy(_floats(t, qtype).reshape(shape).copy())
+            tensors[name] = (value[torch.from_numpy(order)] if order is not None else value).contiguous()
+
+    with published_dir(target) as tmp:
+        save_file(tensors, str(tmp / "packed.safetensors"), metadata={"kinds": json.dumps(kinds)})
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "format": PACK_FORMAT, "types": source_types}))
+    return target
+
+
+def _floats(tensor: Any, qtype: str) -> np.ndarray:
+    if qtype == "F32":
+        return np.asarray(tensor.data, dtype=np.float32)
+    if qtype == "F16":
+        return np.asarray(tensor.data).view(np.float16).astype(np.float32)
+    import gguf
+
+    return gguf.quants.dequantize(np.asarray(tensor.data), gguf.GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+# ---------------------------------------------------------------- loading the packed copy
+
+def load_packed(directory: Path) -> tuple[nn.Module, Any]:
+    """The model (float32 activations, packed linears and embedding) and tokenizer of a packed copy."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    require_kernels()
+    config = AutoConfig.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    with safe_open(str(directory / "packed.safetensors"), framework="pt") as f:
+        kinds: dict[str, str] = json.loads(f.metadata()["kinds"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for base, kind in kinds.items():
+        bias = tensors.get(f"{base}.bias")
+        linear = QuantLinear(kind, tensors[f"{base}.qs"], tensors[f"{base}.d"], tensors.get(f"{base}.m"), bias)
+        if base == "model.embed_tokens":
+            model.model.embed_tokens = QuantEmbedding(linear)
+            if "lm_head" not in kinds and config.tie_word_embeddings:
+                model.lm_head = linear  # the same buffers: stored and read once
+        else:
+            _set_module(model, base, linear)
+    for name, value in tensors.items():
+        base, _, part = name.rpartition(".")
+        if base in kinds:
+            continue
+        module = model.get_submodule(base)
+        module._parameters[part] = nn.Parameter(value, requires_grad=False)
+    if "lm_head" not in kinds and not config.tie_word_embeddings:
+        raise ValueError(f"{directory}: the file has no output weight and does not tie it to the embedding")
+    decoder = model.model
+    decoder.rotary_emb = type(decoder.rotary_emb)(config=config)  # built on the meta device: make it real
+    model.generation_config = GenerationConfig.from_pretrained(directory)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"{directory}: the file has no tensor for {', '.join(left[:5])}")
+    model.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)

@@ -1,0 +1,226 @@
+"""The CPU's quantized weights: the kernels against torch, GGUF blocks against the ``gguf`` package, the
+load modes, and greedy decoding through the engine against a reference written in plain torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llama_lab.model import quant
+from llama_lab.model.quant import GROUP, QuantEmbedding, QuantLinear, from_gguf_blocks
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    try:
+        quant.require_kernels()
+    except RuntimeError as exc:
+        pytest.skip(f"no C++ toolchain here: {exc}")
+
+
+def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in torch: int16 activations per group of 32 below 32 rows, else floats."""
+    w = layer.weight_float()
+    if x.shape[0] >= 32:
+        y = x @ w.T
+    else:
+        m, k = x.shape
+        g = x.reshape(m, k // GROUP, GROUP)
+        dx = g.abs().amax(-1) / 32767.0
+        inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
+        xq = torch.round(g * inv[..., None])
+        if layer.kind == "q4":
+            q = quant.unpack_nibbles(layer.qs).float()
+        else:
+            q = layer.qs.float()
+        q = q.reshape(layer.out_features, k // GROUP, GROUP)
+        dot = torch.einsum("mgj,ngj->mng", xq.double(), q.double())
+        y = torch.einsum("mng,mg,ng->mn", dot, dx.double(), layer.d.double())
+        if layer.kind == "q4":
+            y = y + g.double().sum(-1) @ layer.m.double().T
+        y = y.float()
+    return y + layer.bias if layer.bias is not None else y
+
+
+SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (31, 64, 100), (32, 64, 100),
+          (70, 160, 1030)]
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_kernel_matches_torch_reference(kind, m, k, n):
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    linear = nn.Linear(k, n, bias=n % 2 == 0)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen))
+    layer = QuantLinear.from_linear(linear, kind)
+    x = torch.randn(m, k, generator=gen) * 3
+    got = layer(x)
+    torch.testing.assert_close(got, reference_linear(layer, x), rtol=1e-4, atol=1e-3)
+    # and close to the float product it stands for (4-bit weights: a few percent of the output's scale)
+    want = nn.functional.linear(x, linear.weight, linear.bias)
+    err = (got - want).norm() / want.norm()
+    assert err < (0.15 if kind == "q4" else 0.02), err
+
+
+def test_leading_dims_and_dtype_follow_the_input():
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), "q8")
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.shape == (2, 3, 16) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_embedding_rows_are_the_dequantized_table(kind):
+    table = QuantLinear.from_linear(nn.Linear(96, 50, bias=False), kind)
+    ids = torch.tensor([[0, 49], [7, 7]])
+    rows = QuantEmbedding(table)(ids)
+    assert rows.shape == (2, 2, 96)
+    torch.testing.assert_close(rows, table.weight_float()[ids])
+    with pytest.raises(RuntimeError, match="out of range"):
+        QuantEmbedding(table)(torch.tensor([50]))
+
+
+def test_bad_shapes_are_refused_with_a_message():
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), "q4")
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.llama_lab.q4_linear(torch.randn(2, 32), layer.qs, layer.d, layer.m)
+
+
+def test_nibble_packing_round_trips():
+    q = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(quant.unpack_nibbles(quant.pack_nibbles(q)), q)
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+@pytest.mark.parametrize("qtype,kind", [("Q4_0", "q4"), ("Q4_1", "q4"), ("Q8_0", "q8")])
+def test_gguf_blocks_repack_exactly(qtype, kind):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 256)).astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype]
+    raw = gguf.quants.quantize(w, t)
+    layer = from_gguf_blocks(qtype, raw, (6, 256))
+    assert layer.kind == kind
+    want = gguf.quants.dequantize(raw, t).reshape(6, 256)
+    np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=0, atol=1e-6)
+
+
+def _random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes for K-quant blocks, with the float16 scales set to small finite values."""
+    t = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.05, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if qtype == "Q4_K":  # d, dmin lead the block
+        raw[..., 0:2] = scales
+        raw[..., 2:4] = scales[:, ::-1]
+    else:  # Q6_K: d trails it
+        raw[..., size - 2:] = scales
+    return raw.reshape(rows, -1)
+
+
+def test_q4_k_blocks_repack_to_q4_groups():
+    raw = _random_blocks("Q4_K", 4, 512, seed=1)
+    layer = from_gguf_blocks("Q4_K", raw, (4, 512))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(4, 512)
+    assert layer.kind == "q4"
+    # the sub-block scale d*sc is rounded to float16: relative error at most 2^-11 of a group's range
+    np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_other_types_become_q8_close_to_the_source():
+    raw = _random_blocks("Q6_K", 3, 256, seed=2)
+    layer = from_gguf_blocks("Q6_K", raw, (3, 256))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K).reshape(3, 256)
+    assert layer.kind == "q8"
+    err = np.abs(layer.weight_float().numpy() - want).max()
+    assert err <= np.abs(want).max() / 127 * 0.51 + 1e-6
+
+
+def test_q_k_row_order_is_transformers_permutation():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from llama_lab.model.gguf_native import hf_row_order
+
+    w = np.arange(24 * 3).reshape(24, 3)
+    want = LlamaTensorProcessor(config={})._reverse_permute_weights(w, 4, 4)
+    np.testing.assert_array_equal(w[hf_row_order(24, 4)], want)
+
+
+# ---------------------------------------------------------------- load modes and the engine
+
+def test_modes_resolve_and_refuse_clearly():
+    from llama_lab import load_model
+    from llama_lab.model.loading import LoadError
+
+    assert load_model("random:tiny").mode.value == "full"  # auto: not a GGUF
+    with pytest.raises(LoadError, match="not a .gguf"):
+        load_model("random:tiny", "gguf")
+    with pytest.raises(LoadError, match="CPU kernels"):
+        load_model("random:tiny", "int4", device="cuda:0")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_engine_greedy_tokens_match_a_torch_reference(mode, monkeypatch):
+    """The engine (fused packed linears, paged cache, kernels) decodes what plain torch computes."""
+    from llama_lab import load_model
+    from llama_lab.engine import Engine
+    from llama_lab.engine.sampling import SamplingParams
+
+    loaded = load_model("random:tiny", mode)
+    assert loaded.mode.value == mode and "groups of 32" in loaded.weights_format
+    assert isinstance(loaded.model.model.layers[0].mlp.down_proj, QuantLinear)
+    prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again")
+    with torch.inference_mode():  # the reference first: the engine fuses (and so shares) the buffers
+        monkeypatch.setattr(QuantLinear, "forward", lambda self, x: reference_linear(
+            self, x.reshape(-1, self.in_features).float()).reshape(*x.shape[:-1], self.out_features))
+        ids = torch.tensor([prompt])
+        want = []
+        for _ in range(12):
+            nxt = int(loaded.model(ids).logits[0, -1].argmax())
+            want.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        monkeypatch.undo()
+    monkeypatch.setenv("LLAMA_LAB_KV_DTYPE", "fp32")  # the reference keeps fp32 keys and values
+    with Engine(loaded, compile=False, max_batch_size=4) as engine:
+        got = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)).token_ids
+    assert got == want
+
+
+def test_packed_weights_get_a_16_bit_kv_cache(monkeypatch):
+    from llama_lab import load_model
+    from llama_lab.engine.paged_runner import PagedRunner, PrefillJob
+
+    monkeypatch.delenv("LLAMA_LAB_KV_DTYPE", raising=False)
+    runner = PagedRunner(load_model("random:tiny", "int8"), max_batch_size=2, compile=False, kv_cache_tokens=256)
+    assert runner.cache.shape.dtype in (torch.float16, torch.bfloat16)
+    seq = runner.reserve(20)
+    runner.prefill([PrefillJob(seq, list(range(5, 15)), True)], lambda: False)
+    logits = runner.decode([seq], [7])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model):
+    """The default load keeps the file's Q4_1/Q8_0 blocks: the same weights transformers dequantizes."""
+    from llama_lab import load_model
+
+    assert default_model.mode.value == "gguf" and "Q4_1" in default_model.weights_format
+    assert default_model.weights_bytes < 110 * 2**20  # the file is 98 MB; fp32 would be 538 MB
+    full = load_model("default", "full")
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        packed = default_model.model.model.layers[5].get_submodule(name)
+        torch.testing.assert_close(packed.weight_float(), full.model.model.layers[5].get_submodule(name).weight.float(),
+                                   rtol=0, atol=0)
+    prompt = default_model.chat_prompt_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
+    assert len(prompt) >= 32  # a prompt takes the float GEMM path: the same math as transformers'
+    with torch.inference_mode():
+        a = default_model.model(torch.tensor([prompt])).logits[0, -1]
+        b = full.model(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
