@@ -205,6 +205,9 @@ def run_side(name: str, argv: list[str], env: dict[str, str], tokenizer, repeats
         result = asyncio.run(bench_server(server.url, tokenizer, repeats))
         result["ready_s"] = ready
         result["rss_mb"] = server.rss() / 2**20
+    except Exception:
+        logger.error("%s failed; its last output:\n%s", name, server.log(60))
+        raise
     finally:
         server.stop()
     logger.info("%s: %s", name, result)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-perplexity", action="store_true")
+    ap.add_argument("--sides", default="llama_lab,llama-server", help="comma-separated: llama_lab, llama-server")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -230,21 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(ensure_packed(gguf))
     bin_dir = build_llama_cpp(args.llama_cpp_bin)
     ctx = LONG_TOKENS + 1024
-    sides = {
-        "llama_lab": run_side("llama_lab", llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning"),
-                              {}, tokenizer, args.repeats),
-        "llama-server": run_side("llama-server", [str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}",
-                                                  "--host", "127.0.0.1", "-t", str(args.threads), "-np", "16",
-                                                  "-c", str(16 * ctx)],
-                                 {"LD_LIBRARY_PATH": str(bin_dir)}, tokenizer, args.repeats),
+    commands = {
+        "llama_lab": (llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning"), {}),
+        "llama-server": ([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}", "--host", "127.0.0.1",
+                          "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], {"LD_LIBRARY_PATH": str(bin_dir)}),
     }
+    sides = {name: run_side(name, *commands[name], tokenizer, args.repeats) for name in args.sides.split(",")}
     if not args.skip_perplexity:
-        ours, scored = our_perplexity(gguf)
-        sides["llama_lab"]["perplexity"] = ours
-        sides["llama-server"]["perplexity"] = peer_perplexity(bin_dir, gguf, args.threads)
-    ratio = {k: sides["llama_lab"][k] / sides["llama-server"][k]
-             for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "ttft_4k_s", "next_turn_ttft_s", "perplexity")
-             if sides["llama_lab"].get(k) and sides["llama-server"].get(k)}
+        if "llama_lab" in sides:
+            sides["llama_lab"]["perplexity"] = our_perplexity(gguf)[0]
+        if "llama-server" in sides:
+            sides["llama-server"]["perplexity"] = peer_perplexity(bin_dir, gguf, args.threads)
+    ours, peer = sides.get("llama_lab", {}), sides.get("llama-server", {})
+    ratio = {k: ours[k] / peer[k] for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "ttft_4k_s", "next_turn_ttft_s",
+                                           "perplexity") if ours.get(k) and peer.get(k)}
     print(f"\n{gguf.name} on {cpu_kind()}; greedy, streamed over HTTP, {args.repeats} repeats (medians)\n")
     cols = [("single_tok_s", "one stream tok/s"), ("long_tok_s", "after 4k tok/s"), ("ttft_4k_s", "TTFT 4k s"),
             ("next_turn_ttft_s", "next turn TTFT s"), ("x16_tok_s", "16 streams tok/s"), ("perplexity", "perplexity"),
