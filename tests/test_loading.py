@@ -44,14 +44,24 @@ def test_default_model_full_answers_and_loads_fast(default_model):
     assert again.stop_token_ids == default_model.stop_token_ids
 
 
+@pytest.fixture(scope="module")
+def full_default():
+    """The embedded GGUF widened to floats (``--mode full``): what bitsandbytes quantizes from."""
+    return load_model("default", "full")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, bits", [("8bit", 8), ("4bit", 4), ("cpu", None)])
-def test_default_model_every_cpu_mode(mode, bits, default_model):
+@pytest.mark.parametrize("mode, bits, loaded_as", [("8bit", 8, "8bit"), ("4bit", 4, "4bit"), ("cpu", None, "gguf"),
+                                                   ("full", None, "full")])
+def test_default_model_every_cpu_mode(mode, bits, loaded_as, full_default):
+    """Every mode answers; bitsandbytes shrinks the floats, and ``cpu`` keeps a GGUF's own quantization."""
     lm = load_model("default", mode)
-    assert lm.mode.value == mode and lm.device.type == "cpu"
+    assert lm.mode.value == loaded_as and lm.device.type == "cpu"
     if bits:
-        assert lm.weights_bytes < default_model.weights_bytes
+        assert lm.weights_bytes < full_default.weights_bytes
         assert getattr(lm.model, f"is_loaded_in_{bits}bit")
+    if loaded_as == "gguf":
+        assert lm.weights_bytes < full_default.weights_bytes / 4  # 4.5-bit blocks against fp32
     assert "Paris" in _answer(lm)
 
 
@@ -59,9 +69,11 @@ def test_default_model_every_cpu_mode(mode, bits, default_model):
 def test_gguf_path_and_directory_sources(default_model):
     gguf = embedded_gguf_path()
     by_file = load_model(str(gguf))
-    assert by_file.name == gguf.stem
-    by_dir = load_model(str(converted_gguf_dir(gguf)))
-    assert by_dir.weights_bytes == default_model.weights_bytes
+    assert by_file.name == gguf.stem and by_file.mode.value == "gguf"
+    assert by_file.weights_bytes == default_model.weights_bytes
+    by_dir = load_model(str(converted_gguf_dir(gguf)))  # a Hugging Face directory: floats
+    assert by_dir.mode.value == "full"
+    assert by_dir.weights_bytes == load_model("default", "full").weights_bytes
 
 
 def test_missing_path(tmp_path):

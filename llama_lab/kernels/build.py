@@ -2,7 +2,7 @@
 
 Two sources, one build: ``csrc/paged_attention.cpp`` (``torch.ops.llama_lab.paged_attention``) and
 ``csrc/quant_linear.cpp`` (``q4_linear``, ``q8_linear``, ``q4_rows``, ``q8_rows``). They are compiled
-with the local C++ compiler and ``-march=native`` (so the AVX2, AVX512 or VNNI paths the CPU has are
+with the local C++ compiler and ``-march=native`` (so the AVX2 or AVX512-BF16 paths the CPU has are
 the ones built), in parallel by ninja, and cached beside the converted models under a key of the
 sources, torch and the CPU's flags. Without a compiler the engine keeps torch's own operators.
 """
@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import tempfile
 import threading
 from importlib.resources import files
 from pathlib import Path
@@ -71,24 +72,42 @@ def load() -> str | None:
         return None
 
 
-def _build_and_load() -> None:
-    if hasattr(torch.ops.llama_lab, "q4_linear"):  # already loaded in this process
-        return
-    from torch.utils import cpp_extension
+LIBRARY = "llama_lab_cpu_ops"
 
-    build = build_dir()
-    build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-march=native")
-    logger.info("loading the CPU kernels (built once per machine in %s)", build)
-    cpp_extension.load(name="llama_lab_cpu_ops", sources=[str(_source(n)) for n in SOURCES], extra_cflags=flags,
-                       extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False, verbose=False)
+
+def _build_and_load() -> None:
+    """Load the library from the cache, or build it in a private directory and publish it by rename.
+
+    torch's ``cpp_extension`` guards a shared build directory with a lock file; a process killed while
+    building leaves that file behind and every later start waits on it forever. A private directory
+    per build needs no lock, and the rename publishes a complete library or nothing.
+    """
+    if hasattr(torch.ops.llama_lab, "q4_linear"):  # already loaded in this process
+        _register_fakes()
+        return
+    target = build_dir() / f"{LIBRARY}.so"
+    if target.is_file():
+        torch.ops.load_library(str(target))
+    else:
+        from torch.utils import cpp_extension
+
+        flags = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
+        if platform.machine() in ("x86_64", "AMD64"):
+            flags.append("-march=native")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("building the CPU kernels (once per machine, into %s)", target.parent)
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:
+            cpp_extension.load(name=LIBRARY, sources=[str(_source(n)) for n in SOURCES], extra_cflags=flags,
+                               extra_ldflags=["-fopenmp"], build_directory=tmp, is_python_module=False,
+                               verbose=False)  # loads it too
+            os.replace(Path(tmp) / f"{LIBRARY}.so", target)
     _register_fakes()
 
 
 def _register_fakes() -> None:
     """Output shapes for torch.export / torch.compile, which trace the step without running the kernels."""
+    if torch._library.simple_registry.singleton.find("llama_lab::q4_linear").fake_impl.kernel is not None:
+        return  # registered once per process
 
     @torch.library.register_fake("llama_lab::paged_attention")
     def _attention(q, k_cache, v_cache, block_tables, rows, positions, scale):
