@@ -254,7 +254,8 @@ def main() -> None:
     for impl in args.impls.split(","):
         started = time.perf_counter()
         rows[impl] = run_side(impl, args, argv)
-        print(f"  {impl}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        # each side's row as soon as it is done: a run stopped at a time limit still reports the finished ones
+        print(f"  {impl}: done in {time.perf_counter() - started:.0f} s: {json.dumps(rows[impl])}", file=sys.stderr)
     summary = report(rows, args)
     print(json.dumps({"bench": "engine", "model": args.model, "mode": args.mode, "rows": rows, "summary": summary}))
 

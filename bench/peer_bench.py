@@ -93,7 +93,19 @@ def build_llama_cpp(explicit: str | None) -> Path:
 # ---------------------------------------------------------------- requests
 
 async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
-    """One greedy streamed chat: time to first token, decode tok/s after it, the text."""
+    """One greedy streamed chat: time to first token, decode tok/s after it, the text.
+
+    A kept-alive connection that the server closed as the request went out (cpp-httplib, under
+    llama-server, closes idle ones on its own clock) is retried once on a new connection.
+    """
+    try:
+        return await _stream_chat(client, url, messages, max_tokens)
+    except httpx.RemoteProtocolError as exc:
+        logger.warning("%s: %s; retrying once on a new connection", url, exc)
+        return await _stream_chat(client, url, messages, max_tokens)
+
+
+async def _stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
     body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     started = time.perf_counter()

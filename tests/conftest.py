@@ -11,16 +11,12 @@ import os
 
 os.environ.setdefault("LLAMA_LAB_COMPILE", "0")
 
-import queue  # noqa: E402
-import subprocess  # noqa: E402
-import sys
-import time
-from pathlib import Path
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from helpers.cli import ROOT  # noqa: E402
+from helpers.engine import recording_engine  # noqa: E402
 
-import httpx
-import pytest
-
-from llama_lab.web.launcher import ServerProcess, llama_lab_command
+from llama_lab.web.launcher import ServerProcess, llama_lab_command  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,56 +35,7 @@ def default_model():
     return load_model("default")
 
 
-# ---------------------------------------------------------------- servers (tests/test_app.py and friends)
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def recording_engine(loaded, **kwargs):
-    """A real Engine that also keeps every RequestHandle, so tests can read ``steps_after_cancel``."""
-    from llama_lab.engine import Engine
-
-    class RecordingEngine(Engine):
-        def __init__(self, *args, **kw):
-            self.handles = []
-            super().__init__(*args, **kw)
-
-        def submit(self, *args, **kw):
-            handle = super().submit(*args, **kw)
-            self.handles.append(handle)
-            return handle
-
-    return RecordingEngine(loaded, **kwargs)
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01):
-    """Poll ``predicate`` until it is truthy; fail the test with a clear message on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
-def cancel_after_tokens(engine, prompt_ids, params, tokens: int = 5, timeout: float = 60.0):
-    """Stream a request, cancel it after ``tokens`` token deltas; return (final delta, handle)."""
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    handle = engine.submit(prompt_ids, params, events.put)
-    seen = 0
-    while seen < tokens:
-        if events.get(timeout=timeout).token_ids:
-            seen += 1
-    handle.cancel()
-    while (delta := events.get(timeout=timeout)).finish_reason is None:
-        pass
-    return delta, handle
-
-
-def wait_idle(engine, timeout: float = 15.0) -> None:
-    wait_until(lambda: engine.stats.running == 0 and engine.stats.waiting == 0, timeout)
+# ---------------------------------------------------------------- engines and servers
 
 
 @pytest.fixture(scope="session")
@@ -105,25 +52,6 @@ def tiny_server(tiny_engine):
     from llama_lab import serve
 
     with serve(tiny_engine, port=0, log_level="warning") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def backend():
-    """One ``llama-lab serve --model random:tiny`` process per gateway test module."""
-    from gateway_support import start_backends
-
-    (b,) = start_backends(1)
-    yield b
-    b.stop()
-
-
-@pytest.fixture(scope="session")
-def default_server(default_model):
-    """The OpenAI server on the embedded SmolLM2 (trained weights: it stops on its own)."""
-    from llama_lab import serve
-
-    with serve(default_model, port=0, log_level="warning") as server:
         yield server
 
 
@@ -150,9 +78,3 @@ def cli_server():
     yield start
     for server in servers:
         server.stop()
-
-
-def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    """Run ``python -m llama_lab ARGS`` to completion (for flags that must fail fast)."""
-    return subprocess.run([sys.executable, "-m", "llama_lab", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)

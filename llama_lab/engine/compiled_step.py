@@ -38,7 +38,7 @@ from llama_lab.kernels import cpu_flags
 logger = logging.getLogger(__name__)
 
 # Bump when the package's contents change in a way the key below does not see.
-PACKAGE_FORMAT = 1
+PACKAGE_FORMAT = 2
 # Frozen, pre-packed weights and only the C++ GEMM templates (no timing contest against oneDNN): they
 # won every decode shape measured on a quiet machine, and a contest timed on a busy one picked oneDNN
 # for some layers and kept that choice for good (the step went from 13.7 to 18-26 ms). The weights go
@@ -89,15 +89,16 @@ def package_key(model: nn.Module, *, shape_constants: tuple[Any, ...], max_rows:
 
 
 def _export(model: nn.Module, example: tuple[Any, ...], max_rows: int) -> Any:
-    """The decode step as an ExportedProgram: any 2..max_rows tokens, block-table width and cache size.
+    """The decode step as an ExportedProgram: any 1..max_rows tokens, block-table width and cache size.
 
     ``example`` is ``FastLlama.forward``'s arguments: seven step tensors, then the per-layer K and V
-    cache lists. Sizes 0 and 1 would be constants to the tracer, hence the minimum of two rows (the
-    runner pads a single row with a scratch one).
+    cache lists, with at least two rows (an example size of 1 would be a constant to the tracer); the
+    declared range still starts at one row, so a single sequence runs without a padding row (which
+    would cost the matrix products a second row of arithmetic).
     """
     from torch.export import Dim, export
 
-    rows, width, blocks = Dim("rows", min=2, max=max_rows), Dim("width", min=2), Dim("blocks", min=2)
+    rows, width, blocks = Dim("rows", min=1, max=max_rows), Dim("width", min=2), Dim("blocks", min=2)
     *step, k_caches, v_caches = example
     per_token = {0: rows}
     dynamic = [per_token] * len(step)
@@ -160,7 +161,27 @@ class CompiledStep:
             self._run: Callable[..., Any] = torch._inductor.aoti_load_package(str(path))
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        return self._run(*args)
+        # The package's own __call__ parses its input and output specs (JSON) and walks the arguments with
+        # pytree at every step; the step's arguments are always seven tensors and two lists of caches,
+        # whose flat order is exactly that, and its output is one tensor.
+        *step, k_caches, v_caches = args
+        return self._run.loader.boxed_run([*step, *k_caches, *v_caches])[0]
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def package_path(model: nn.Module, *, name: str, shape_constants: tuple[Any, ...], max_rows: int) -> Path:
+    """Where this model's package is (or will be) kept: named by the model and keyed by everything it bakes in."""
+    from llama_lab.model.loading import cache_root
+
+    directory = cache_root() / "compiled"
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    path = directory / f"{_stem(name)}-{package_key(model, shape_constants=shape_constants, max_rows=max_rows)}.pt2"
+    logger.debug("package key computed in %.1f s", time.perf_counter() - started)
+    return path
 
 
 def load_or_build(model: nn.Module, example: tuple[Any, ...], *, name: str, shape_constants: tuple[Any, ...],
@@ -170,14 +191,8 @@ def load_or_build(model: nn.Module, example: tuple[Any, ...], *, name: str, shap
     A package that fails to load is built again; the build is written to a temporary name and
     renamed into place, so two servers starting at once never see half a file.
     """
-    from llama_lab.model.loading import cache_root
-
-    directory = cache_root() / "compiled"
-    directory.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-    path = directory / f"{stem}-{package_key(model, shape_constants=shape_constants, max_rows=max_rows)}.pt2"
-    logger.debug("package key computed in %.1f s", time.perf_counter() - started)
+    path = package_path(model, name=name, shape_constants=shape_constants, max_rows=max_rows)
+    directory, stem = path.parent, _stem(name)
     if path.is_file():
         try:
             step = CompiledStep(path, reused=True)

@@ -122,13 +122,6 @@ class RequestHandle:
 
     _engine_steps: Callable[[], int] = staticmethod(lambda: 0)
 
-    @property
-    def steps_after_cancel(self) -> int:
-        """Decode steps this request took part in after cancel(): the tests want <= 1."""
-        if self.cancel_step is None or self.last_step is None:
-            return 0
-        return max(0, self.last_step - self.cancel_step)
-
 
 @dataclasses.dataclass(eq=False)
 class _Seq:
@@ -149,7 +142,7 @@ class _Seq:
 
 
 def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0,
-                prefix_caching: bool = True) -> Runner:
+                prefix_caching: bool = True, compile_in_background: bool = False) -> Runner:
     """``PagedRunner`` where ``FastLlama`` covers the model, else the transformers fallback."""
     from llama_lab.engine.hf_runner import HFRunner
     from llama_lab.engine.paged_runner import PagedRunner
@@ -157,7 +150,7 @@ def make_runner(loaded: LoadedModel, *, max_batch_size: int, compile: bool, kv_c
     reason = unsupported_reason(loaded.model)
     if reason is None:
         return PagedRunner(loaded, max_batch_size=max_batch_size, compile=compile, kv_cache_tokens=kv_cache_tokens,
-                           prefix_caching=prefix_caching)
+                           prefix_caching=prefix_caching, compile_in_background=compile_in_background)
     logger.warning("%s: %s; using the transformers forward (slower)", loaded.name, reason)
     return HFRunner(loaded)
 
@@ -176,12 +169,14 @@ class Engine:
 
     ``compile`` (default: on, unless ``LLAMA_LAB_COMPILE=0``) compiles the decode step at
     construction; the constructor returns when it is ready, so warm-up happens at load and never
-    inside the first request. ``compile=False`` starts at once and decodes eagerly.
+    inside the first request. ``compile=False`` starts at once and decodes eagerly. With
+    ``compile_in_background`` a CPU package that is not in the cache yet is built by another process
+    while the engine already decodes eagerly; it switches to the package between two steps.
     """
 
     def __init__(self, loaded: LoadedModel, *, max_batch_size: int = 32, max_active: int = 256,
                  prefill_chunk: int = 512, compile: bool | None = None, kv_cache_tokens: int = 0,
-                 prefix_caching: bool = True, threads: int = 0) -> None:
+                 prefix_caching: bool = True, threads: int = 0, compile_in_background: bool = False) -> None:
         if compile is None:
             compile = default_compile()
         self.loaded = loaded
@@ -209,9 +204,9 @@ class Engine:
         atexit.register(self._atexit)
         try:  # on the engine thread: it is the model's only user (fusing weights and compiling included)
             self.runner = self.call(lambda: make_runner(loaded, max_batch_size=max_batch_size, compile=compile,
-                                                        kv_cache_tokens=kv_cache_tokens,
-                                                        prefix_caching=prefix_caching)).result()
-            self.warmup_seconds = self.call(self.runner.warm_up).result()
+                                                        kv_cache_tokens=kv_cache_tokens, prefix_caching=prefix_caching,
+                                                        compile_in_background=compile_in_background)).result()
+            self.warmup_seconds = self.call(lambda: self.runner.warm_up(defer=self._between_steps)).result()
         except BaseException:
             self.close()
             raise
@@ -269,6 +264,13 @@ class Engine:
             self._calls.append((fn, fut))
             self._cond.notify()
         return fut
+
+    def _between_steps(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the engine thread between steps, unless the engine has closed meanwhile."""
+        try:
+            self.call(fn)
+        except EngineClosed:
+            pass
 
     def describe(self) -> dict[str, Any]:
         """How the engine runs: runner, decode mode, attention, KV cache, warm-up time."""
@@ -483,10 +485,11 @@ class Engine:
             finish = "length"
         if finish:
             text += seq.detok.flush()
-        if text or finish or entry:
-            handle._sink(Delta(text=text, token_ids=[] if is_stop else [token], finish_reason=finish,
-                               logprobs=[entry] if entry else [], prompt_tokens=len(handle.prompt_ids),
-                               completion_tokens=len(seq.output), cached_tokens=seq.cached))
+        # every chosen token is delivered, also one that shows no text yet (a lone byte of a multi-byte
+        # character, a tail held back as the possible start of a stop string): token ids and usage count it
+        handle._sink(Delta(text=text, token_ids=[] if is_stop else [token], finish_reason=finish,
+                           logprobs=[entry] if entry else [], prompt_tokens=len(handle.prompt_ids),
+                           completion_tokens=len(seq.output), cached_tokens=seq.cached))
         if finish:
             self.runner.release(seq.cache)
             self._mark_done(handle, finish)

@@ -71,7 +71,7 @@ class HFRunner:
             self._drop([i for i, s in enumerate(self._batch) if s is not seq])
         seq.cache = None
 
-    def warm_up(self) -> float:
+    def warm_up(self, defer: Callable[[Callable[[], Any]], Any] | None = None) -> float:
         return 0.0
 
     @torch.inference_mode()

@@ -2,12 +2,13 @@
 
 On the CPU the decode step is compiled ahead of time (``compiled_step.py``: torch.export and
 AOTInductor with weight freezing and the C++ GEMM templates; the weights are pre-packed once and a
-one-token matrix-vector product streams them near the memory bandwidth) for 2 to
-``CPU_COMPILED_MAX_ROWS`` rows, and kept on disk, so only a model's first start on a machine pays
-for it; bigger batches decode eagerly. On other devices ``torch.compile`` (inductor's defaults)
-compiles it at every start with a dynamic token count. A batch of one is padded with a scratch row
-to two tokens (the tracers treat sizes 0 and 1 as constants, which would mean a second graph and a
-second copy of the packed weights). Prompts run eagerly in chunks: their big matrix products are fast
+one-token matrix-vector product streams them near the memory bandwidth) and kept on disk, so only a
+model's first start on a machine pays for it. It covers up to ``CPU_COMPILED_MAX_ROWS`` rows over float
+weights, and the whole batch over packed quantized weights; bigger batches decode eagerly. Its package
+declares a range of rows from one, so a single sequence runs unpadded. On other devices
+``torch.compile`` (inductor's defaults) compiles it at every start with a dynamic token count, and a
+batch of one is padded with a scratch row to two tokens (its tracer treats sizes 0 and 1 as constants,
+which would mean a second graph). Prompts run eagerly in chunks: their big matrix products are fast
 without compilation, and the eager loop can stop between layers when a client leaves.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from llama_lab.engine import compiled_step
+from llama_lab.engine.background_build import BackgroundBuild
 from llama_lab.engine.attention import cpu_kernel
 from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, plan_blocks
 from llama_lab.engine.llama import FastLlama, PrefillCancelled, Step, unsupported_reason
@@ -31,10 +33,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 64
 # Inductor's C++ GEMM template for bf16 on CPUs without AMX converts the weights to fp32 in registers:
-# unbeatable for one to four rows (bandwidth-bound), compute-bound beyond. Measured on this CPU with
-# SmolLM2: 10-11 ms per step for 1-4 rows compiled, 43 ms for 8 and 82 for 16; eager with oneDNN-packed
-# weights (cpu_linear.py) 22, 23 and 28 ms for 4, 8 and 16. So bigger CPU batches decode eagerly; no second
-# graph (and no second packed copy).
+# unbeatable for a few rows (bandwidth-bound), compute-bound beyond, where eager steps over oneDNN-packed
+# weights (cpu_linear.py) win. So float weights compile for up to CPU_COMPILED_MAX_ROWS rows and bigger
+# batches decode eagerly; no second graph (and no second packed copy). Packed quantized weights run our own
+# kernels whatever the row count, so there the compiled step covers the whole batch and saves the eager
+# step's per-op overhead (docs/engine.md has the step times).
 CPU_COMPILED_MAX_ROWS = 4
 
 
@@ -108,7 +111,8 @@ class PagedRunner:
     """The model, its KV cache and the (compiled) step functions, used only from the engine thread."""
 
     def __init__(self, loaded: Any, *, max_batch_size: int, compile: bool, kv_cache_tokens: int = 0,
-                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True,
+                 compile_in_background: bool = False) -> None:
         reason = unsupported_reason(loaded.model)
         if reason:
             raise ValueError(reason)
@@ -129,7 +133,13 @@ class PagedRunner:
         self.block_size = block_size
         self.max_batch_size = max_batch_size
         self.name = loaded.name
+        self._loaded = loaded
         self.compile_requested = compile
+        self.compile_in_background = compile_in_background
+        self.background: BackgroundBuild | None = None  # the CPU's package being built by another process
+        self._background_done = False  # its result was taken (switched to, or the failure recorded)
+        # the most rows the CPU's compiled step takes (see CPU_COMPILED_MAX_ROWS)
+        self.compiled_max_rows = max(2, max_batch_size) if m.packed_weights else CPU_COMPILED_MAX_ROWS
         self.compiled: Any = None  # a CompiledStep (CPU) or torch.compile's wrapper (other devices)
         self._compile_ahead = False  # the CPU's package is loaded or built in warm_up, on the engine thread
         self.compile_seconds: float | None = None
@@ -150,9 +160,11 @@ class PagedRunner:
     @property
     def mode(self) -> str:
         if self.compiled is None:
+            if self.background is not None and not self._background_done:
+                return "eager (the compiled step is being built in the background)"
             return "eager"
         if isinstance(self.compiled, compiled_step.CompiledStep):
-            return f"compiled ahead of time (up to {CPU_COMPILED_MAX_ROWS} rows; eager beyond)"
+            return f"compiled ahead of time (up to {self.compiled_max_rows} rows; eager beyond)"
         return "compiled"
 
     def describe(self) -> dict[str, Any]:
@@ -204,10 +216,12 @@ class PagedRunner:
     # ---------------------------------------------------------------- steps
 
     def _decode_step(self, seqs: Sequence[SeqCache], tokens: Sequence[int]) -> Step:
-        """The step tensors for one token per sequence, padded to at least two rows (see the module doc)."""
+        """The step tensors for one token per sequence; torch.compile's step takes at least two rows (see
+        the module doc), so there a single one is padded with a scratch row."""
         n = len(seqs)
         positions = [s.length for s in seqs]
-        pad = max(0, 2 - n)
+        pad = max(0, 2 - n) if self.compiled is not None and not isinstance(self.compiled, compiled_step.CompiledStep) \
+            else 0
         all_pos = positions + [0] * pad
         bs = self.block_size
         return Step(
@@ -233,7 +247,7 @@ class PagedRunner:
     def _run_decode(self, step: Step) -> torch.Tensor:
         args = (*step.tensors(), self.cache.k, self.cache.v)
         rows = step.tokens.shape[0]
-        if self.compiled is None or (self.device.type == "cpu" and rows > CPU_COMPILED_MAX_ROWS):
+        if self.compiled is None or (self.device.type == "cpu" and rows > self.compiled_max_rows):
             return self.model(*args)
         if isinstance(self.compiled, compiled_step.CompiledStep):
             return self.compiled(*args)
@@ -281,29 +295,49 @@ class PagedRunner:
                 self.cache.publish(job.seq.blocks, job.seq.tokens)
         return logits if logit_rows else None
 
-    def warm_up(self) -> float:
+    def warm_up(self, defer: Callable[[Callable[[], Any]], Any] | None = None) -> float:
         """Load or build the CPU's compiled step (or let torch.compile compile), run it once; seconds spent.
 
         Call it on the thread that will decode (the engine's). Uses only the scratch block, so it
-        leaves no trace in the cache. A compile failure is logged and the runner decodes eagerly.
+        leaves no trace in the cache. A compile failure is logged and the runner decodes eagerly. With
+        ``compile_in_background`` and a ``defer`` that runs a function on the engine thread between
+        steps, a package that is not on disk yet is built by another process while the runner decodes
+        eagerly, and swapped in through ``defer`` when it is ready.
         """
         started = time.perf_counter()
-        scratch = [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
         if self._compile_ahead:
             m = self.model
-            example = (*self._decode_step(scratch, [0] * len(scratch)).tensors(), self.cache.k, self.cache.v)
+            example = (*self._decode_step(self._scratch(), [0] * 3).tensors(), self.cache.k, self.cache.v)
             constants = (m.num_heads, m.num_kv_heads, m.head_dim, m.eps, m.scale, repr(m.act), self.attention,
                          self.block_size, str(self.cache.shape.dtype))
             try:
-                self.compiled = compiled_step.load_or_build(m, example, name=self.name, shape_constants=constants,
-                                                            max_rows=CPU_COMPILED_MAX_ROWS,
-                                                            weights_bytes=_weights_bytes(m))
+                path = compiled_step.package_path(m, name=self.name, shape_constants=constants,
+                                                  max_rows=self.compiled_max_rows)
+                if self.compile_in_background and defer is not None and not path.is_file():
+                    self.background = BackgroundBuild(
+                        self._loaded, path=path, max_batch_size=self.max_batch_size,
+                        on_done=lambda ok, error: defer(lambda: self._adopt(ok, error)))
+                else:
+                    self.compiled = compiled_step.load_or_build(m, example, name=self.name, shape_constants=constants,
+                                                                max_rows=self.compiled_max_rows,
+                                                                weights_bytes=_weights_bytes(m))
             except Exception as exc:  # no C++ compiler, no room on disk, an export the model defeats
                 self.compile_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("could not compile the decode step (%s); decoding eagerly",
                                self.compile_error.splitlines()[0])
         elif self.compiled is not None:
             logger.info("compiling the decode step (torch.compile, at every start; --no-compile skips it)")
+        self._first_steps()
+        self.compile_seconds = time.perf_counter() - started
+        logger.info("decode step ready (%s, attention: %s) in %.1f s", self.mode, self.attention, self.compile_seconds)
+        return self.compile_seconds
+
+    def _scratch(self) -> list[SeqCache]:
+        return [SeqCache([SCRATCH_BLOCK] * 4, length=i) for i in range(3)]
+
+    def _first_steps(self) -> None:
+        """Two steps on the scratch block: the compiled step's first call is slow, and a broken one shows here."""
+        scratch = self._scratch()
         try:
             for _ in range(2):
                 self.decode(scratch, [0] * len(scratch))
@@ -316,9 +350,31 @@ class PagedRunner:
             logger.warning("the compiled decode step failed (%s); decoding eagerly", self.compile_error.splitlines()[0])
             self.compiled = None
             self.decode(scratch[:1], [0])
-        self.compile_seconds = time.perf_counter() - started
-        logger.info("decode step ready (%s, attention: %s) in %.1f s", self.mode, self.attention, self.compile_seconds)
-        return self.compile_seconds
+
+    def _adopt(self, ok: bool, error: str | None) -> None:
+        """On the engine thread, between steps: switch to the package the background build wrote."""
+        assert self.background is not None
+        step = None
+        if ok:
+            try:
+                step = compiled_step.CompiledStep(self.background.path, reused=False)
+            except Exception as exc:  # a package this runtime cannot load: stay eager
+                error = f"{type(exc).__name__}: {exc}"
+        if step is None:
+            self.compile_error = error or "the background build failed"
+            self._background_done = True
+            logger.warning("the background build of the decode step failed (%s); decoding eagerly",
+                           self.compile_error.splitlines()[0])
+            return
+        self.compiled, self._background_done = step, True
+        self._first_steps()
+        logger.info("switched to the compiled decode step (%s), built in the background in %.0f s", self.mode,
+                    self.background.seconds or 0.0)
+
+    def close(self) -> None:
+        """Stop a background build that is still running (its half-written package is never published)."""
+        if self.background is not None:
+            self.background.stop()
 
 
 __all__ = ["PagedRunner", "PrefillCancelled", "PrefillJob", "SeqCache"]

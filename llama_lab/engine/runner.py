@@ -53,8 +53,10 @@ class Runner(Protocol):
     def decode(self, seqs: Sequence[Any], tokens: Sequence[int]) -> torch.Tensor:
         """One token for each sequence: logits ``[len(seqs), vocab]``, float32, on the device."""
 
-    def warm_up(self) -> float:
-        """Compile or load what the first step needs (on the engine thread); seconds spent."""
+    def warm_up(self, defer: Callable[[Callable[[], Any]], Any] | None = None) -> float:
+        """Compile or load what the first step needs (on the engine thread); seconds spent. Work that ends
+        later (a compiled step built in the background) comes back through ``defer``, which runs a function
+        on the engine thread between steps."""
 
     def describe(self) -> dict[str, Any]:
         """How it runs, for ``/health``: decode mode, attention, linears, compile state, KV cache."""

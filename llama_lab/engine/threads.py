@@ -165,14 +165,21 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def read_cpu(cpus: frozenset[int], thread_name: str) -> CpuSample:
-    """Busy seconds on ``cpus`` since boot (steal counts: another guest had the core) and the CPU seconds
-    of this process's threads named ``thread_name``."""
+    """Busy seconds on ``cpus`` since boot and the CPU seconds of this process's threads named ``thread_name``.
+
+    Steal counts (another guest had the core). Time of processes at a lower priority than ours (``nice``
+    time, when we run at nice 0) does not: the scheduler hands their core back the moment our thread
+    wakes, so a niced compiler or test run beside the server costs it little, and giving a core up to
+    it would halve decoding for nothing.
+    """
     import psutil
 
+    count_nice = os.getpriority(os.PRIO_PROCESS, 0) > 0  # we are niced ourselves: nice time is our peers'
     busy = 0.0
     for index, t in enumerate(psutil.cpu_times(percpu=True)):
         if index in cpus:
-            busy += t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+            busy += (t.user + (t.nice if count_nice else 0.0) + t.system + getattr(t, "irq", 0.0)
+                     + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
     ticks = 0
     name = thread_name[:15]
     for task in os.scandir("/proc/self/task"):

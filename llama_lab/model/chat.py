@@ -1,9 +1,8 @@
 """Chat prompts and stop tokens, both derived from the tokenizer's own chat template.
 
-The seed's "endless output" bug came from stopping only on ``eos_token_id`` while Llama-3
-turns end with ``<|eot_id|>``. Here the stop set is the union of the tokenizer's eos, the
-generation config's eos ids and the end-of-turn token the template actually writes, so no
-model needs hand edits.
+Stopping only on ``eos_token_id`` gives endless output on Llama-3, whose turns end with
+``<|eot_id|>``. So the stop set is the union of the tokenizer's eos, the generation config's eos
+ids and the end-of-turn token the template actually writes, and no model needs hand edits.
 """
 
 from __future__ import annotations

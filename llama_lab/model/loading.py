@@ -60,6 +60,7 @@ class LoadedModel:
     device_bytes: int | None
     context_length: int
     weights_format: str = ""  # how the weights are stored, e.g. "gguf Q4_1 x210, Q8_0 x1 -> q4/q8 CPU kernels"
+    seed: int = 0  # the random weights' seed (random presets): another process loads the same ones with it
 
     def chat_prompt_ids(self, messages: Sequence[Any]) -> list[int]:
         """Token ids of a chat prompt rendered with the model's own template."""
@@ -336,7 +337,7 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
         source=src, name=display, random_weights=random_weights, load_seconds=time.perf_counter() - started,
         weights_bytes=int(model.get_memory_footprint()), rss_delta_bytes=_rss() - rss0,
         device_bytes=(torch.cuda.memory_allocated(dev) - cuda_before) if cuda_before is not None else None,
-        context_length=ctx, weights_format=weights_format,
+        context_length=ctx, weights_format=weights_format, seed=seed,
     )
     if random_weights:
         logger.warning("%s has RANDOM weights: use it for memory/speed profiling and tests only", display)
@@ -378,8 +379,13 @@ def _resolve_mode(mode: LoadMode, gguf: Path | None, device: str | None) -> Load
 
 
 def _load_gguf_packed(gguf: Path) -> tuple[Any, Any, str]:
+    from llama_lab import kernels
     from llama_lab.model.gguf_native import ensure_packed, load_packed
 
+    # A machine's first start builds the kernels (a C++ compile, ~20 s) and repacks the file (~15 s,
+    # mostly Python): side by side they take the longer of the two. load() is idempotent and locked,
+    # so the loader's own call below waits for this one.
+    threading.Thread(target=kernels.load, name="llama-lab-kernel-build", daemon=True).start()
     try:
         directory = ensure_packed(gguf)
         model, tokenizer = load_packed(directory)

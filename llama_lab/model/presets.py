@@ -7,7 +7,7 @@ from typing import Any
 
 
 class LoadMode(str, enum.Enum):
-    """How weights are placed and stored: the seed's four rows (full, 8-bit, 4-bit, CPU only), the CPU's
+    """How weights are placed and stored: the four classic rows (full, 8-bit, 4-bit, CPU only), the CPU's
     weight-only quantized kernels, and ``auto``, which picks one of them for the source and device."""
 
     AUTO = "auto"  # a GGUF on the CPU: gguf; anything else: full

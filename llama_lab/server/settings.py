@@ -58,6 +58,9 @@ class ServerSettings(BaseSettings):
     compile: bool = Field(True, description="compile the decode step at start-up (on a CPU once per model and machine, about "
                                             "1.5 minutes for the embedded model on 2 cores, then loaded in seconds); "
                                             "--no-compile starts at once and decodes eagerly")
+    compile_in_background: bool = Field(True, description="on a CPU, when the compiled step is not in the cache yet, build it "
+                                                          "in a background process and answer eagerly meanwhile (/health's "
+                                                          "engine.decode says which); --no-compile-in-background waits for it")
     prefix_caching: bool = Field(True, description="reuse the KV cache of a prompt's leading tokens that an earlier request "
                                                    "already computed (a chat's history, a shared system prompt); "
                                                    "--no-prefix-caching computes every prompt in full")
@@ -108,4 +111,5 @@ def build_engine(settings: ServerSettings, loaded: "LoadedModel | None" = None) 
         loaded = load_model(settings.model, settings.mode, device=gpu_device(settings.gpus), dtype=settings.dtype)
     return Engine(loaded, max_batch_size=settings.max_batch_size, max_active=settings.max_concurrency,
                   prefill_chunk=settings.prefill_chunk, compile=settings.compile, kv_cache_tokens=settings.kv_cache_tokens,
-                  prefix_caching=settings.prefix_caching, threads=settings.threads)
+                  prefix_caching=settings.prefix_caching, threads=settings.threads,
+                  compile_in_background=settings.compile_in_background)

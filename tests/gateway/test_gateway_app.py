@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from gateway_support import ADMIN_KEY, Backend, chat_body, free_port, sse_data, start_backends, wait_for
+from helpers.gateway import ADMIN_KEY, Backend, chat_body, free_port, sse_data, start_backends, wait_for
 from llama_lab.gateway import GatewayAdminError, serve_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "data" / "screenshots"
 CHROMIUM = os.environ.get("LLAMA_LAB_CHROMIUM", "/usr/bin/chromium")
 # Root in a container needs --no-sandbox; the rest keeps Chromium from calling home on a closed network,

@@ -7,7 +7,7 @@ import re
 import openai
 import pytest
 
-from browser_support import DESKTOP, PHONE, Page, chromium, horizontal_overflow, requires_browser, screenshot
+from helpers.browser import DESKTOP, PHONE, Page, chromium, horizontal_overflow, requires_browser, screenshot
 
 pytestmark = requires_browser
 

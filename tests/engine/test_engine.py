@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from conftest import cancel_after_tokens
+from helpers.engine import cancel_after_tokens, steps_after_cancel
 
 from llama_lab.engine import Engine, EngineOverloaded, SamplingParams
 
@@ -25,6 +25,16 @@ def _prompt(lm, text="Tell me a story."):
 def test_max_tokens_gives_length(tiny_engine, tiny_model):
     out = tiny_engine.generate(_prompt(tiny_model), SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
     assert out.finish_reason == "length" and out.completion_tokens == 7 and len(out.token_ids) == 7
+
+
+def test_tokens_that_show_no_text_yet_are_still_delivered(tiny_engine, tiny_model):
+    """A lone byte of a multi-byte character decodes to nothing shown until the character completes; its
+    token must still reach the caller (token_ids, usage), not only the text that a later token releases."""
+    tok = tiny_model.tokenizer
+    lone = next(i for i in range(512) if tok.decode([i]) == "\ufffd")
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=[(lone, 100.0)])
+    out = tiny_engine.generate(_prompt(tiny_model), p)
+    assert out.token_ids == [lone] * 6 and out.completion_tokens == 6
 
 
 def test_greedy_equals_hf_generate(tiny_engine, tiny_model):
@@ -77,7 +87,7 @@ def test_cancel_stops_within_one_step(tiny_engine, tiny_model):
     delta, handle = cancel_after_tokens(tiny_engine, _prompt(tiny_model),
                                         SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True))
     assert delta.finish_reason == "cancelled"
-    assert handle.steps_after_cancel <= 1, f"ran {handle.steps_after_cancel} steps after cancel"
+    assert steps_after_cancel(handle) <= 1, f"ran {steps_after_cancel(handle)} steps after cancel"
     other.join(timeout=60)
     deadline = time.time() + 10
     while tiny_engine.stats.running and time.time() < deadline:

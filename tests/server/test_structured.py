@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import cancel_after_tokens
+from helpers.engine import cancel_after_tokens, steps_after_cancel
 
 NESTED = {
     "type": "object",
@@ -243,7 +243,7 @@ def test_cancel_lands_within_one_step_for_a_constrained_request(tiny_engine, tin
         GrammarSpec.json_schema({"type": "array", "items": {"type": "integer"}}))
     prompt = tiny_model.tokenizer.encode("numbers:")
     delta, handle = cancel_after_tokens(tiny_engine, prompt, SamplingParams(max_tokens=500, grammar=grammar, seed=1))
-    assert delta.finish_reason == "cancelled" and handle.steps_after_cancel <= 1
+    assert delta.finish_reason == "cancelled" and steps_after_cancel(handle) <= 1
 
 
 def test_grammar_cache_compiles_a_schema_once(tiny_model):

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_until
+from helpers.engine import wait_until
 
 from llama_lab.web.launcher import free_port
 

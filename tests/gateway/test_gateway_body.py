@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from gateway_support import GatewayProcess, chat_body, free_port
+from helpers.gateway import GatewayProcess, chat_body, free_port
 from llama_lab.gateway import Gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

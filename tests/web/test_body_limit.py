@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from conftest import wait_idle
+from helpers.engine import wait_idle
 
 from llama_lab import serve
 from llama_lab.server.settings import ServerSettings

@@ -12,7 +12,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from gateway_support import ADMIN_KEY, PG_URL, GatewayProcess, chat_body, pg_schema_url
+from helpers.gateway import ADMIN_KEY, PG_URL, GatewayProcess, chat_body, pg_schema_url
 from llama_lab.gateway import Gateway
 
 schemathesis = pytest.importorskip("schemathesis")

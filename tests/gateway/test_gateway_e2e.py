@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from gateway_support import ADMIN_KEY, ROOT, Backend, chat_body, free_port, sse_data, wait_for
+from helpers.gateway import ADMIN_KEY, ROOT, Backend, chat_body, free_port, sse_data, wait_for
 from llama_lab.gateway import serve_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -1,6 +1,6 @@
 """notebooks/03_stop_behaviour.ipynb in JupyterLab 4, in a real Chromium: the StopPanel widget's buttons work.
 
-nbclient runs the notebooks without a front end (tests/test_notebooks.py); this test checks what a
+nbclient runs the notebooks without a front end (tests/lab/test_notebooks.py); this test checks what a
 person sees: the ipywidgets render in JupyterLab, Start streams tokens into the panel, Stop ends the
 stream and the server goes idle, and the rest of the notebook runs after it.
 """
@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from browser_support import ROOT, Page, chromium, requires_browser, screenshot
+from helpers.browser import ROOT, Page, chromium, requires_browser, screenshot
 
 pytestmark = [requires_browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -36,7 +36,7 @@ def jupyter_lab(tmp_path):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (llama_lab tests)", "language": "python",
     }))
-    # No autosave: the notebook must stay committed without outputs (tests/test_notebooks.py checks it).
+    # No autosave: the notebook must stay committed without outputs (tests/lab/test_notebooks.py checks it).
     # No news feed: this machine reaches no website, and the question would cover the page.
     settings = tmp_path / "lab-settings" / "@jupyterlab"
     for plugin, values in {"docmanager-extension/plugin": {"autosave": False},
@@ -56,7 +56,7 @@ def jupyter_lab(tmp_path):
         "IPYTHONDIR": str(tmp_path / "ipython"),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "LLAMA_LAB_QUICK": "1",   # the notebook's short settings
-        "OMP_NUM_THREADS": "1",   # as in tests/test_notebooks.py: small shared CI machines
+        "OMP_NUM_THREADS": "1",   # as in tests/lab/test_notebooks.py: small shared CI machines
     }
     log = (tmp_path / "jupyter.log").open("w")
     proc = subprocess.Popen(

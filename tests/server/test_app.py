@@ -10,7 +10,7 @@ import struct
 
 import httpx
 import pytest
-from conftest import wait_idle, wait_until
+from helpers.engine import wait_idle, wait_until
 
 from llama_lab import serve
 

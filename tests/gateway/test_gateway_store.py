@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from gateway_support import logged_tokens
+from helpers.gateway import logged_tokens
 from llama_lab.gateway.schemas import parse_expiry
 from llama_lab.gateway.routing import upstream_url, weighted_order
 from llama_lab.gateway.schemas import Channel, ChannelIn, ChannelPatch, TokenIn, TokenPatch

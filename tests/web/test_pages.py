@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATIC_DIRS = [ROOT / "llama_lab" / "server" / "static", ROOT / "llama_lab" / "gateway" / "static"]
 ASSETS = sorted(p for d in STATIC_DIRS for p in d.iterdir())
 

@@ -7,7 +7,7 @@ import threading
 import httpx
 import pytest
 
-from gateway_support import ADMIN_KEY, PG_URL, chat_body, logged_tokens, pg_schema_url, wait_for
+from helpers.gateway import ADMIN_KEY, PG_URL, chat_body, logged_tokens, pg_schema_url, wait_for
 from llama_lab.gateway import serve_gateway
 from llama_lab.gateway.schemas import TokenIn
 from llama_lab.gateway.store import Store

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway_support import ROOT, GatewayProcess
+from helpers.gateway import ROOT, GatewayProcess
 from llama_lab.gateway.cli import build_parser, model_values
 from llama_lab.gateway.schemas import CHANNELS, TOKENS, LogFilter
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from conftest import wait_idle
+from helpers.engine import wait_idle
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, func, select, text
 from llama_lab.gateway.store import LogRow, Store
 from llama_lab.web.launcher import ServerProcess, free_port, llama_lab_command, wait_healthy  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN_KEY = "test-admin-key"
 
 

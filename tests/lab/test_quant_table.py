@@ -15,7 +15,7 @@ from llama_lab.lab.quant_table import (
     load_csv, preset_inventory, run_table, save_csv, summary_json, weight_inventory,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALL_MODES = ("full", "8bit", "4bit", "cpu")
 
 
@@ -97,7 +97,7 @@ def test_perplexity_text_is_a_few_hundred_tokens():
 
 def test_shipped_cpu_table():
     """data/quant_table_cpu.csv was produced by bench/quant_table.py on the embedded model."""
-    df = load_csv(Path(__file__).resolve().parents[1] / "data" / "quant_table_cpu.csv")
+    df = load_csv(Path(__file__).resolve().parents[2] / "data" / "quant_table_cpu.csv")
     assert sorted(df["mode"]) == sorted(ALL_MODES)
     assert (df["error"] == "").all()
     assert df["weights_within_tolerance"].all()

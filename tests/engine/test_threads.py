@@ -341,3 +341,17 @@ def test_a_taskset_pinned_server_starts_with_one_thread():
         metrics = httpx.get(server.url + "/metrics").text
         assert "llama_lab_engine_threads 1.0" in metrics
         assert 'llama_lab_engine_threads_reason{reason="cpu_limit"} 1.0' in metrics
+
+
+def test_lower_priority_work_does_not_count_as_busy(monkeypatch):
+    """A niced neighbour (a compiler, a test run) yields its core when our thread wakes: its time is not
+    others' use, unless we run niced ourselves (then it may be work at our own priority)."""
+    from types import SimpleNamespace
+
+    times = [SimpleNamespace(user=10.0, nice=50.0, system=2.0, irq=0.0, softirq=0.0, steal=1.0)] * 2
+    monkeypatch.setattr(psutil, "cpu_times", lambda percpu: times)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 0)
+    assert read_cpu(frozenset({0, 1}), "nobody-has-this").busy == pytest.approx(26.0)
+    monkeypatch.setattr(os, "getpriority", lambda which, who: 10)
+    assert read_cpu(frozenset({0, 1}), "nobody-has-this").busy == pytest.approx(126.0)
+    assert read_cpu(frozenset({1}), "nobody-has-this").busy == pytest.approx(63.0)
