@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from llama_lab.gateway.admin_api import admin_routes
 from llama_lab.gateway.openai_routes import openai_routes
-from llama_lab.gateway.quota import Reservations
+from llama_lab.gateway.quota import PromptCounter, Reservations
 from llama_lab.gateway.routing import Router
 from llama_lab.gateway.settings import GatewaySettings
 from llama_lab.gateway.store import Store
@@ -50,6 +50,7 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
             ),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30.0),
         )
+        app.state.prompt_counter = PromptCounter(app.state.client, timeout_s=settings.connect_timeout + 5.0)
         tasks = [
             asyncio.create_task(app.state.router.probe_forever(app.state.client), name="gateway-health-probe"),
             asyncio.create_task(app.state.reservations.keep_alive_forever(), name="gateway-reservations"),

@@ -1,6 +1,11 @@
 """What a request may cost at most, and holding that much of a token's quota until it settles.
 
-The gateway has no tokenizer, so the prompt is bounded from its bytes: a byte-level BPE tokenizer
+The gateway has no tokenizer of its own. It first bounds the prompt from its bytes (free: no round
+trip); only when that bound does not fit the token's free quota does it ask the channel's
+``POST /tokenize`` (llama_lab's server and vLLM offer it) for the exact count and try again
+(``PromptCounter``). So a small quota serves a short request, and the common case costs nothing.
+
+The byte bound: a byte-level BPE tokenizer
 (Llama 3, SmolLM2, Qwen, GPT) emits at least one byte of text per token, and a SentencePiece
 tokenizer with byte fallback at most one token per byte (plus a word-start marker per segment,
 covered by the JSON overhead below). So the UTF-8 bytes of the JSON-encoded messages bound the
@@ -15,8 +20,14 @@ import asyncio
 import json
 import logging
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
+import httpx
+
+from llama_lab.gateway.routing import upstream_headers
+from llama_lab.gateway.schemas import Channel
 from llama_lab.gateway.store import Store
 from llama_lab.web.errors import APIError
 
@@ -94,6 +105,63 @@ def estimate_prompt_tokens(body: dict[str, Any]) -> int:
         chars += len(prompt)
     messages = body.get("messages")
     return math.ceil(chars / 4) + 4 * (len(messages) if isinstance(messages, list) else 0)
+
+
+# What a backend's /tokenize needs to render a request's prompt as generation would.
+_TOKENIZE_FIELDS = ("messages", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
+
+
+def tokenize_body(path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``/tokenize`` request for one OpenAI request, or None when it has no single prompt to count."""
+    if path == "/chat/completions" and isinstance(body.get("messages"), list):
+        return {k: body[k] for k in _TOKENIZE_FIELDS if body.get(k) is not None}
+    prompt = body.get("prompt")
+    if path == "/completions" and (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                               and all(isinstance(t, int) for t in prompt))):
+        return {"prompt": prompt}
+    return None
+
+
+def tokenize_url(base_url: str) -> str:
+    """``/tokenize`` sits at the server's root (vLLM, llama_lab), beside ``/v1``."""
+    base = base_url.rstrip("/")
+    return (base[:-3] if base.endswith("/v1") else base) + "/tokenize"
+
+
+class PromptCounter:
+    """Exact prompt counts from a channel's own tokenizer, for quotas the byte bound would refuse.
+
+    A channel that answers ``/tokenize`` with something other than a count (a 404 from a server without
+    the route, llama.cpp's different body) is not asked again for ``retry_s`` seconds; a channel that
+    cannot be reached, or is slower than ``timeout_s``, just leaves the byte bound in place.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, timeout_s: float = 5.0, retry_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.client, self.timeout_s, self.retry_s, self.clock = client, timeout_s, retry_s, clock
+        self._unsupported: dict[int, float] = {}  # channel id -> when it may be asked again
+
+    async def count(self, channel: Channel, path: str, body: dict[str, Any]) -> int | None:
+        request = tokenize_body(path, body)
+        if request is None or self._unsupported.get(channel.id, 0.0) > self.clock():
+            return None
+        try:
+            reply = await self.client.post(tokenize_url(channel.base_url), json=request,
+                                           headers=upstream_headers(channel), timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            log.info("channel %r: no prompt count (%s); using the byte bound", channel.name, exc)
+            return None
+        try:
+            count = reply.json().get("count") if reply.status_code == 200 else None
+        except ValueError:
+            count = None
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            if reply.status_code < 500:
+                self._unsupported[channel.id] = self.clock() + self.retry_s
+            log.info("channel %r answered /tokenize with %s, not a count; using the byte bound", channel.name,
+                     reply.status_code)
+            return None
+        return count
 
 
 class Reservations:

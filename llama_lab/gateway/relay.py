@@ -1,7 +1,7 @@
 """One OpenAI request through the gateway: reserve its worst-case cost, proxy it, settle what it used.
 
-``relay`` checks the caller and the body, holds the quota the request may cost (prompt bound plus
-completion cap), and hands a ``Relay`` response the channels to try; the ``Relay`` settles the
+``relay`` checks the caller and the body, holds the quota the request may cost (the prompt's byte
+bound, or its exact count from the channel when the bound does not fit, plus the completion cap), and hands a ``Relay`` response the channels to try; the ``Relay`` settles the
 reservation against the usage the backend reported. A request refused before it is forwarded is
 logged and its reservation released here.
 """
@@ -17,30 +17,45 @@ from llama_lab.gateway.auth import check_model, current_token
 from llama_lab.gateway.body import JsonObject, off_loop_if_large, parse_object
 from llama_lab.gateway.errors import GatewayError
 from llama_lab.gateway.proxy import ProxyCall, Relay
-from llama_lab.gateway.quota import completion_cap, worst_case
-from llama_lab.gateway.schemas import TokenOut
+from llama_lab.gateway.quota import choices, completion_cap, worst_case
+from llama_lab.gateway.schemas import Channel, TokenOut
 from llama_lab.web.errors import APIError
 
 
-async def reserve(request: Request, token: TokenOut, need: int) -> int | None:
-    """Hold ``need`` tokens of the token's quota, or refuse with 429 saying how much is left."""
+async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, Any], cap: int,
+                  candidates: list[Channel], bound: int) -> tuple[int | None, int]:
+    """Hold what the request may cost of the token's quota: ``(reservation, tokens held)``.
+
+    The byte bound is tried first (no round trip). When it does not fit, the first channel's
+    ``/tokenize`` counts the prompt exactly and that smaller amount is tried; failing both, a 429
+    says how much was needed and how much is free.
+    """
     state = request.app.state
-    rid = await state.reservations.take(token.id, need)
+    rid = await state.reservations.take(token.id, bound)
     if rid is not None:
-        return rid
+        return rid, bound
+    need, counted = bound, None
+    if candidates:
+        counted = await state.prompt_counter.count(candidates[0], path, body)
+    if counted is not None:
+        need = counted + max(cap, 0) * choices(body)
+        rid = await state.reservations.take(token.id, need)
+        if rid is not None:
+            return rid, need
     used, reserved, quota = await state.store.run(state.store.quota_state, token.id)
     if quota is None:  # made unlimited since we read it
-        return None
+        return None, need
     if used >= quota:
         message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used. "
                    "Ask the gateway admin to raise the quota.")
     else:
         free = max(quota - used - reserved, 0)
+        basis = (f"its prompt of {counted} tokens, as the channel's tokenizer counts it, plus max_tokens"
+                 if counted is not None else "the prompt's upper bound from its bytes, plus max_tokens")
         message = (
-            f"Token '{token.name}' has not enough quota left for this request: it may cost up to {need} tokens "
-            f"(the prompt's upper bound plus max_tokens), and {free} of its {quota}-token quota are free "
-            f"({used} used, {reserved} held by requests in flight). Lower max_tokens, or ask the gateway admin "
-            "to raise the quota."
+            f"Token '{token.name}' has not enough quota left for this request: it needs {need} tokens ({basis}), "
+            f"and {free} of its {quota}-token quota are free ({used} used, {reserved} held by requests in flight). "
+            "Lower max_tokens, or ask the gateway admin to raise the quota."
         )
     raise GatewayError(429, message, "insufficient_quota", "insufficient_quota")
 
@@ -75,10 +90,10 @@ async def relay(request: Request, path: str) -> Relay:
         cap = completion_cap(body)
         if cap is None:  # the cap we reserve is the cap the backend gets
             overrides["max_tokens"] = cap = state.settings.default_max_tokens
-        if token.quota is not None:
-            need = await off_loop_if_large(len(raw), worst_case, body, cap)
-            rid = await reserve(request, token, need)
         candidates = await state.router.candidates(model)
+        if token.quota is not None:
+            bound = await off_loop_if_large(len(raw), worst_case, body, cap)
+            rid, need = await reserve(request, token, path, body, cap, candidates, bound)
         if not candidates:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")
     except BaseException as exc:  # refused (or failed) before forwarding: log it, release what it held

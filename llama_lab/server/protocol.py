@@ -434,6 +434,26 @@ class CompletionRequest(GenerationRequest):
         return _require_non_empty(value, "the prompt is empty")
 
 
+class TokenizeRequest(ChatCompletionRequest):
+    """``POST /tokenize``: a chat request's messages (with its tools), or a text prompt, counted exactly as
+    the same request to ``/v1/chat/completions`` or ``/v1/completions`` would be (vLLM's route and shape).
+
+    The other fields of a generation request are accepted and ignored, so a gateway can send the body
+    it is about to forward.
+    """
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)  # type: ignore[assignment]
+    prompt: str | list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.messages is None) == (self.prompt is None):
+            raise PydanticCustomError("tokenize_input", "send either 'messages' or 'prompt' (one text or one list of token ids)")
+        if self.prompt is not None and not self.prompt:
+            raise PydanticCustomError("tokenize_input", "the prompt is empty")
+        return self
+
+
 class EmbeddingRequest(_Body):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None

@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 from llama_lab.engine import EngineClosed
 from llama_lab.model.chat import render_tool_chat
 from llama_lab.server.generation import respond
-from llama_lab.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from llama_lab.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, TokenizeRequest
 from llama_lab.web import billing
 from llama_lab.web.auth import bearer_token, same_key
 from llama_lab.web.errors import APIError
@@ -100,25 +100,43 @@ billing.add_billing_routes(router, billing_subscription, billing_usage, dependen
 
 # ---------------------------------------------------------------- generation routes
 
-@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    loaded = request.app.state.engine.loaded
+async def chat_prompt_ids(loaded: Any, body: ChatCompletionRequest) -> list[int]:
+    """The prompt a chat request becomes: its messages and tools through the model's chat template.
+
+    ``/tokenize`` counts with this same function, so its count is the request's ``usage.prompt_tokens``.
+    """
     try:
         mode, _ = body.tool_mode()
     except ValueError as exc:
         raise APIError(400, str(exc), param=body.tool_choice_param()) from None
     tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in body.function_definitions()]
-    messages = [m.as_template_message() for m in body.messages]
+    messages = [m.as_template_message() for m in body.messages or ()]
 
     def render() -> list[int]:
         text = render_tool_chat(loaded.tokenizer, messages, tools if mode != "none" else None)
         return loaded.tokenizer.encode(text, add_special_tokens=False)
 
     try:
-        prompt = await asyncio.to_thread(render)
+        return await asyncio.to_thread(render)
     except TemplateError as exc:
         raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    prompt = await chat_prompt_ids(request.app.state.engine.loaded, body)
     return await respond(request, body, [prompt] * body.n, kind="chat")
+
+
+@router.post("/tokenize", dependencies=[Depends(check_key)])
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """Count a request's prompt as generation would (a gateway's quota, a client's budget)."""
+    loaded = request.app.state.engine.loaded
+    if body.messages is not None:
+        ids = await chat_prompt_ids(loaded, body)
+    else:
+        (ids,) = await asyncio.to_thread(token_ids, loaded, [body.prompt], "prompt")
+    return {"count": len(ids), "max_model_len": loaded.context_length, "tokens": ids}
 
 
 @router.post("/v1/completions", dependencies=[Depends(check_key)])

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from gateway_support import (
+from helpers.gateway import (
     PG_URL,
     Backend,
     GatewayProcess,
@@ -74,6 +74,55 @@ def test_completion_cap_and_worst_case():
     assert worst_case({**body, "n": 3}, 10) == prompt_upper_bound(body) + 30
     assert worst_case({"prompt": ["a", "b"], "n": 2}, 10) == prompt_upper_bound({"prompt": ["a", "b"]}) + 40
     assert worst_case({"prompt": [1, 2, 3]}, 10) == prompt_upper_bound({"prompt": [1, 2, 3]}) + 10
+
+
+def _channel(cid: int, url: str):
+    from llama_lab.gateway.schemas import Channel
+
+    return Channel(id=cid, name=f"c{cid}", base_url=url, api_key="up-key", models=[], model_mapping={}, priority=0,
+                   weight=1, enabled=True, auto_disabled=False, disabled_reason=None, created_at=0.0, has_api_key=True,
+                   last_test_at=None, last_test_latency_ms=None)
+
+
+def test_prompt_counter_asks_tokenize_and_remembers_channels_without_it():
+    from llama_lab.gateway.quota import PromptCounter, tokenize_body, tokenize_url
+
+    asked: list[tuple[str, dict, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append((str(request.url), json.loads(request.content), request.headers.get("authorization")))
+        if request.url.host == "ours":
+            return httpx.Response(200, json={"count": 17, "max_model_len": 8192, "tokens": list(range(17))})
+        if request.url.host == "llamacpp":  # llama.cpp's /tokenize reads "content": an empty list for our body
+            return httpx.Response(200, json={"tokens": []})
+        if request.url.host == "down":
+            raise httpx.ConnectError("refused")
+        return httpx.Response(404, json={"error": "not found"})
+
+    now = [0.0]
+    counter = PromptCounter(httpx.AsyncClient(transport=httpx.MockTransport(answer)), retry_s=60, clock=lambda: now[0])
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": None, "max_tokens": 8, "stream": True}
+
+    async def count(channel, path="/chat/completions", b=body):
+        return await counter.count(channel, path, b)
+
+    assert asyncio.run(count(_channel(1, "http://ours/v1"))) == 17
+    assert asked[-1] == ("http://ours/tokenize", {"messages": body["messages"]}, "Bearer up-key")
+    assert asyncio.run(count(_channel(2, "http://llamacpp"))) is None
+    assert asyncio.run(count(_channel(3, "http://other/v1/"))) is None
+    assert asyncio.run(count(_channel(4, "http://down/v1"))) is None
+    n = len(asked)
+    for cid, url in ((2, "http://llamacpp"), (3, "http://other/v1/")):  # not asked again within retry_s
+        assert asyncio.run(count(_channel(cid, url))) is None
+    assert len(asked) == n
+    assert asyncio.run(count(_channel(4, "http://down/v1"))) is None and len(asked) == n + 1  # a failure is not remembered
+    now[0] = 61.0
+    assert asyncio.run(count(_channel(3, "http://other/v1/"))) is None and len(asked) == n + 2
+    # what is counted: one prompt; several prompts leave the byte bound in place
+    assert asyncio.run(count(_channel(1, "http://ours"), "/completions", {"prompt": "Once"})) == 17
+    assert tokenize_body("/completions", {"prompt": [1, 2]}) == {"prompt": [1, 2]}
+    assert tokenize_body("/completions", {"prompt": ["a", "b"]}) is None
+    assert tokenize_url("http://h:1/v1/") == "http://h:1/tokenize" == tokenize_url("http://h:1")
 
 
 # -- the store: one conditional UPDATE decides -------------------------------------------------
@@ -200,8 +249,10 @@ class Sampler(threading.Thread):
 
 def _parallel_quota_run(backend: Backend, gateways: list[GatewayProcess], db: str, n: int) -> None:
     body = chat_body(backend.model, 8)
-    per_request = worst_case(body, 8)
-    quota = per_request * max(2, n // 4)  # about a quarter fit at once; without reservations all n would pass
+    # what a request really costs (the backend's count of its prompt, plus max_tokens): about a quarter of
+    # the requests fit in the quota; without reservations all n would pass
+    per_request = httpx.post(backend.url + "/tokenize", json={"messages": body["messages"]}).json()["count"] + 8
+    quota = per_request * max(2, n // 4)
     with Gateway(gateways[0].url, gateways[0].admin_key) as admin:
         admin.add_channel("b", backend.url, models=[backend.model])
         token = admin.add_token(f"racer-{n}", quota=quota)
@@ -417,12 +468,27 @@ def test_settles_on_disconnect_upstream_failure_and_default_cap(gateway, backend
         assert used == sum(r.total_tokens for r in logs) and row.total_tokens > 0
         assert [r.status for r in logs[:2]] == [503, 502]
 
-        # A request that could not fit is refused with the numbers, before any backend call.
-        small = admin.add_token("small", quota=worst_case(chat_body(backend.model, 8), 8) - 1)
+        # A quota below the byte bound still serves a short request: the channel's /tokenize counts it.
+        body = chat_body(backend.model, 8)
+        prompt = httpx.post(backend.url + "/tokenize", json={"messages": body["messages"]}).json()["count"]
+        assert prompt + 8 <= 60 < worst_case(body, 8)
+        sixty = admin.add_token("sixty", quota=60)
+        resp = httpx.post(gateway.url + "/v1/chat/completions", json=body,
+                          headers={"authorization": f"Bearer {sixty.key}"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["prompt_tokens"] == prompt
+        total = resp.json()["usage"]["total_tokens"]
+        assert wait_for(lambda: probe.state(sixty.id)[:2] == (total, 0))  # settled just after the answer
+
+        # A request that could not fit is refused with the numbers, before any generation.
+        small = admin.add_token("small", quota=prompt + 7)
         calls = backend.chat_calls()
-        resp = httpx.post(gateway.url + "/v1/chat/completions", json=chat_body(backend.model, 8),
+        resp = httpx.post(gateway.url + "/v1/chat/completions", json=body,
                           headers={"authorization": f"Bearer {small.key}"})
-        assert resp.status_code == 429 and "not enough quota left" in resp.json()["error"]["message"]
+        message = resp.json()["error"]["message"]
+        assert resp.status_code == 429 and "not enough quota left" in message
+        assert f"needs {prompt + 8} tokens (its prompt of {prompt} tokens" in message
+        assert f"{prompt + 7} of its {prompt + 7}-token quota are free" in message
         assert backend.chat_calls() == calls
         assert json.loads(resp.text)["error"]["type"] == "insufficient_quota"
         unlimited = admin.add_token("free")
