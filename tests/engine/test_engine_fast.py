@@ -319,7 +319,7 @@ def test_the_engine_makes_generators_on_the_models_device(tiny_model, monkeypatc
     class MetaRunner:
         device, mode, attention, compile_error = torch.device("meta"), "stub", "stub", None
 
-        def warm_up(self):
+        def warm_up(self, defer=None):
             return 0.0
 
         def reserve(self, tokens, prompt=()):
