@@ -77,7 +77,7 @@ async def relay(request: Request, path: str) -> Relay:
     model: Any = None
     rid: int | None = None
     need: int | None = None
-    started = time.time()
+    started, arrived = time.time(), time.perf_counter()
     try:
         token = await current_token(request)
         raw = await request.body()  # at most --max-body-bytes: BodyLimit refused anything bigger
@@ -98,22 +98,22 @@ async def relay(request: Request, path: str) -> Relay:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")
     except BaseException as exc:  # refused (or failed) before forwarding: log it, release what it held
         refused = isinstance(exc, APIError)
-        await state.reservations.settle(
-            {
-                "time": started, "token_id": token.id if token else None, "token_name": token.name if token else None,
-                "channel_id": None, "channel_name": None, "model": model if isinstance(model, str) else None,
-                "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": (time.time() - started) * 1000,
-                "first_byte_ms": None, "status": exc.status if refused else 500, "stream": False,
-                "error": exc.message if refused else f"the gateway failed before forwarding: {exc!r}",
-            },
-            rid,
-        )
+        entry = {
+            "time": started, "token_id": token.id if token else None, "token_name": token.name if token else None,
+            "channel_id": None, "channel_name": None, "model": model if isinstance(model, str) else None,
+            "prompt_tokens": 0, "completion_tokens": 0, "latency_ms": (time.perf_counter() - arrived) * 1000,
+            "first_byte_ms": None, "status": exc.status if refused else 500, "stream": False,
+            "error": exc.message if refused else f"the gateway failed before forwarding: {exc!r}",
+        }
+        await state.reservations.settle(entry, rid)
+        state.metrics.observe(entry, None)
         raise
     stream = bool(body.get("stream"))
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     call = ProxyCall(
         path=path, body=body, source=source, overrides=overrides, body_size=len(raw), model=model, stream=stream,
         client_wants_usage=bool(options.get("include_usage")), token=token, reservation=rid, reserved=need,
+        started=arrived, started_wall=started,
     )
     return Relay(call, candidates, router=state.router, reservations=state.reservations, client=state.client,
-                 settings=state.settings)
+                 settings=state.settings, metrics=state.metrics)

@@ -113,6 +113,10 @@ class Router:
     async def models(self) -> list[str]:
         return sorted({m for c in await self.channels() if c.enabled and not c.auto_disabled for m in (*c.models, *c.model_mapping)})
 
+    def failures(self, channel_id: int) -> int:
+        """Consecutive failures this process has seen on a channel (reset by a success)."""
+        return self._failures.get(channel_id, 0)
+
     async def record_success(self, channel: Channel) -> None:
         self._failures.pop(channel.id, None)
 

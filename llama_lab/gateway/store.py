@@ -336,6 +336,13 @@ class Store:
             row = s.execute(select(TokenRow.used, TokenRow.reserved, TokenRow.quota).where(TokenRow.id == token_id)).first()
             return (int(row[0]), int(row[1] or 0), row[2]) if row else (0, 0, None)
 
+    def quota_states(self) -> list[tuple[str, int, int, int | None]]:
+        """``(name, used, reserved, quota)`` of every token, in one query (the gateway's /metrics)."""
+        with self._session() as s:
+            rows = s.execute(select(TokenRow.name, TokenRow.used, TokenRow.reserved, TokenRow.quota)
+                             .order_by(TokenRow.id)).all()
+            return [(str(r[0]), int(r[1]), int(r[2] or 0), r[3]) for r in rows]
+
     def renew(self, reservation_ids: list[int], ttl: float) -> None:
         """Push back the expiry of reservations whose requests are still running here."""
         if not reservation_ids:
