@@ -19,32 +19,39 @@ from llama_lab.gateway.errors import GatewayError
 from llama_lab.gateway.proxy import ProxyCall, Relay
 from llama_lab.gateway.quota import choices, completion_cap, worst_case
 from llama_lab.gateway.schemas import Channel, TokenOut
+from llama_lab.gateway.store import Admission
 from llama_lab.web.errors import APIError
 
 
 async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, Any], cap: int,
-                  candidates: list[Channel], bound: int) -> tuple[int | None, int]:
-    """Hold what the request may cost of the token's quota: ``(reservation, tokens held)``.
+                  candidates: list[Channel], bound: int | None) -> tuple[int | None, int | None]:
+    """Admit the request against the token's limits: ``(reservation, tokens held)``, or a 429.
 
-    The byte bound is tried first (no round trip). When it does not fit, the first channel's
-    ``/tokenize`` counts the prompt exactly and that smaller amount is tried; failing both, a 429
-    says how much was needed and how much is free.
+    ``bound`` is the request's worst case from its prompt's bytes (None for a token without a quota,
+    which holds nothing but still counts against ``max_parallel`` and ``rpm_limit``). The byte bound is
+    tried first (no round trip). When the quota refuses it, the first channel's ``/tokenize`` counts
+    the prompt exactly and that smaller amount is tried; failing both, a 429 says how much was needed
+    and how much is free. A rate limit answers OpenAI's ``rate_limit_exceeded`` with ``retry-after``.
     """
     state = request.app.state
-    rid = await state.reservations.take(token.id, bound)
-    if rid is not None:
-        return rid, bound
-    need, counted = bound, None
+    admission = await state.reservations.take(token.id, bound or 0)
+    if admission.reservation is not None:
+        return admission.reservation, bound
+    if admission.refused in ("parallel", "rpm"):
+        raise rate_limited(token, admission)
+    need, counted = bound or 0, None
     if candidates:
         counted = await state.prompt_counter.count(candidates[0], path, body)
     if counted is not None:
         need = counted + max(cap, 0) * choices(body)
-        rid = await state.reservations.take(token.id, need)
-        if rid is not None:
-            return rid, need
+        admission = await state.reservations.take(token.id, need)
+        if admission.reservation is not None:
+            return admission.reservation, need
+        if admission.refused in ("parallel", "rpm"):
+            raise rate_limited(token, admission)
     used, reserved, quota = await state.store.run(state.store.quota_state, token.id)
     if quota is None:  # made unlimited since we read it
-        return None, need
+        return None, None
     if used >= quota:
         message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used. "
                    "Ask the gateway admin to raise the quota.")
@@ -58,6 +65,22 @@ async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, 
             "Lower max_tokens, or ask the gateway admin to raise the quota."
         )
     raise GatewayError(429, message, "insufficient_quota", "insufficient_quota")
+
+
+def rate_limited(token: TokenOut, admission: Admission) -> GatewayError:
+    """OpenAI's 429 for a rate limit: the error, ``retry-after`` and the ``x-ratelimit-*`` headers."""
+    wait = admission.retry_after or 1
+    if admission.refused == "rpm":
+        message = (f"Rate limit reached for token '{token.name}' on requests per min (RPM): Limit {admission.limit}, "
+                   f"Used {admission.current}, Requested 1. Please try again in {wait}s.")
+        headers = {"x-ratelimit-limit-requests": str(admission.limit), "x-ratelimit-remaining-requests": "0",
+                   "x-ratelimit-reset-requests": f"{wait}s"}
+    else:
+        message = (f"Rate limit reached for token '{token.name}' on requests in flight: Limit {admission.limit}, "
+                   f"In flight {admission.current}. Please try again when one of them has finished.")
+        headers = {}
+    return GatewayError(429, message, "requests", "rate_limit_exceeded",
+                        headers={"retry-after": str(wait), "x-should-retry": "true", **headers})
 
 
 def _parse_request(raw: bytes) -> JsonObject:
@@ -91,8 +114,8 @@ async def relay(request: Request, path: str) -> Relay:
         if cap is None:  # the cap we reserve is the cap the backend gets
             overrides["max_tokens"] = cap = state.settings.default_max_tokens
         candidates = await state.router.candidates(model)
-        if token.quota is not None:
-            bound = await off_loop_if_large(len(raw), worst_case, body, cap)
+        if token.quota is not None or token.rpm_limit is not None or token.max_parallel is not None:
+            bound = await off_loop_if_large(len(raw), worst_case, body, cap) if token.quota is not None else None
             rid, need = await reserve(request, token, path, body, cap, candidates, bound)
         if not candidates:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")

@@ -192,6 +192,13 @@ class TokenFields(BaseModel):
     subnets: Annotated[list[str], AfterValidator(_check_subnets), Cli(flag="--subnet", repeat=True, metavar="CIDR")] = Field(
         default_factory=list, description="Allowed client subnets, e.g. 192.168.1.0/24 (--subnet is repeatable); empty = any."
     )
+    rpm_limit: Annotated[Optional[int], Cli(flag="--rpm", none="--no-rpm")] = Field(
+        None, ge=1, le=INT32, description="Requests it may start per minute, across every gateway on the database; "
+        "null = no limit."
+    )
+    max_parallel: Annotated[Optional[int], Cli(flag="--max-parallel", none="--no-max-parallel")] = Field(
+        None, ge=1, le=INT32, description="Requests it may have in flight at once, across every gateway; null = no limit."
+    )
 
 
 class TokenIn(TokenFields, _In):
@@ -201,6 +208,7 @@ class TokenIn(TokenFields, _In):
 class TokenOut(TokenFields, _Stored):
     key_hint: str
     used: int
+    in_flight: int = Field(0, description="Requests in flight now (counted for tokens with a quota or a limit).")
     created_at: float
 
 

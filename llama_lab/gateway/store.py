@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -27,10 +28,13 @@ from sqlalchemy import (
     delete,
     event,
     inspect,
+    or_,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -82,6 +86,17 @@ class ChannelRow(Base):
         return bool(self.api_key)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What ``Store.admit`` decided: a reservation id, or the limit that refused (with its numbers)."""
+
+    reservation: int | None
+    refused: str | None  # None, "quota", "parallel" (max_parallel) or "rpm" (rpm_limit)
+    limit: int | None = None
+    current: int | None = None
+    retry_after: int | None = None  # seconds until the limit may let a request in
+
+
 class TokenRow(Base):
     __tablename__ = "tokens"
 
@@ -99,10 +114,30 @@ class TokenRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     subnets: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Live reservations of this token (one per request in flight), kept in step like ``reserved``.
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+# Columns added after the first release: (name, DDL type) for ALTER TABLE on an older database.
+_ADDED_TOKEN_COLUMNS = (("reserved", "BIGINT NOT NULL DEFAULT 0"), ("rpm_limit", "INTEGER"),
+                        ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"))
+
+
+class RateWindowRow(Base):
+    """Requests a token started in one calendar minute (UTC), for ``rpm_limit``; old minutes are swept."""
+
+    __tablename__ = "rate_windows"
+
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds // 60
+    requests: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ReservationRow(Base):
-    """Quota held by a request in flight; released when it settles, or when it expires (its gateway died)."""
+    """A request in flight: the quota it holds (0 for a token without a quota) and its place in the
+    token's ``in_flight``; released when it settles, or when it expires (its gateway died)."""
 
     __tablename__ = "reservations"
 
@@ -169,7 +204,7 @@ _SCHEMA_LOCK = 0x6C6C616D  # a PostgreSQL advisory lock id: one gateway process 
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables, and columns that older versions lacked (``tokens.reserved``).
+    """Create missing tables, and columns that older versions lacked (``_ADDED_TOKEN_COLUMNS``).
 
     Several gateway processes may start at once on one database: on PostgreSQL they take turns
     (an advisory lock for the transaction); on SQLite a lost race shows as "already exists" and is retried.
@@ -180,8 +215,10 @@ def create_tables(engine: Engine) -> None:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
                 Base.metadata.create_all(conn)
-                if "reserved" not in {c["name"] for c in inspect(conn).get_columns("tokens")}:
-                    conn.execute(text("ALTER TABLE tokens ADD COLUMN reserved BIGINT NOT NULL DEFAULT 0"))
+                have = {c["name"] for c in inspect(conn).get_columns("tokens")}
+                for name, ddl in _ADDED_TOKEN_COLUMNS:
+                    if name not in have:
+                        conn.execute(text(f"ALTER TABLE tokens ADD COLUMN {name} {ddl}"))
             return
         except OperationalError as exc:
             if "already exists" not in str(exc) and "duplicate column" not in str(exc) or attempt == 2:
@@ -305,30 +342,65 @@ class Store:
 
     # -- reservations ---------------------------------------------------------------------
     def reserve(self, token_id: int, amount: int, ttl: float) -> int | None:
-        """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None.
+        """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None."""
+        return self.admit(token_id, amount, ttl).reservation
 
-        The check and the hold are one conditional UPDATE of the token's row, so two requests
-        (or two gateway processes) can never both take the last room: the database serializes
-        writers of a row and re-checks the condition for the second one.
+    def admit(self, token_id: int, amount: int, ttl: float, now: float | None = None) -> Admission:
+        """Let one request in, or say which limit refuses it: quota, requests in flight, requests per minute.
+
+        One transaction: a conditional UPDATE of the token's row holds ``amount`` of its quota and a
+        place in flight only if both fit, then a conditional upsert of the minute's row counts the
+        request only if the minute has room; a refusal rolls both back. The database serializes writers
+        of a row and re-checks the condition, so any number of gateway processes on one database let
+        through at most each limit.
         """
-        now = time.time()
-        with self._session.begin() as s:
-            fits = s.execute(
-                update(TokenRow)
-                .where(
-                    TokenRow.id == token_id,
-                    TokenRow.quota.is_not(None),
-                    TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota,
-                )
-                .values(reserved=TokenRow.reserved + amount)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if not fits:
-                return None
-            row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
-            s.add(row)
-            s.flush()
-            return row.id
+        now = time.time() if now is None else now
+        with self._session() as s:
+            try:
+                decision = self._admit(s, token_id, amount, ttl, now)
+                if decision.reservation is None:
+                    s.rollback()
+                else:
+                    s.commit()
+                return decision
+            except BaseException:
+                s.rollback()
+                raise
+
+    @staticmethod
+    def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float) -> Admission:
+        fits = s.execute(
+            update(TokenRow)
+            .where(
+                TokenRow.id == token_id,
+                or_(TokenRow.quota.is_(None), TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota),
+                or_(TokenRow.max_parallel.is_(None), TokenRow.in_flight < TokenRow.max_parallel),
+            )
+            .values(reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
+            .returning(TokenRow.rpm_limit)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if fits is None:
+            row = s.execute(select(TokenRow.max_parallel, TokenRow.in_flight).where(TokenRow.id == token_id)).first()
+            if row is not None and row[0] is not None and row[1] >= row[0]:
+                return Admission(None, "parallel", limit=row[0], current=row[1], retry_after=1)
+            return Admission(None, "quota")
+        rpm = fits[0]
+        if rpm is not None:
+            upsert = (sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert)(RateWindowRow)
+            counted = s.execute(
+                upsert.values(token_id=token_id, minute=int(now // 60), requests=1)
+                .on_conflict_do_update(index_elements=["token_id", "minute"],
+                                       set_={"requests": RateWindowRow.requests + 1},
+                                       where=RateWindowRow.requests < rpm)
+                .returning(RateWindowRow.requests)
+            ).first()
+            if counted is None:
+                return Admission(None, "rpm", limit=rpm, current=rpm, retry_after=max(1, 60 - int(now % 60)))
+        row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
+        s.add(row)
+        s.flush()
+        return Admission(row.id, None)
 
     def quota_state(self, token_id: int) -> tuple[int, int, int | None]:
         """``(used, reserved, quota)`` of a token, for the message that says why a request did not fit."""
@@ -363,15 +435,20 @@ class Store:
                 .returning(ReservationRow.token_id, ReservationRow.amount)
                 .execution_options(synchronize_session=False)
             ).all()
-            held: dict[int, int] = {}
+            held: dict[int, tuple[int, int]] = {}
             for token_id, amount in gone:
-                held[token_id] = held.get(token_id, 0) + int(amount)
+                total, count = held.get(token_id, (0, 0))
+                held[token_id] = (total + int(amount), count + 1)
             for token_id in sorted(held):  # one order for every process: no deadlock between sweepers
                 s.execute(
                     update(TokenRow).where(TokenRow.id == token_id)
-                    .values(reserved=TokenRow.reserved - held[token_id])
+                    .values(reserved=TokenRow.reserved - held[token_id][0],
+                            in_flight=TokenRow.in_flight - held[token_id][1])
                     .execution_options(synchronize_session=False)
                 )
+            # minutes that can no longer refuse anything
+            s.execute(delete(RateWindowRow).where(RateWindowRow.minute < int(time.time() // 60) - 1)
+                      .execution_options(synchronize_session=False))
             return len(gone)
 
     # -- accounting -----------------------------------------------------------------------
@@ -386,16 +463,19 @@ class Store:
         # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
         log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
         with self._session.begin() as s:
-            held = 0
+            held, released = 0, 0
             if reservation_id is not None:
-                held = int(s.scalar(
+                gone = s.execute(
                     delete(ReservationRow).where(ReservationRow.id == reservation_id)
                     .returning(ReservationRow.amount).execution_options(synchronize_session=False)
-                ) or 0)
-            if log.get("token_id") is not None and (total or held):
+                ).first()
+                if gone is not None:
+                    held, released = int(gone[0]), 1
+            if log.get("token_id") is not None and (total or released):
                 s.execute(
                     update(TokenRow).where(TokenRow.id == log["token_id"])
-                    .values(used=TokenRow.used + total, reserved=TokenRow.reserved - held)
+                    .values(used=TokenRow.used + total, reserved=TokenRow.reserved - held,
+                            in_flight=TokenRow.in_flight - released)
                     .execution_options(synchronize_session=False)
                 )
             s.add(LogRow(total_tokens=total, **log))
