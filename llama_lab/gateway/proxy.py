@@ -108,6 +108,7 @@ class Relay(Response):
         self.metrics = metrics
         self.upstream_s = 0.0  # time spent waiting for backends before the answer started (every attempt)
         self.overhead_s: float | None = None  # the gateway's own time until the answer started
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. a busy backend's retry-after
         self.candidates = candidates
         self.router = router
         self.reservations = reservations
@@ -156,6 +157,7 @@ class Relay(Response):
     # -- trying channels --------------------------------------------------------------------
     async def _serve(self, send: Send) -> None:
         failures: list[str] = []
+        busy: tuple[str | None, bytes] | None = None  # the last 429: its retry-after and body
         for channel in self.candidates:
             self.channel = channel
             url = upstream_url(channel.base_url, self.call.path)
@@ -171,6 +173,14 @@ class Relay(Response):
                 await self._failed(channel, describe_failure(exc, url, self.settings), failures)
                 continue
             self.upstream = resp
+            if resp.status_code == 429:
+                # busy (its own queue or rate limit), not broken: the next channel may take it, and the
+                # channel is not counted towards auto-disable
+                busy = (resp.headers.get("retry-after"), await resp.aread())
+                await self._close_upstream()
+                self.upstream_s += time.perf_counter() - waited
+                failures.append(f"channel '{channel.name}': {url} answered HTTP 429 (busy)")
+                continue
             if resp.status_code >= 500:
                 text = await self._read_error(resp)
                 self.upstream_s += time.perf_counter() - waited
@@ -213,6 +223,11 @@ class Relay(Response):
             f"All {n} channel{'s' if n > 1 else ''} for model '{self.call.model}' failed: " + "; ".join(failures)
         )
         self.error = message
+        if busy is not None and all(f.endswith("answered HTTP 429 (busy)") for f in failures):
+            # every channel is busy: the client gets the backends' 429 (and its retry-after), which heals
+            self.extra_headers = [(b"retry-after", busy[0].encode())] if busy[0] else []
+            await self._send_whole(send, 429, busy[1])
+            return
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
 
     def _changes(self, channel: Channel) -> dict[str, Any]:
@@ -256,7 +271,7 @@ class Relay(Response):
     async def _send_whole(self, send: Send, status: int, content: bytes, content_type: str | None = None) -> None:
         self.status_code = status
         headers = [(b"content-type", (content_type or "application/json").encode()), (b"content-length", str(len(content)).encode()),
-                   *self._gateway_headers()]
+                   *self._gateway_headers(), *self.extra_headers]
         self.headers_sent = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self.complete = True

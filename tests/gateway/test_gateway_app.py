@@ -320,3 +320,24 @@ def test_headers_and_metrics_say_which_channel_answered_and_what_the_gateway_cos
     assert samples[("llama_lab_gateway_token_used_tokens", (("token", "alice"),))] == prompt + completion
     assert samples[("llama_lab_gateway_token_quota_remaining_tokens", (("token", "alice"),))] == 100_000 - prompt - completion
     assert samples[("llama_lab_gateway_requests_in_flight", ())] == 0
+
+
+def test_a_busy_channel_429_goes_to_the_next_channel_and_is_not_counted_as_a_failure(gateway, admin, backends):
+    from helpers.gateway import BusyServer
+
+    busy = BusyServer(retry_after="7")
+    try:
+        model = backends[0].model
+        jammed = admin.add_channel("busy", busy.url, models=[model, "only-busy"], priority=10)
+        admin.add_channel("spare", backends[0].url, models=[model], priority=0)
+        token = admin.add_token("alice")
+        for _ in range(3):  # more than failure_threshold (2): a busy channel is not auto-disabled
+            r = post(gateway, token.key, chat_body(model, 2))
+            assert r.status_code == 200 and r.headers["x-llama-lab-channel"] == "spare"
+        assert not next(c for c in admin.channels() if c.id == jammed.id).auto_disabled
+        # every channel busy: the client gets the 429 and its retry-after, which the SDK honours
+        r = post(gateway, token.key, chat_body("only-busy", 2))
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        busy.close()
