@@ -9,6 +9,7 @@ logged and its reservation released here.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import Request
@@ -18,7 +19,7 @@ from llama_lab.gateway.body import JsonObject, off_loop_if_large, parse_object
 from llama_lab.gateway.errors import GatewayError
 from llama_lab.gateway.proxy import ProxyCall, Relay
 from llama_lab.gateway.quota import choices, completion_cap, worst_case
-from llama_lab.gateway.schemas import Channel, TokenOut
+from llama_lab.gateway.schemas import Channel, TokenOut, period_bounds
 from llama_lab.gateway.store import Admission
 from llama_lab.web.errors import APIError
 
@@ -39,6 +40,10 @@ async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, 
         return admission.reservation, bound
     if admission.refused in ("parallel", "rpm"):
         raise rate_limited(token, admission)
+    if admission.refused == "lifetime" and admission.current is not None and admission.current >= (admission.limit or 0):
+        raise GatewayError(429, f"Token '{token.name}' has reached its lifetime cap: {admission.current} of "
+                           f"{admission.limit} tokens used over all periods. Ask the gateway admin to raise it.",
+                           "insufficient_quota", "insufficient_quota")
     need, counted = bound or 0, None
     if candidates:
         counted = await state.prompt_counter.count(candidates[0], path, body)
@@ -50,10 +55,18 @@ async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, 
         if admission.refused in ("parallel", "rpm"):
             raise rate_limited(token, admission)
     used, reserved, quota = await state.store.run(state.store.quota_state, token.id)
-    if quota is None:  # made unlimited since we read it
+    if quota is None and admission.refused != "lifetime":  # made unlimited since we read it
         return None, None
-    if used >= quota:
-        message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used. "
+    resets = ""
+    if token.budget_period is not None:
+        when = datetime.fromtimestamp(period_bounds(token.budget_period, time.time())[1], timezone.utc)
+        resets = f" Its {token.budget_period} quota resets at {when:%Y-%m-%d %H:%M} UTC."
+    if admission.refused == "lifetime":
+        message = (f"Token '{token.name}' has not enough of its lifetime cap left for this request: it needs {need} "
+                   f"tokens, and {max((admission.limit or 0) - (admission.current or 0), 0)} of its {admission.limit} "
+                   "are left. Lower max_tokens, or ask the gateway admin to raise the cap.")
+    elif used >= quota:
+        message = (f"Token '{token.name}' has exhausted its quota: {used} of {quota} tokens used.{resets} "
                    "Ask the gateway admin to raise the quota.")
     else:
         free = max(quota - used - reserved, 0)
@@ -61,7 +74,7 @@ async def reserve(request: Request, token: TokenOut, path: str, body: dict[str, 
                  if counted is not None else "the prompt's upper bound from its bytes, plus max_tokens")
         message = (
             f"Token '{token.name}' has not enough quota left for this request: it needs {need} tokens ({basis}), "
-            f"and {free} of its {quota}-token quota are free ({used} used, {reserved} held by requests in flight). "
+            f"and {free} of its {quota}-token quota are free ({used} used, {reserved} held by requests in flight).{resets} "
             "Lower max_tokens, or ask the gateway admin to raise the quota."
         )
     raise GatewayError(429, message, "insufficient_quota", "insufficient_quota")
@@ -114,8 +127,9 @@ async def relay(request: Request, path: str) -> Relay:
         if cap is None:  # the cap we reserve is the cap the backend gets
             overrides["max_tokens"] = cap = state.settings.default_max_tokens
         candidates = await state.router.candidates(model)
-        if token.quota is not None or token.rpm_limit is not None or token.max_parallel is not None:
-            bound = await off_loop_if_large(len(raw), worst_case, body, cap) if token.quota is not None else None
+        if any(v is not None for v in (token.quota, token.lifetime_cap, token.rpm_limit, token.max_parallel)):
+            counted = token.quota is not None or token.lifetime_cap is not None
+            bound = await off_loop_if_large(len(raw), worst_case, body, cap) if counted else None
             rid, need = await reserve(request, token, path, body, cap, candidates, bound)
         if not candidates:
             raise GatewayError(503, await state.router.unavailable_message(model), "server_error", "model_not_available")

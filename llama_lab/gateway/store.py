@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    case,
     inspect,
     or_,
     select,
@@ -47,11 +48,13 @@ from llama_lab.gateway.schemas import (
     ChannelIn,
     ChannelOut,
     LogFilter,
+    PERIODS,
     LogOut,
     TokenCreated,
     TokenIn,
     TokenOut,
     nullable_fields,
+    period_bounds,
 )
 
 KEY_PREFIX = "sk-"
@@ -91,7 +94,7 @@ class Admission:
     """What ``Store.admit`` decided: a reservation id, or the limit that refused (with its numbers)."""
 
     reservation: int | None
-    refused: str | None  # None, "quota", "parallel" (max_parallel) or "rpm" (rpm_limit)
+    refused: str | None  # None, "quota", "lifetime" (lifetime_cap), "parallel" (max_parallel) or "rpm" (rpm_limit)
     limit: int | None = None
     current: int | None = None
     retry_after: int | None = None  # seconds until the limit may let a request in
@@ -118,11 +121,19 @@ class TokenRow(Base):
     max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Live reservations of this token (one per request in flight), kept in step like ``reserved``.
     in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # A quota per period: ``used`` goes back to 0 when a request arrives in a later period than
+    # ``period_start``; ``used_total`` keeps counting, for ``lifetime_cap``.
+    budget_period: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    period_start: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lifetime_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 # Columns added after the first release: (name, DDL type) for ALTER TABLE on an older database.
 _ADDED_TOKEN_COLUMNS = (("reserved", "BIGINT NOT NULL DEFAULT 0"), ("rpm_limit", "INTEGER"),
-                        ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"))
+                        ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"),
+                        ("budget_period", "VARCHAR(10)"), ("period_start", "FLOAT"), ("lifetime_cap", "BIGINT"),
+                        ("used_total", "BIGINT NOT NULL DEFAULT 0"))
 
 
 class RateWindowRow(Base):
@@ -369,11 +380,22 @@ class Store:
 
     @staticmethod
     def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float) -> Admission:
+        # A new budget period: used back to 0, once (a second gateway sees period_start already moved).
+        current = case(*((TokenRow.budget_period == p, period_bounds(p, now)[0]) for p in PERIODS), else_=None)
+        s.execute(
+            update(TokenRow)
+            .where(TokenRow.id == token_id, TokenRow.budget_period.is_not(None),
+                   or_(TokenRow.period_start.is_(None), TokenRow.period_start < current))
+            .values(used=0, period_start=current)
+            .execution_options(synchronize_session=False)
+        )
         fits = s.execute(
             update(TokenRow)
             .where(
                 TokenRow.id == token_id,
                 or_(TokenRow.quota.is_(None), TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota),
+                or_(TokenRow.lifetime_cap.is_(None),
+                    TokenRow.used_total + TokenRow.reserved + amount <= TokenRow.lifetime_cap),
                 or_(TokenRow.max_parallel.is_(None), TokenRow.in_flight < TokenRow.max_parallel),
             )
             .values(reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
@@ -381,9 +403,12 @@ class Store:
             .execution_options(synchronize_session=False)
         ).first()
         if fits is None:
-            row = s.execute(select(TokenRow.max_parallel, TokenRow.in_flight).where(TokenRow.id == token_id)).first()
+            row = s.execute(select(TokenRow.max_parallel, TokenRow.in_flight, TokenRow.lifetime_cap,
+                                   TokenRow.used_total, TokenRow.reserved).where(TokenRow.id == token_id)).first()
             if row is not None and row[0] is not None and row[1] >= row[0]:
                 return Admission(None, "parallel", limit=row[0], current=row[1], retry_after=1)
+            if row is not None and row[2] is not None and row[3] + row[4] + amount > row[2]:
+                return Admission(None, "lifetime", limit=row[2], current=row[3])
             return Admission(None, "quota")
         rpm = fits[0]
         if rpm is not None:
@@ -474,8 +499,8 @@ class Store:
             if log.get("token_id") is not None and (total or released):
                 s.execute(
                     update(TokenRow).where(TokenRow.id == log["token_id"])
-                    .values(used=TokenRow.used + total, reserved=TokenRow.reserved - held,
-                            in_flight=TokenRow.in_flight - released)
+                    .values(used=TokenRow.used + total, used_total=TokenRow.used_total + total,
+                            reserved=TokenRow.reserved - held, in_flight=TokenRow.in_flight - released)
                     .execution_options(synchronize_session=False)
                 )
             s.add(LogRow(total_tokens=total, **log))

@@ -150,3 +150,55 @@ def test_limits_hold_across_two_gateways_on_sqlite(backend, tmp_path):
 def test_limits_hold_across_two_gateways_on_postgres(backend):
     with pg_schema_url() as url:
         _limits_across_two_gateways(backend, url)
+
+
+def test_a_budget_period_resets_used_once_and_the_lifetime_cap_holds(store):
+    from datetime import datetime, timezone
+
+    def at(day: int, hour: int) -> float:
+        return datetime(2026, 12, day, hour, tzinfo=timezone.utc).timestamp()
+
+    token = store.create_token(TokenIn(name="t", quota=100, budget_period="daily", lifetime_cap=150))
+    first = store.admit(token.id, 50, ttl=60, now=at(3, 10))
+    store.settle({**_entry(token.id), "prompt_tokens": 20, "completion_tokens": 30}, first.reservation)
+    assert store.admit(token.id, 60, ttl=60, now=at(3, 23)).refused == "quota"  # 50 + 60 > 100 today
+    # the next day: used starts again at 0, exactly once however many requests arrive together
+    admitted = [store.admit(token.id, 10, ttl=60, now=at(4, 0) + 5) for _ in range(3)]
+    assert all(a.reservation for a in admitted)
+    for a in admitted:
+        store.settle({**_entry(token.id), "prompt_tokens": 5, "completion_tokens": 5}, a.reservation)
+    t = store.get_token(token.id)
+    assert (t.used, t.used_total, t.period_start) == (30, 80, at(4, 0))
+    # the lifetime cap counts every period: 80 used, 71 more would pass the day's quota but not the cap
+    refused = store.admit(token.id, 71, ttl=60, now=at(5, 9))
+    assert (refused.refused, refused.limit, refused.current) == ("lifetime", 150, 80)
+    assert store.admit(token.id, 70, ttl=60, now=at(5, 9)).reservation
+    assert store.get_token(token.id).next_reset_at is not None
+
+
+def test_budget_flags_and_the_next_reset_through_the_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers.cli import ROOT
+    from helpers.gateway import ADMIN_KEY
+    from llama_lab.gateway import serve_gateway
+
+    gateway = serve_gateway(port=0, db=f"sqlite:///{tmp_path / 'gw.db'}", admin_key=ADMIN_KEY)
+    try:
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "llama_lab", "gateway", "token", *args, "--url", gateway.url,
+                                   "--admin-key", ADMIN_KEY], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+        made = cli("add", "bob", "--quota", "1000", "--period", "weekly", "--lifetime-cap", "50000", "--rpm", "30",
+                   "--max-parallel", "2", "--json")
+        assert made.returncode == 0, made.stderr
+        token = json.loads(made.stdout)
+        assert (token["budget_period"], token["lifetime_cap"], token["rpm_limit"], token["max_parallel"]) == \
+            ("weekly", 50000, 30, 2)
+        assert time.time() < token["next_reset_at"] <= time.time() + 7 * 86400
+        bad = cli("add", "eve", "--period", "hourly")
+        assert bad.returncode != 0 and "period" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        gateway.stop()

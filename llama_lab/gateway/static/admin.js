@@ -434,6 +434,8 @@
 
   function limitsLine(t) {
     const parts = [];
+    if (t.budget_period !== null) parts.push(`${t.budget_period} quota, resets ${fmtTime(t.next_reset_at)}`);
+    if (t.lifetime_cap !== null) parts.push(`${fmtNum(t.used_total)} of ${fmtNum(t.lifetime_cap)} over all periods`);
     if (t.rpm_limit !== null) parts.push(`≤ ${fmtNum(t.rpm_limit)} requests/min`);
     if (t.max_parallel !== null) parts.push(`${fmtNum(t.in_flight)} of ${fmtNum(t.max_parallel)} in flight`);
     else if (t.in_flight > 0) parts.push(`${fmtNum(t.in_flight)} in flight`);
@@ -516,6 +518,8 @@
     if (t) {
       f.name.value = t.name;
       f.quota.value = t.quota === null ? "" : t.quota;
+      f.budget_period.value = t.budget_period === null ? "" : t.budget_period;
+      f.lifetime_cap.value = t.lifetime_cap === null ? "" : t.lifetime_cap;
       f.rpm_limit.value = t.rpm_limit === null ? "" : t.rpm_limit;
       f.max_parallel.value = t.max_parallel === null ? "" : t.max_parallel;
       f.models.value = t.models.join(", ");
@@ -545,6 +549,10 @@
     const quota = f.quota.value.trim();
     body.quota = quota === "" ? null : Number(quota);
     if (body.quota !== null && !(Number.isInteger(body.quota) && body.quota >= 0)) throw new Error("the quota must be a whole number of tokens, or empty for unlimited");
+    body.budget_period = f.budget_period.value === "" ? null : f.budget_period.value;
+    const cap = f.lifetime_cap.value.trim();
+    body.lifetime_cap = cap === "" ? null : Number(cap);
+    if (body.lifetime_cap !== null && !(Number.isInteger(body.lifetime_cap) && body.lifetime_cap >= 0)) throw new Error("the lifetime cap must be a whole number of tokens, or empty for no cap");
     for (const [field, what] of [["rpm_limit", "requests per minute"], ["max_parallel", "requests in flight"]]) {
       const value = f[field].value.trim();
       body[field] = value === "" ? null : Number(value);
