@@ -56,6 +56,7 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
         tasks = [
             asyncio.create_task(app.state.router.probe_forever(app.state.client), name="gateway-health-probe"),
             asyncio.create_task(app.state.reservations.keep_alive_forever(), name="gateway-reservations"),
+            asyncio.create_task(app.state.router.exchange_stats_forever(), name="gateway-routing-stats"),
         ]
         try:
             yield

@@ -31,9 +31,13 @@ class _State(Collector):
                                "1 if the channel takes requests (enabled and not auto-disabled)", labels=["channel"])
         failures = GaugeMetricFamily("llama_lab_gateway_channel_failures",
                                      "consecutive failures this gateway has seen on the channel", labels=["channel"])
+        in_flight = GaugeMetricFamily("llama_lab_gateway_channel_in_flight",
+                                      "requests on the channel now (this gateway's, and the others' at the last "
+                                      "exchange when routing is least-busy or latency)", labels=["channel"])
         for channel in self.store.list_channels():
             up.add_metric([channel.name], float(channel.enabled and not channel.auto_disabled))
             failures.add_metric([channel.name], float(self.router.failures(channel.id)))
+            in_flight.add_metric([channel.name], float(self.router.in_flight(channel.id)))
         used = GaugeMetricFamily("llama_lab_gateway_token_used_tokens", "tokens the token has been charged",
                                  labels=["token"])
         left = GaugeMetricFamily("llama_lab_gateway_token_quota_remaining_tokens",
@@ -43,7 +47,7 @@ class _State(Collector):
             used.add_metric([name], float(spent))
             if quota is not None:
                 left.add_metric([name], float(max(quota - spent - reserved, 0)))
-        yield from (up, failures, used, left)
+        yield from (up, failures, in_flight, used, left)
 
 
 class GatewayMetrics:

@@ -109,6 +109,7 @@ class Relay(Response):
         self.upstream_s = 0.0  # time spent waiting for backends before the answer started (every attempt)
         self.overhead_s: float | None = None  # the gateway's own time until the answer started
         self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. a busy backend's retry-after
+        self._counted: Channel | None = None  # the channel this request counts on in the router's loads
         self.candidates = candidates
         self.router = router
         self.reservations = reservations
@@ -150,6 +151,7 @@ class Relay(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_upstream()
+                self._count_on(None)
                 await self._settle()
             if self.metrics is not None:
                 self.metrics.in_flight.dec()
@@ -159,6 +161,7 @@ class Relay(Response):
         failures: list[str] = []
         busy: tuple[str | None, bytes] | None = None  # the last 429: its retry-after and body
         for channel in self.candidates:
+            self._count_on(channel)
             self.channel = channel
             url = upstream_url(channel.base_url, self.call.path)
             content = await off_loop_if_large(self.call.body_size, self.call.source.with_changes, self._changes(channel))
@@ -229,6 +232,14 @@ class Relay(Response):
             await self._send_whole(send, 429, busy[1])
             return
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
+
+    def _count_on(self, channel: Channel | None) -> None:
+        """The request is now on ``channel`` (None: on none) for least-busy routing."""
+        if self._counted is not None:
+            self.router.finished(self._counted)
+        self._counted = channel
+        if channel is not None:
+            self.router.started(channel)
 
     def _changes(self, channel: Channel) -> dict[str, Any]:
         """The top-level keys sent upstream instead of the client's."""

@@ -24,10 +24,11 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    case,
     create_engine,
     delete,
     event,
-    case,
+    func,
     inspect,
     or_,
     select,
@@ -144,6 +145,18 @@ class RateWindowRow(Base):
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds // 60
     requests: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ChannelLoadRow(Base):
+    """Requests one gateway process has in flight on a channel, published every ``load_refresh`` seconds
+    for least-busy routing; rows of a process that stopped publishing are ignored once stale."""
+
+    __tablename__ = "channel_loads"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    in_flight: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class ReservationRow(Base):
@@ -432,6 +445,37 @@ class Store:
         with self._session() as s:
             row = s.execute(select(TokenRow.used, TokenRow.reserved, TokenRow.quota).where(TokenRow.id == token_id)).first()
             return (int(row[0]), int(row[1] or 0), row[2]) if row else (0, 0, None)
+
+    # -- routing statistics shared between gateway processes -------------------------------
+    def exchange_loads(self, instance: str, loads: dict[int, int], fresh_after: float) -> dict[int, int]:
+        """Publish this process's in-flight count per channel; the other processes' fresh counts, summed."""
+        now = time.time()
+        with self._session.begin() as s:
+            s.execute(delete(ChannelLoadRow).where(ChannelLoadRow.instance == instance)
+                      .execution_options(synchronize_session=False))
+            s.add_all(ChannelLoadRow(instance=instance, channel_id=cid, in_flight=n, updated_at=now)
+                      for cid, n in loads.items() if n > 0)
+            # a heartbeat row, so that an idle process's zero counts are fresh too
+            s.add(ChannelLoadRow(instance=instance, channel_id=0, in_flight=0, updated_at=now))
+            rows = s.execute(
+                select(ChannelLoadRow.channel_id, func.sum(ChannelLoadRow.in_flight))
+                .where(ChannelLoadRow.instance != instance, ChannelLoadRow.updated_at >= fresh_after)
+                .group_by(ChannelLoadRow.channel_id)
+            ).all()
+            s.execute(delete(ChannelLoadRow).where(ChannelLoadRow.updated_at < now - 3600)
+                      .execution_options(synchronize_session=False))
+        return {int(cid): int(n or 0) for cid, n in rows if cid}
+
+    def recent_first_byte(self, since: float) -> dict[int, float]:
+        """Mean time to first byte (ms) of each channel's answered requests since ``since`` (latency routing)."""
+        with self._session() as s:
+            rows = s.execute(
+                select(LogRow.channel_id, func.avg(LogRow.first_byte_ms))
+                .where(LogRow.time >= since, LogRow.status == 200, LogRow.first_byte_ms.is_not(None),
+                       LogRow.channel_id.is_not(None))
+                .group_by(LogRow.channel_id)
+            ).all()
+        return {int(cid): float(ms) for cid, ms in rows}
 
     def quota_states(self) -> list[tuple[str, int, int, int | None]]:
         """``(name, used, reserved, quota)`` of every token, in one query (the gateway's /metrics)."""
