@@ -1,6 +1,6 @@
 """The gateway's app factory: ``create_gateway_app(settings)`` assembles auth, relay and admin API.
 
-The app holds its settings, store, router, reservations and HTTP client in ``app.state``; the
+The app holds its settings, store, router, reservations, metrics and HTTP client in ``app.state``; the
 routes (``openai_routes``, ``admin_api``) read them from there, so several gateways can share a
 process (tests, notebooks).
 """
@@ -15,10 +15,12 @@ import secrets
 from collections.abc import AsyncIterator
 
 import httpx
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Response
 from fastapi.responses import JSONResponse
 
 from llama_lab.gateway.admin_api import admin_routes
+from llama_lab.gateway.auth import require_admin
+from llama_lab.gateway.metrics import GatewayMetrics
 from llama_lab.gateway.openai_routes import openai_routes
 from llama_lab.gateway.quota import PromptCounter, Reservations
 from llama_lab.gateway.routing import Router
@@ -54,6 +56,7 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
         tasks = [
             asyncio.create_task(app.state.router.probe_forever(app.state.client), name="gateway-health-probe"),
             asyncio.create_task(app.state.reservations.keep_alive_forever(), name="gateway-reservations"),
+            asyncio.create_task(app.state.router.exchange_stats_forever(), name="gateway-routing-stats"),
         ]
         try:
             yield
@@ -72,6 +75,7 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
     app.state.admin_key = admin_key
     app.state.router = Router(store, settings)
     app.state.reservations = Reservations(store, settings.reservation_ttl)
+    app.state.metrics = GatewayMetrics(store, app.state.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, who="this gateway",
                        remedy="ask the gateway admin to raise --max-body-bytes")
@@ -80,6 +84,12 @@ def create_gateway_app(settings: GatewaySettings | None = None, store: Store | N
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", dependencies=[Depends(require_admin)])
+    async def metrics() -> Response:
+        """Prometheus text; behind the admin key, since it names tokens and their quota left."""
+        body, content_type = await store.run(app.state.metrics.render)  # reads the database: off the loop
+        return Response(body, media_type=content_type)
 
     app.include_router(openai_routes())
     app.include_router(admin_routes())

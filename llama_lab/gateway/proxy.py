@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import string
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from llama_lab.gateway.body import JsonObject, off_loop_if_large
+from llama_lab.gateway.metrics import GatewayMetrics
 from llama_lab.gateway.quota import Reservations, estimate_prompt_tokens
 from llama_lab.gateway.routing import Router, describe_failure, upstream_headers, upstream_url
 from llama_lab.gateway.schemas import Channel, TokenOut
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 _FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 DONE = b"data: [DONE]\n\n"
+_HEADER_SAFE = "".join(c for c in string.punctuation if c != "%") + " "
 
 
 @dataclass
@@ -98,8 +102,14 @@ class Relay(Response):
         reservations: Reservations,
         client: httpx.AsyncClient,
         settings: GatewaySettings,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.call = call
+        self.metrics = metrics
+        self.upstream_s = 0.0  # time spent waiting for backends before the answer started (every attempt)
+        self.overhead_s: float | None = None  # the gateway's own time until the answer started
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # e.g. a busy backend's retry-after
+        self._counted: Channel | None = None  # the channel this request counts on in the router's loads
         self.candidates = candidates
         self.router = router
         self.reservations = reservations
@@ -121,6 +131,8 @@ class Relay(Response):
         self._meta: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         try:
             async with anyio.create_task_group() as tg:
 
@@ -139,32 +151,49 @@ class Relay(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_upstream()
+                self._count_on(None)
                 await self._settle()
+            if self.metrics is not None:
+                self.metrics.in_flight.dec()
 
     # -- trying channels --------------------------------------------------------------------
     async def _serve(self, send: Send) -> None:
         failures: list[str] = []
+        busy: tuple[str | None, bytes] | None = None  # the last 429: its retry-after and body
         for channel in self.candidates:
+            self._count_on(channel)
             self.channel = channel
             url = upstream_url(channel.base_url, self.call.path)
             content = await off_loop_if_large(self.call.body_size, self.call.source.with_changes, self._changes(channel))
+            waited = time.perf_counter()
             try:
                 resp = await self.client.send(
                     self.client.build_request("POST", url, content=content, headers=upstream_headers(channel)),
                     stream=True,
                 )
             except httpx.HTTPError as exc:
+                self.upstream_s += time.perf_counter() - waited
                 await self._failed(channel, describe_failure(exc, url, self.settings), failures)
                 continue
             self.upstream = resp
+            if resp.status_code == 429:
+                # busy (its own queue or rate limit), not broken: the next channel may take it, and the
+                # channel is not counted towards auto-disable
+                busy = (resp.headers.get("retry-after"), await resp.aread())
+                await self._close_upstream()
+                self.upstream_s += time.perf_counter() - waited
+                failures.append(f"channel '{channel.name}': {url} answered HTTP 429 (busy)")
+                continue
             if resp.status_code >= 500:
                 text = await self._read_error(resp)
+                self.upstream_s += time.perf_counter() - waited
                 await self._failed(channel, f"{url} answered HTTP {resp.status_code}: {text}", failures)
                 continue
             if resp.status_code != 200:
                 # The backend refused the request itself (bad parameters, context too long):
                 # another channel would refuse it too, so the client sees the backend's answer.
                 content = await resp.aread()
+                self.upstream_s += time.perf_counter() - waited
                 self.error = f"backend answered HTTP {resp.status_code}: {content[:300].decode(errors='replace')}"
                 await self._send_whole(send, resp.status_code, content, resp.headers.get("content-type"))
                 return
@@ -175,6 +204,7 @@ class Relay(Response):
                 else:
                     content = await resp.aread()
             except (httpx.HTTPError, StopAsyncIteration) as exc:
+                self.upstream_s += time.perf_counter() - waited
                 reason = (
                     describe_failure(exc, url, self.settings)
                     if isinstance(exc, httpx.HTTPError)
@@ -182,6 +212,7 @@ class Relay(Response):
                 )
                 await self._failed(channel, reason, failures)
                 continue
+            self.upstream_s += time.perf_counter() - waited
             self.first_byte_ms = (time.perf_counter() - self.call.started) * 1000
             await self.router.record_success(channel)
             if self.call.stream:
@@ -195,7 +226,20 @@ class Relay(Response):
             f"All {n} channel{'s' if n > 1 else ''} for model '{self.call.model}' failed: " + "; ".join(failures)
         )
         self.error = message
+        if busy is not None and all(f.endswith("answered HTTP 429 (busy)") for f in failures):
+            # every channel is busy: the client gets the backends' 429 (and its retry-after), which heals
+            self.extra_headers = [(b"retry-after", busy[0].encode())] if busy[0] else []
+            await self._send_whole(send, 429, busy[1])
+            return
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
+
+    def _count_on(self, channel: Channel | None) -> None:
+        """The request is now on ``channel`` (None: on none) for least-busy routing."""
+        if self._counted is not None:
+            self.router.finished(self._counted)
+        self._counted = channel
+        if channel is not None:
+            self.router.started(channel)
 
     def _changes(self, channel: Channel) -> dict[str, Any]:
         """The top-level keys sent upstream instead of the client's."""
@@ -225,9 +269,20 @@ class Relay(Response):
         await self.router.record_failure(channel, reason)
 
     # -- answering the client ---------------------------------------------------------------
+    def _gateway_headers(self) -> list[tuple[bytes, bytes]]:
+        """Which channel answered, and the gateway's own time so far without the backends' (LiteLLM's
+        ``x-litellm-overhead-duration-ms``)."""
+        self.overhead_s = max(time.perf_counter() - self.call.started - self.upstream_s, 0.0)
+        headers = [(b"x-llama-lab-overhead-ms", f"{self.overhead_s * 1000:.2f}".encode())]
+        if self.channel is not None:
+            # percent-encoded: header values are Latin-1, a channel's name may be any text
+            headers.append((b"x-llama-lab-channel", quote(self.channel.name, safe=_HEADER_SAFE).encode()))
+        return headers
+
     async def _send_whole(self, send: Send, status: int, content: bytes, content_type: str | None = None) -> None:
         self.status_code = status
-        headers = [(b"content-type", (content_type or "application/json").encode()), (b"content-length", str(len(content)).encode())]
+        headers = [(b"content-type", (content_type or "application/json").encode()), (b"content-length", str(len(content)).encode()),
+                   *self._gateway_headers(), *self.extra_headers]
         self.headers_sent = True
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self.complete = True
@@ -239,6 +294,7 @@ class Relay(Response):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
+            *self._gateway_headers(),
         ]
         self.headers_sent = True
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -369,3 +425,5 @@ class Relay(Response):
             await self.reservations.settle(entry, self.call.reservation)
         except Exception:
             log.exception("could not record usage for token %s: %s", self.call.token.id, entry)
+        if self.metrics is not None:
+            self.metrics.observe(entry, self.overhead_s)

@@ -28,7 +28,7 @@ import httpx
 
 from llama_lab.gateway.routing import upstream_headers
 from llama_lab.gateway.schemas import Channel
-from llama_lab.gateway.store import Store
+from llama_lab.gateway.store import Admission, Store
 from llama_lab.web.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -176,11 +176,12 @@ class Reservations:
         self.ttl = ttl
         self.live: set[int] = set()
 
-    async def take(self, token_id: int, amount: int) -> int | None:
-        rid = await self.store.run(self.store.reserve, token_id, amount, self.ttl)
-        if rid is not None:
-            self.live.add(rid)
-        return rid
+    async def take(self, token_id: int, amount: int) -> Admission:
+        """Admit one request (``Store.admit``): its quota, a place in flight, its minute's count."""
+        admission = await self.store.run(self.store.admit, token_id, amount, self.ttl)
+        if admission.reservation is not None:
+            self.live.add(admission.reservation)
+        return admission
 
     async def settle(self, entry: dict[str, Any], rid: int | None) -> None:
         """Charge the real usage, release the reservation and log the request (one transaction)."""

@@ -1,4 +1,10 @@
-"""Which channel serves a request: priority, weight, failure counting, auto-disable, health probe."""
+"""Which channel serves a request: priority, then weight, load or latency; failure counting, auto-disable, health probe.
+
+Least-busy and latency routing hold across gateway processes: each publishes its in-flight count per
+channel to the shared database every ``load_refresh`` seconds and reads the others' (rows of a
+process that stopped are ignored once stale); latency is the mean time to first byte of each channel's
+answers in the request log over the last five minutes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from itertools import groupby
 
 import httpx
@@ -69,6 +76,28 @@ def weighted_order(channels: list[Channel], rng: random.Random) -> list[Channel]
     return ordered
 
 
+def routed_order(channels: list[Channel], strategy: str, rng: random.Random, *, load: dict[int, int] | None = None,
+                 first_byte_ms: dict[int, float] | None = None) -> list[Channel]:
+    """Highest priority first; inside a priority, the strategy's order.
+
+    ``weighted``: a weighted random order. ``least-busy``: fewest requests in flight first. ``latency``:
+    lowest recent time to first byte first, and a channel with no recent answers before any (so it gets
+    measured). Ties keep the weighted random order, and weight-0 spares stay last in their priority.
+    """
+    ordered = weighted_order(channels, rng)
+    if strategy == "weighted":
+        return ordered
+    load, first_byte_ms = load or {}, first_byte_ms or {}
+
+    def key(c: Channel) -> tuple[int, int, float]:
+        spare = 1 if c.weight == 0 else 0
+        if strategy == "least-busy":
+            return -c.priority, spare, float(load.get(c.id, 0))
+        return -c.priority, spare, first_byte_ms.get(c.id, -1.0)
+
+    return sorted(ordered, key=key)  # stable: ties keep the weighted order
+
+
 class Router:
     """Picks channels and keeps their health; one per gateway process.
 
@@ -84,6 +113,10 @@ class Router:
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
         self._failures: dict[int, int] = {}
+        self.instance = uuid.uuid4().hex  # this process, in the shared load table
+        self._local: dict[int, int] = {}  # requests this process has in flight, per channel
+        self._others: dict[int, int] = {}  # the other processes' (last exchange)
+        self._first_byte_ms: dict[int, float] = {}  # recent mean time to first byte, per channel
 
     async def channels(self) -> list[Channel]:
         if time.monotonic() - self._loaded_at > self.settings.channel_cache_ttl:
@@ -98,7 +131,41 @@ class Router:
 
     async def candidates(self, model: str) -> list[Channel]:
         usable = [c for c in await self.channels() if c.enabled and not c.auto_disabled and c.serves(model)]
-        return weighted_order(usable, self.rng)[: self.settings.max_attempts]
+        load = {cid: self._local.get(cid, 0) + self._others.get(cid, 0) for cid in {*self._local, *self._others}}
+        return routed_order(usable, self.settings.routing, self.rng, load=load,
+                            first_byte_ms=self._first_byte_ms)[: self.settings.max_attempts]
+
+    def started(self, channel: Channel) -> None:
+        """A request went to ``channel`` (least-busy routing counts it until ``finished``)."""
+        self._local[channel.id] = self._local.get(channel.id, 0) + 1
+
+    def finished(self, channel: Channel) -> None:
+        left = self._local.get(channel.id, 0) - 1
+        if left > 0:
+            self._local[channel.id] = left
+        else:
+            self._local.pop(channel.id, None)
+
+    def in_flight(self, channel_id: int) -> int:
+        """Requests on a channel now, this process's and the others' at the last exchange."""
+        return self._local.get(channel_id, 0) + self._others.get(channel_id, 0)
+
+    async def exchange_stats_once(self) -> None:
+        """Publish this process's loads and read the others', and the channels' recent latency."""
+        if self.settings.routing == "weighted":
+            return
+        fresh_after = time.time() - max(5.0, 4 * self.settings.load_refresh)
+        self._others = await self.store.run(self.store.exchange_loads, self.instance, dict(self._local), fresh_after)
+        if self.settings.routing == "latency":
+            self._first_byte_ms = await self.store.run(self.store.recent_first_byte, time.time() - 300.0)
+
+    async def exchange_stats_forever(self) -> None:
+        while True:
+            try:
+                await self.exchange_stats_once()
+            except Exception:  # routing falls back on the last figures; a DB hiccup must not stop it
+                log.exception("could not exchange routing statistics")
+            await asyncio.sleep(self.settings.load_refresh)
 
     async def unavailable_message(self, model: str) -> str:
         channels = await self.channels()
@@ -112,6 +179,10 @@ class Router:
 
     async def models(self) -> list[str]:
         return sorted({m for c in await self.channels() if c.enabled and not c.auto_disabled for m in (*c.models, *c.model_mapping)})
+
+    def failures(self, channel_id: int) -> int:
+        """Consecutive failures this process has seen on a channel (reset by a success)."""
+        return self._failures.get(channel_id, 0)
 
     async def record_success(self, channel: Channel) -> None:
         self._failures.pop(channel.id, None)

@@ -11,10 +11,10 @@ import ipaddress
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Annotated, Any, Optional
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, computed_field, create_model, field_validator
 
 from llama_lab.web.flags import Cli, split_commas
 
@@ -55,6 +55,25 @@ def parse_pair(text: str) -> tuple[str, str]:
     if not sep or not name or not value:
         raise ValueError(f"want REQUESTED=UPSTREAM, got {text!r}")
     return name, value
+
+
+PERIODS = ("daily", "weekly", "monthly")
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """The UTC calendar period (``daily``, ``weekly`` from Monday, ``monthly``) holding ``now``: (start, end)."""
+    day = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "daily":
+        start, end = day, day + timedelta(days=1)
+    elif period == "weekly":
+        start = day - timedelta(days=day.weekday())
+        end = start + timedelta(days=7)
+    elif period == "monthly":
+        start = day.replace(day=1)
+        end = (start + timedelta(days=32)).replace(day=1)
+    else:
+        raise ValueError(f"unknown budget period {period!r}")
+    return start.timestamp(), end.timestamp()
 
 
 def to_unix(when: Any) -> Any:
@@ -192,6 +211,20 @@ class TokenFields(BaseModel):
     subnets: Annotated[list[str], AfterValidator(_check_subnets), Cli(flag="--subnet", repeat=True, metavar="CIDR")] = Field(
         default_factory=list, description="Allowed client subnets, e.g. 192.168.1.0/24 (--subnet is repeatable); empty = any."
     )
+    rpm_limit: Annotated[Optional[int], Cli(flag="--rpm", none="--no-rpm")] = Field(
+        None, ge=1, le=INT32, description="Requests it may start per minute, across every gateway on the database; "
+        "null = no limit."
+    )
+    max_parallel: Annotated[Optional[int], Cli(flag="--max-parallel", none="--no-max-parallel")] = Field(
+        None, ge=1, le=INT32, description="Requests it may have in flight at once, across every gateway; null = no limit."
+    )
+    budget_period: Annotated[Optional[Literal["daily", "weekly", "monthly"]], Cli(flag="--period", none="--no-period")] = Field(
+        None, description="The quota is per period: used goes back to 0 at each UTC day, week (Monday) or month; "
+        "null = the quota is for the token's lifetime."
+    )
+    lifetime_cap: Annotated[Optional[int], Cli(flag="--lifetime-cap", none="--no-lifetime-cap")] = Field(
+        None, ge=0, le=BIG, description="Tokens it may use over all periods together; null = no cap."
+    )
 
 
 class TokenIn(TokenFields, _In):
@@ -201,7 +234,17 @@ class TokenIn(TokenFields, _In):
 class TokenOut(TokenFields, _Stored):
     key_hint: str
     used: int
+    used_total: int = Field(0, description="Tokens used over all periods (what lifetime_cap caps).")
+    in_flight: int = Field(0, description="Requests in flight now (counted for tokens with a quota or a limit).")
+    period_start: Optional[float] = Field(None, description="Unix seconds: when the current budget period began.")
     created_at: float
+
+    @computed_field(description="Unix seconds: when used next goes back to 0 (null without a budget period).")
+    @property
+    def next_reset_at(self) -> Optional[float]:
+        if self.budget_period is None:
+            return None
+        return period_bounds(self.budget_period, time.time())[1]
 
 
 class TokenCreated(TokenOut):

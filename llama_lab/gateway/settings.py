@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field
@@ -34,6 +35,13 @@ class GatewaySettings(BaseSettings):
         default_factory=list,
         description="Extra browser origins allowed (e.g. https://chat.example.com, or * for any); local origins are always allowed.",
     )
+    routing: Literal["weighted", "least-busy", "latency"] = Field(
+        "weighted",
+        description="Order of the channels inside a priority: weighted (random by weight), least-busy (fewest requests in "
+        "flight, over every gateway on the database) or latency (lowest recent time to first byte).",
+    )
+    load_refresh: float = Field(0.5, gt=0, description="Seconds between exchanges of in-flight counts and latencies "
+                                                       "with the other gateways (least-busy and latency routing).")
     max_attempts: int = Field(3, ge=1, description="Channels tried per request before giving up (first try + retries).")
     failure_threshold: int = Field(3, ge=1, description="Consecutive failures after which a channel is disabled automatically.")
     probe_interval: float = Field(10.0, gt=0, description="Seconds between health probes of auto-disabled channels.")

@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -23,14 +24,19 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    case,
     create_engine,
     delete,
     event,
+    func,
     inspect,
+    or_,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -43,11 +49,13 @@ from llama_lab.gateway.schemas import (
     ChannelIn,
     ChannelOut,
     LogFilter,
+    PERIODS,
     LogOut,
     TokenCreated,
     TokenIn,
     TokenOut,
     nullable_fields,
+    period_bounds,
 )
 
 KEY_PREFIX = "sk-"
@@ -82,6 +90,17 @@ class ChannelRow(Base):
         return bool(self.api_key)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What ``Store.admit`` decided: a reservation id, or the limit that refused (with its numbers)."""
+
+    reservation: int | None
+    refused: str | None  # None, "quota", "lifetime" (lifetime_cap), "parallel" (max_parallel) or "rpm" (rpm_limit)
+    limit: int | None = None
+    current: int | None = None
+    retry_after: int | None = None  # seconds until the limit may let a request in
+
+
 class TokenRow(Base):
     __tablename__ = "tokens"
 
@@ -99,10 +118,50 @@ class TokenRow(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     subnets: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Live reservations of this token (one per request in flight), kept in step like ``reserved``.
+    in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # A quota per period: ``used`` goes back to 0 when a request arrives in a later period than
+    # ``period_start``; ``used_total`` keeps counting, for ``lifetime_cap``.
+    budget_period: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    period_start: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lifetime_cap: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    used_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+# Columns added after the first release: (name, DDL type) for ALTER TABLE on an older database.
+_ADDED_TOKEN_COLUMNS = (("reserved", "BIGINT NOT NULL DEFAULT 0"), ("rpm_limit", "INTEGER"),
+                        ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"),
+                        ("budget_period", "VARCHAR(10)"), ("period_start", "FLOAT"), ("lifetime_cap", "BIGINT"),
+                        ("used_total", "BIGINT NOT NULL DEFAULT 0"))
+
+
+class RateWindowRow(Base):
+    """Requests a token started in one calendar minute (UTC), for ``rpm_limit``; old minutes are swept."""
+
+    __tablename__ = "rate_windows"
+
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds // 60
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ChannelLoadRow(Base):
+    """Requests one gateway process has in flight on a channel, published every ``load_refresh`` seconds
+    for least-busy routing; rows of a process that stopped publishing are ignored once stale."""
+
+    __tablename__ = "channel_loads"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    channel_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    in_flight: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class ReservationRow(Base):
-    """Quota held by a request in flight; released when it settles, or when it expires (its gateway died)."""
+    """A request in flight: the quota it holds (0 for a token without a quota) and its place in the
+    token's ``in_flight``; released when it settles, or when it expires (its gateway died)."""
 
     __tablename__ = "reservations"
 
@@ -169,7 +228,7 @@ _SCHEMA_LOCK = 0x6C6C616D  # a PostgreSQL advisory lock id: one gateway process 
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables, and columns that older versions lacked (``tokens.reserved``).
+    """Create missing tables, and columns that older versions lacked (``_ADDED_TOKEN_COLUMNS``).
 
     Several gateway processes may start at once on one database: on PostgreSQL they take turns
     (an advisory lock for the transaction); on SQLite a lost race shows as "already exists" and is retried.
@@ -180,8 +239,10 @@ def create_tables(engine: Engine) -> None:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
                 Base.metadata.create_all(conn)
-                if "reserved" not in {c["name"] for c in inspect(conn).get_columns("tokens")}:
-                    conn.execute(text("ALTER TABLE tokens ADD COLUMN reserved BIGINT NOT NULL DEFAULT 0"))
+                have = {c["name"] for c in inspect(conn).get_columns("tokens")}
+                for name, ddl in _ADDED_TOKEN_COLUMNS:
+                    if name not in have:
+                        conn.execute(text(f"ALTER TABLE tokens ADD COLUMN {name} {ddl}"))
             return
         except OperationalError as exc:
             if "already exists" not in str(exc) and "duplicate column" not in str(exc) or attempt == 2:
@@ -305,36 +366,123 @@ class Store:
 
     # -- reservations ---------------------------------------------------------------------
     def reserve(self, token_id: int, amount: int, ttl: float) -> int | None:
-        """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None.
+        """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None."""
+        return self.admit(token_id, amount, ttl).reservation
 
-        The check and the hold are one conditional UPDATE of the token's row, so two requests
-        (or two gateway processes) can never both take the last room: the database serializes
-        writers of a row and re-checks the condition for the second one.
+    def admit(self, token_id: int, amount: int, ttl: float, now: float | None = None) -> Admission:
+        """Let one request in, or say which limit refuses it: quota, requests in flight, requests per minute.
+
+        One transaction: a conditional UPDATE of the token's row holds ``amount`` of its quota and a
+        place in flight only if both fit, then a conditional upsert of the minute's row counts the
+        request only if the minute has room; a refusal rolls both back. The database serializes writers
+        of a row and re-checks the condition, so any number of gateway processes on one database let
+        through at most each limit.
         """
-        now = time.time()
-        with self._session.begin() as s:
-            fits = s.execute(
-                update(TokenRow)
-                .where(
-                    TokenRow.id == token_id,
-                    TokenRow.quota.is_not(None),
-                    TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota,
-                )
-                .values(reserved=TokenRow.reserved + amount)
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            if not fits:
-                return None
-            row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
-            s.add(row)
-            s.flush()
-            return row.id
+        now = time.time() if now is None else now
+        with self._session() as s:
+            try:
+                decision = self._admit(s, token_id, amount, ttl, now)
+                if decision.reservation is None:
+                    s.rollback()
+                else:
+                    s.commit()
+                return decision
+            except BaseException:
+                s.rollback()
+                raise
+
+    @staticmethod
+    def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float) -> Admission:
+        # A new budget period: used back to 0, once (a second gateway sees period_start already moved).
+        current = case(*((TokenRow.budget_period == p, period_bounds(p, now)[0]) for p in PERIODS), else_=None)
+        s.execute(
+            update(TokenRow)
+            .where(TokenRow.id == token_id, TokenRow.budget_period.is_not(None),
+                   or_(TokenRow.period_start.is_(None), TokenRow.period_start < current))
+            .values(used=0, period_start=current)
+            .execution_options(synchronize_session=False)
+        )
+        fits = s.execute(
+            update(TokenRow)
+            .where(
+                TokenRow.id == token_id,
+                or_(TokenRow.quota.is_(None), TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota),
+                or_(TokenRow.lifetime_cap.is_(None),
+                    TokenRow.used_total + TokenRow.reserved + amount <= TokenRow.lifetime_cap),
+                or_(TokenRow.max_parallel.is_(None), TokenRow.in_flight < TokenRow.max_parallel),
+            )
+            .values(reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
+            .returning(TokenRow.rpm_limit)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if fits is None:
+            row = s.execute(select(TokenRow.max_parallel, TokenRow.in_flight, TokenRow.lifetime_cap,
+                                   TokenRow.used_total, TokenRow.reserved).where(TokenRow.id == token_id)).first()
+            if row is not None and row[0] is not None and row[1] >= row[0]:
+                return Admission(None, "parallel", limit=row[0], current=row[1], retry_after=1)
+            if row is not None and row[2] is not None and row[3] + row[4] + amount > row[2]:
+                return Admission(None, "lifetime", limit=row[2], current=row[3])
+            return Admission(None, "quota")
+        rpm = fits[0]
+        if rpm is not None:
+            upsert = (sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert)(RateWindowRow)
+            counted = s.execute(
+                upsert.values(token_id=token_id, minute=int(now // 60), requests=1)
+                .on_conflict_do_update(index_elements=["token_id", "minute"],
+                                       set_={"requests": RateWindowRow.requests + 1},
+                                       where=RateWindowRow.requests < rpm)
+                .returning(RateWindowRow.requests)
+            ).first()
+            if counted is None:
+                return Admission(None, "rpm", limit=rpm, current=rpm, retry_after=max(1, 60 - int(now % 60)))
+        row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
+        s.add(row)
+        s.flush()
+        return Admission(row.id, None)
 
     def quota_state(self, token_id: int) -> tuple[int, int, int | None]:
         """``(used, reserved, quota)`` of a token, for the message that says why a request did not fit."""
         with self._session() as s:
             row = s.execute(select(TokenRow.used, TokenRow.reserved, TokenRow.quota).where(TokenRow.id == token_id)).first()
             return (int(row[0]), int(row[1] or 0), row[2]) if row else (0, 0, None)
+
+    # -- routing statistics shared between gateway processes -------------------------------
+    def exchange_loads(self, instance: str, loads: dict[int, int], fresh_after: float) -> dict[int, int]:
+        """Publish this process's in-flight count per channel; the other processes' fresh counts, summed."""
+        now = time.time()
+        with self._session.begin() as s:
+            s.execute(delete(ChannelLoadRow).where(ChannelLoadRow.instance == instance)
+                      .execution_options(synchronize_session=False))
+            s.add_all(ChannelLoadRow(instance=instance, channel_id=cid, in_flight=n, updated_at=now)
+                      for cid, n in loads.items() if n > 0)
+            # a heartbeat row, so that an idle process's zero counts are fresh too
+            s.add(ChannelLoadRow(instance=instance, channel_id=0, in_flight=0, updated_at=now))
+            rows = s.execute(
+                select(ChannelLoadRow.channel_id, func.sum(ChannelLoadRow.in_flight))
+                .where(ChannelLoadRow.instance != instance, ChannelLoadRow.updated_at >= fresh_after)
+                .group_by(ChannelLoadRow.channel_id)
+            ).all()
+            s.execute(delete(ChannelLoadRow).where(ChannelLoadRow.updated_at < now - 3600)
+                      .execution_options(synchronize_session=False))
+        return {int(cid): int(n or 0) for cid, n in rows if cid}
+
+    def recent_first_byte(self, since: float) -> dict[int, float]:
+        """Mean time to first byte (ms) of each channel's answered requests since ``since`` (latency routing)."""
+        with self._session() as s:
+            rows = s.execute(
+                select(LogRow.channel_id, func.avg(LogRow.first_byte_ms))
+                .where(LogRow.time >= since, LogRow.status == 200, LogRow.first_byte_ms.is_not(None),
+                       LogRow.channel_id.is_not(None))
+                .group_by(LogRow.channel_id)
+            ).all()
+        return {int(cid): float(ms) for cid, ms in rows}
+
+    def quota_states(self) -> list[tuple[str, int, int, int | None]]:
+        """``(name, used, reserved, quota)`` of every token, in one query (the gateway's /metrics)."""
+        with self._session() as s:
+            rows = s.execute(select(TokenRow.name, TokenRow.used, TokenRow.reserved, TokenRow.quota)
+                             .order_by(TokenRow.id)).all()
+            return [(str(r[0]), int(r[1]), int(r[2] or 0), r[3]) for r in rows]
 
     def renew(self, reservation_ids: list[int], ttl: float) -> None:
         """Push back the expiry of reservations whose requests are still running here."""
@@ -356,15 +504,20 @@ class Store:
                 .returning(ReservationRow.token_id, ReservationRow.amount)
                 .execution_options(synchronize_session=False)
             ).all()
-            held: dict[int, int] = {}
+            held: dict[int, tuple[int, int]] = {}
             for token_id, amount in gone:
-                held[token_id] = held.get(token_id, 0) + int(amount)
+                total, count = held.get(token_id, (0, 0))
+                held[token_id] = (total + int(amount), count + 1)
             for token_id in sorted(held):  # one order for every process: no deadlock between sweepers
                 s.execute(
                     update(TokenRow).where(TokenRow.id == token_id)
-                    .values(reserved=TokenRow.reserved - held[token_id])
+                    .values(reserved=TokenRow.reserved - held[token_id][0],
+                            in_flight=TokenRow.in_flight - held[token_id][1])
                     .execution_options(synchronize_session=False)
                 )
+            # minutes that can no longer refuse anything
+            s.execute(delete(RateWindowRow).where(RateWindowRow.minute < int(time.time() // 60) - 1)
+                      .execution_options(synchronize_session=False))
             return len(gone)
 
     # -- accounting -----------------------------------------------------------------------
@@ -379,16 +532,19 @@ class Store:
         # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
         log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
         with self._session.begin() as s:
-            held = 0
+            held, released = 0, 0
             if reservation_id is not None:
-                held = int(s.scalar(
+                gone = s.execute(
                     delete(ReservationRow).where(ReservationRow.id == reservation_id)
                     .returning(ReservationRow.amount).execution_options(synchronize_session=False)
-                ) or 0)
-            if log.get("token_id") is not None and (total or held):
+                ).first()
+                if gone is not None:
+                    held, released = int(gone[0]), 1
+            if log.get("token_id") is not None and (total or released):
                 s.execute(
                     update(TokenRow).where(TokenRow.id == log["token_id"])
-                    .values(used=TokenRow.used + total, reserved=TokenRow.reserved - held)
+                    .values(used=TokenRow.used + total, used_total=TokenRow.used_total + total,
+                            reserved=TokenRow.reserved - held, in_flight=TokenRow.in_flight - released)
                     .execution_options(synchronize_session=False)
                 )
             s.add(LogRow(total_tokens=total, **log))

@@ -281,3 +281,63 @@ def test_serve_gateway_replaces_previous_instance_on_same_port(tmp_path):
     finally:
         second.stop()
     assert "stopped" in repr(second)
+
+
+def _samples(gateway) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(gateway.url + "/metrics", headers={"authorization": f"Bearer {ADMIN_KEY}"}).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_headers_and_metrics_say_which_channel_answered_and_what_the_gateway_cost(gateway, admin, backends):
+    model = backends[0].model
+    admin.add_channel("gpu box", backends[0].url + "/v1", models=[model])
+    token = admin.add_token("alice", quota=100_000)
+    plain = post(gateway, token.key, chat_body(model, 3))
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {token.key}"},
+                      json=chat_body(model, 3, stream=True, stream_options={"include_usage": True}), timeout=60) as streamed:
+        usage = json.loads([d for d in sse_data(streamed.read().decode()) if '"usage"' in d][-1])["usage"]
+    for r in (plain, streamed):
+        assert r.status_code == 200 and r.headers["x-llama-lab-channel"] == "gpu box"
+        assert 0 <= float(r.headers["x-llama-lab-overhead-ms"]) < 10_000
+    assert post(gateway, token.key, chat_body("nope", 3)).status_code == 503
+    assert httpx.get(gateway.url + "/metrics").status_code == 401  # it names tokens: the admin key guards it
+
+    prompt = plain.json()["usage"]["prompt_tokens"] + usage["prompt_tokens"]
+    completion = plain.json()["usage"]["completion_tokens"] + usage["completion_tokens"]
+    ok = ("llama_lab_gateway_requests_total", (("channel", "gpu box"), ("model", model), ("status", "200"), ("token", "alice")))
+    samples = wait_for(lambda: (s := _samples(gateway)).get(ok) == 2 and s)
+    assert samples[("llama_lab_gateway_requests_total",
+                    (("channel", ""), ("model", "nope"), ("status", "503"), ("token", "alice")))] == 1
+    assert samples[("llama_lab_gateway_tokens_total", (("channel", "gpu box"), ("kind", "prompt"), ("token", "alice")))] == prompt
+    assert samples[("llama_lab_gateway_tokens_total",
+                    (("channel", "gpu box"), ("kind", "completion"), ("token", "alice")))] == completion
+    assert samples[("llama_lab_gateway_first_byte_seconds_count", (("channel", "gpu box"),))] == 2
+    assert samples[("llama_lab_gateway_overhead_seconds_count", ())] == 2
+    assert samples[("llama_lab_gateway_channel_up", (("channel", "gpu box"),))] == 1
+    assert samples[("llama_lab_gateway_token_used_tokens", (("token", "alice"),))] == prompt + completion
+    assert samples[("llama_lab_gateway_token_quota_remaining_tokens", (("token", "alice"),))] == 100_000 - prompt - completion
+    assert samples[("llama_lab_gateway_requests_in_flight", ())] == 0
+
+
+def test_a_busy_channel_429_goes_to_the_next_channel_and_is_not_counted_as_a_failure(gateway, admin, backends):
+    from helpers.gateway import BusyServer
+
+    busy = BusyServer(retry_after="7")
+    try:
+        model = backends[0].model
+        jammed = admin.add_channel("busy", busy.url, models=[model, "only-busy"], priority=10)
+        admin.add_channel("spare", backends[0].url, models=[model], priority=0)
+        token = admin.add_token("alice")
+        for _ in range(3):  # more than failure_threshold (2): a busy channel is not auto-disabled
+            r = post(gateway, token.key, chat_body(model, 2))
+            assert r.status_code == 200 and r.headers["x-llama-lab-channel"] == "spare"
+        assert not next(c for c in admin.channels() if c.id == jammed.id).auto_disabled
+        # every channel busy: the client gets the 429 and its retry-after, which the SDK honours
+        r = post(gateway, token.key, chat_body("only-busy", 2))
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        busy.close()

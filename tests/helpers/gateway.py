@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -149,3 +150,40 @@ def logged_tokens(store: Store, token_id: int) -> int:
     query = select(func.coalesce(func.sum(LogRow.total_tokens), 0)).where(LogRow.token_id == token_id)
     with store.engine.connect() as conn:
         return int(conn.scalar(query))
+
+
+class BusyServer:
+    """An OpenAI-shaped backend that always answers 429 (its queue is full), with a ``retry-after``."""
+
+    def __init__(self, retry_after: str = "7") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = json.dumps({"error": {"message": "the server is busy", "type": "rate_limit_error",
+                                     "param": None, "code": "rate_limit_exceeded"}}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's spelling)
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(429)
+                self.send_header("content-type", "application/json")
+                self.send_header("retry-after", retry_after)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 -- the health probe: it is up, just busy
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"object": "list", "data": []}')
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

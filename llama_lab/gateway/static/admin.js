@@ -432,14 +432,24 @@
     return ["active", "ok"];
   }
 
+  function limitsLine(t) {
+    const parts = [];
+    if (t.budget_period !== null) parts.push(`${t.budget_period} quota, resets ${fmtTime(t.next_reset_at)}`);
+    if (t.lifetime_cap !== null) parts.push(`${fmtNum(t.used_total)} of ${fmtNum(t.lifetime_cap)} over all periods`);
+    if (t.rpm_limit !== null) parts.push(`≤ ${fmtNum(t.rpm_limit)} requests/min`);
+    if (t.max_parallel !== null) parts.push(`${fmtNum(t.in_flight)} of ${fmtNum(t.max_parallel)} in flight`);
+    else if (t.in_flight > 0) parts.push(`${fmtNum(t.in_flight)} in flight`);
+    return parts.length ? h("div", { class: "muted small limits", text: parts.join(" · ") }) : null;
+  }
+
   function usageCell(t) {
     const used = h("div", { class: "usage-text" }, h("b", { text: fmtNum(t.used) }),
       t.quota === null ? " used · unlimited" : ` of ${fmtNum(t.quota)}`);
-    if (t.quota === null) return used;
+    if (t.quota === null) return [used, limitsLine(t)];
     const share = t.quota > 0 ? Math.min(1, t.used / t.quota) : 1;
     const fill = h("div", { class: "bar-fill" + (share >= 1 ? " full" : share > 0.8 ? " high" : "") });
     fill.style.width = `${(share * 100).toFixed(1)}%`;
-    return [used, h("div", { class: "bar", title: `${(share * 100).toFixed(1)}% of the quota` }, fill)];
+    return [used, h("div", { class: "bar", title: `${(share * 100).toFixed(1)}% of the quota` }, fill), limitsLine(t)];
   }
 
   function renderTokens() {
@@ -508,6 +518,10 @@
     if (t) {
       f.name.value = t.name;
       f.quota.value = t.quota === null ? "" : t.quota;
+      f.budget_period.value = t.budget_period === null ? "" : t.budget_period;
+      f.lifetime_cap.value = t.lifetime_cap === null ? "" : t.lifetime_cap;
+      f.rpm_limit.value = t.rpm_limit === null ? "" : t.rpm_limit;
+      f.max_parallel.value = t.max_parallel === null ? "" : t.max_parallel;
       f.models.value = t.models.join(", ");
       f.subnets.value = t.subnets.join(", ");
       f.enabled.checked = t.enabled;
@@ -535,6 +549,15 @@
     const quota = f.quota.value.trim();
     body.quota = quota === "" ? null : Number(quota);
     if (body.quota !== null && !(Number.isInteger(body.quota) && body.quota >= 0)) throw new Error("the quota must be a whole number of tokens, or empty for unlimited");
+    body.budget_period = f.budget_period.value === "" ? null : f.budget_period.value;
+    const cap = f.lifetime_cap.value.trim();
+    body.lifetime_cap = cap === "" ? null : Number(cap);
+    if (body.lifetime_cap !== null && !(Number.isInteger(body.lifetime_cap) && body.lifetime_cap >= 0)) throw new Error("the lifetime cap must be a whole number of tokens, or empty for no cap");
+    for (const [field, what] of [["rpm_limit", "requests per minute"], ["max_parallel", "requests in flight"]]) {
+      const value = f[field].value.trim();
+      body[field] = value === "" ? null : Number(value);
+      if (body[field] !== null && !(Number.isInteger(body[field]) && body[field] >= 1)) throw new Error(`the ${what} must be a whole number from 1, or empty for no limit`);
+    }
     const expires = f.expires.value;
     if (expires === "never") body.expires_at = null;
     else if (expires === "date") {
