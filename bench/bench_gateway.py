@@ -6,6 +6,12 @@ so drift hits both sides alike. Prints a table, then one JSON line for scripts.
 
     python -m bench.bench_gateway [--requests 100] [--stream-tokens 128] [--rounds 4]
     python -m bench.bench_gateway --backend-url http://127.0.0.1:19327
+    python -m bench.bench_gateway --limits --baseline-ref 30a8614   # limits on, against an earlier gateway
+
+``--limits`` gives the bench token a quota, a per-minute limit and a limit on requests in flight (all far
+above what the bench uses), so every check of the admission runs. ``--baseline-ref`` adds a gateway from
+that commit of this repository (``git archive``; its token gets a quota, the one limit it had), run in
+the same alternation, and reports our overhead against its overhead.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100, help="latency samples per side (max_tokens=1, not streamed)")
     parser.add_argument("--stream-tokens", type=int, default=128, help="max_tokens of each throughput request")
     parser.add_argument("--rounds", type=int, default=4, help="streamed requests per side")
+    parser.add_argument("--limits", action="store_true", help="quota, rpm_limit and max_parallel on the bench token")
+    parser.add_argument("--baseline-ref", help="also time the gateway of this git ref (e.g. 30a8614)")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
@@ -63,27 +71,44 @@ def main() -> int:
             backend = stack.enter_context(ServerProcess(
                 llama_lab_command("serve", "--model", args.serve_model, "--host", "127.0.0.1"), name="backend")).url
         args.model = args.model or httpx.get(backend + "/v1/models").json()["data"][0]["id"]
-        gateway = stack.enter_context(ServerProcess(
-            llama_lab_command("gateway", "--db", f"sqlite:///{Path(tmp) / 'gw.db'}", "--admin-key", ADMIN_KEY,
-                              "--log-level", "warning"), name="gateway")).url
-        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
-        httpx.post(gateway + "/api/channels", headers=admin, json={"name": "bench", "base_url": backend, "models": [args.model]}).raise_for_status()
-        key = httpx.post(gateway + "/api/tokens", headers=admin, json={"name": "bench"}).json()["key"]
+        def start_gateway(name: str, tree: Path | None = None) -> str:
+            env = {"PYTHONPATH": str(tree)} if tree is not None else None
+            return stack.enter_context(ServerProcess(
+                llama_lab_command("gateway", "--db", f"sqlite:///{Path(tmp) / (name + '.db')}", "--admin-key", ADMIN_KEY,
+                                  "--log-level", "warning"), name=name, env=env, cwd=tree)).url
 
+        def token_for(url: str, limits: dict) -> str:
+            admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+            httpx.post(url + "/api/channels", headers=admin,
+                       json={"name": "bench", "base_url": backend, "models": [args.model]}).raise_for_status()
+            made = httpx.post(url + "/api/tokens", headers=admin, json={"name": "bench", **limits})
+            made.raise_for_status()
+            return made.json()["key"]
+
+        limits = {"quota": 10**15, "rpm_limit": 10**6, "max_parallel": 10**4} if args.limits else {}
+        ours = start_gateway("gateway")
+        sides = {"direct": (backend, "none"), "gateway": (ours, token_for(ours, limits))}
+        if args.baseline_ref:
+            from bench._servers import baseline_tree
+
+            url = start_gateway("baseline", baseline_tree(args.baseline_ref))
+            sides["baseline"] = (url, token_for(url, {"quota": 10**15} if args.limits else {}))
+
+        lat: dict[str, list[float]] = {name: [] for name in sides}
+        tps: dict[str, list[float]] = {name: [] for name in sides}
         with httpx.Client(timeout=300) as client:
-            for url in (backend, gateway):  # warm up both paths (connections, caches, first-token compile)
+            for url, key in sides.values():  # warm up every path (connections, caches, first-token compile)
                 for _ in range(5):
                     one_request(client, url, key, args.model, 1, False)
                 one_request(client, url, key, args.model, 16, True)
-            direct_lat, gw_lat = [], []
-            for _ in range(args.requests):
-                direct_lat.append(one_request(client, backend, key, args.model, 1, False)[0])
-                gw_lat.append(one_request(client, gateway, key, args.model, 1, False)[0])
-            direct_tps, gw_tps = [], []
+            for _ in range(args.requests):  # alternating, so drift hits every side alike
+                for name, (url, key) in sides.items():
+                    lat[name].append(one_request(client, url, key, args.model, 1, False)[0])
             for _ in range(args.rounds):
-                for url, out in ((backend, direct_tps), (gateway, gw_tps)):
+                for name, (url, key) in sides.items():
                     seconds, chunks = one_request(client, url, key, args.model, args.stream_tokens, True)
-                    out.append(chunks / seconds)
+                    tps[name].append(chunks / seconds)
+    direct_lat, gw_lat, direct_tps, gw_tps = lat["direct"], lat["gateway"], tps["direct"], tps["gateway"]
 
     d_med, g_med = statistics.median(direct_lat) * 1000, statistics.median(gw_lat) * 1000
     overhead = statistics.median([(g - d) * 1000 for d, g in zip(direct_lat, gw_lat)])
@@ -99,6 +124,13 @@ def main() -> int:
         "direct_stream_tps": round(d_tps, 1), "gateway_stream_tps": round(g_tps, 1), "throughput_kept": round(kept, 4),
         "pass": overhead <= 3.0 and kept >= 0.97,
     }
+    if "baseline" in lat:
+        base = statistics.median([(b - d) * 1000 for d, b in zip(direct_lat, lat["baseline"])])
+        result["baseline_ref"], result["baseline_overhead_median_ms"] = args.baseline_ref, round(base, 3)
+        result["overhead_vs_baseline"] = round(overhead / base, 2) if base > 0 else None
+        print(f"the gateway at {args.baseline_ref} adds {base:.2f} ms median; ours{' with limits on' if args.limits else ''} "
+              f"{overhead:.2f} ms ({result['overhead_vs_baseline']}x; bar: <= 1.2x)")
+    result["limits"] = args.limits
     print(json.dumps(result))
     return 0 if result["pass"] else 1
 
