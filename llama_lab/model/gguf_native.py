@@ -14,10 +14,12 @@ when it reads a GGUF), by moving whole packed rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +84,44 @@ def ensure_packed(gguf: Path) -> Path:
     target = packed_dir(gguf)
     if is_complete(target):
         return target
-    from gguf import GGUFReader
+
+    logger.info("repacking %s for the CPU kernels (one time)", gguf.name)
+    with _one_reader(gguf) as reader:
+        return _repack(gguf, target, reader)
+
+
+@contextlib.contextmanager
+def _one_reader(gguf: Path) -> Iterator[Any]:
+    """One parse of the file for the whole repack.
+
+    transformers opens the file with ``gguf.GGUFReader`` again for the config and again for the
+    tokenizer, and a reader's construction parses every metadata field (49k vocabulary strings and their
+    merges for SmolLM2: 3-4 s each on 2 cores, most of a first start's repack). A reader is read-only
+    once built, so within this block every reader of this file is the same one. transformers imports
+    the class at call time, which is what makes the swap reach it; other files get a fresh reader.
+    """
+    import gguf as gguf_package
+
+    original = gguf_package.GGUFReader
+    reader = original(gguf)
+    path = gguf.resolve()
+
+    def shared(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and Path(source).resolve() == path:
+            return reader
+        return original(source, *args, **kwargs)
+
+    gguf_package.GGUFReader = shared
+    try:
+        yield reader
+    finally:
+        gguf_package.GGUFReader = original
+
+
+def _repack(gguf: Path, target: Path, reader: Any) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    logger.info("repacking %s for the CPU kernels (one time)", gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(config, "model_type", None) not in SUPPORTED_ARCHS:
         raise ValueError(f"{gguf.name}: architecture {config.model_type!r} cannot be kept quantized "
@@ -99,7 +134,7 @@ def ensure_packed(gguf: Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     kinds: dict[str, str] = {}
     source_types: dict[str, str] = {}
-    for t in GGUFReader(gguf).tensors:
+    for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
             continue

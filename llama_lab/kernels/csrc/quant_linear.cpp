@@ -17,7 +17,13 @@
 //       j+16 (high nibble), as GGUF's Q4_0/Q4_1 blocks; d, m float16 [N, K/32]: w = d * q + m.
 //   q8: qs int8 [N, K]; d float16 [N, K/32]: w = d * q.
 // x is float32 [M, K]; the result is float32 [M, N]. K must be a multiple of 32.
-#include <ATen/ATen.h>
+// Per-operator headers, not <ATen/ATen.h>: the kernels build on a machine's first start, and the
+// whole operator set takes that compile from ~20 s to ~10 s.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
