@@ -85,15 +85,17 @@ async def _fire(urls: list[str], key: str, bodies: list[dict]) -> list[httpx.Res
         ))
 
 
-def _two_gateways(db: str):
-    gateways = [GatewayProcess(db), GatewayProcess(db)]
+def _gateways(db: str, n: int) -> list[GatewayProcess]:
+    gateways = [GatewayProcess(db) for _ in range(n)]
     for g in gateways:
-        g.start()
+        g.spawn()
+    for g in gateways:
+        g.wait_ready()
     return gateways
 
 
-def _limits_across_two_gateways(backend, db: str) -> None:
-    gateways = _two_gateways(db)
+def _limits_across_gateways(backend, db: str, n: int) -> None:
+    gateways = _gateways(db, n)
     try:
         with Gateway(gateways[0].url, gateways[0].admin_key) as admin:
             admin.add_channel("b", backend.url, models=[backend.model])
@@ -140,16 +142,17 @@ def _limits_across_two_gateways(backend, db: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_limits_hold_across_two_gateways_on_sqlite(backend, tmp_path):
-    _limits_across_two_gateways(backend, f"sqlite:///{tmp_path / 'gw.db'}")
+    _limits_across_gateways(backend, f"sqlite:///{tmp_path / 'gw.db'}", 2)
 
 
 @needs_pg
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_limits_hold_across_two_gateways_on_postgres(backend):
+@pytest.mark.parametrize("n", [2, 4])
+def test_limits_hold_across_gateways_on_postgres(backend, n):
     with pg_schema_url() as url:
-        _limits_across_two_gateways(backend, url)
+        _limits_across_gateways(backend, url, n)
 
 
 def test_a_budget_period_resets_used_once_and_the_lifetime_cap_holds(store):
