@@ -179,7 +179,10 @@ class Relay(Response):
             if resp.status_code == 429:
                 # busy (its own queue or rate limit), not broken: the next channel may take it, and the
                 # channel is not counted towards auto-disable
-                busy = (resp.headers.get("retry-after"), await resp.aread())
+                try:
+                    busy = (resp.headers.get("retry-after"), await resp.aread())
+                except httpx.HTTPError:  # the body is only passed on when every channel is busy
+                    busy = (resp.headers.get("retry-after"), b"")
                 await self._close_upstream()
                 self.upstream_s += time.perf_counter() - waited
                 failures.append(f"channel '{channel.name}': {url} answered HTTP 429 (busy)")
@@ -228,8 +231,9 @@ class Relay(Response):
         self.error = message
         if busy is not None and all(f.endswith("answered HTTP 429 (busy)") for f in failures):
             # every channel is busy: the client gets the backends' 429 (and its retry-after), which heals
-            self.extra_headers = [(b"retry-after", busy[0].encode())] if busy[0] else []
-            await self._send_whole(send, 429, busy[1])
+            self.extra_headers = [(b"retry-after", busy[0].encode("latin-1", "replace"))] if busy[0] else []
+            body = busy[1] or json.dumps(error_body(message, "rate_limit_error", code="rate_limit_exceeded")).encode()
+            await self._send_whole(send, 429, body)
             return
         await self._send_whole(send, 502, json.dumps(error_body(message, "upstream_error", code="upstream_failed")).encode())
 
