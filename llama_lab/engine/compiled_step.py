@@ -168,10 +168,6 @@ class CompiledStep:
         return self._run.loader.boxed_run([*step, *k_caches, *v_caches])[0]
 
 
-def _stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-
-
 def package_path(model: nn.Module, *, name: str, shape_constants: tuple[Any, ...], max_rows: int) -> Path:
     """Where this model's package is (or will be) kept: named by the model and keyed by everything it bakes in."""
     from llama_lab.model.loading import cache_root
@@ -179,20 +175,21 @@ def package_path(model: nn.Module, *, name: str, shape_constants: tuple[Any, ...
     directory = cache_root() / "compiled"
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    path = directory / f"{_stem(name)}-{package_key(model, shape_constants=shape_constants, max_rows=max_rows)}.pt2"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    path = directory / f"{stem}-{package_key(model, shape_constants=shape_constants, max_rows=max_rows)}.pt2"
     logger.debug("package key computed in %.1f s", time.perf_counter() - started)
     return path
 
 
-def load_or_build(model: nn.Module, example: tuple[Any, ...], *, name: str, shape_constants: tuple[Any, ...],
-                  max_rows: int, weights_bytes: int) -> CompiledStep:
-    """The package for this model from the cache, or built (about a minute and a half for SmolLM2).
+def load_or_build(model: nn.Module, example: tuple[Any, ...], *, path: Path, max_rows: int,
+                  weights_bytes: int) -> CompiledStep:
+    """The package at ``path`` (``package_path``: the caller has it already, and its key hashes every
+    weight) loaded from the cache, or built there (about a minute and a half for SmolLM2).
 
     A package that fails to load is built again; the build is written to a temporary name and
     renamed into place, so two servers starting at once never see half a file.
     """
-    path = package_path(model, name=name, shape_constants=shape_constants, max_rows=max_rows)
-    directory, stem = path.parent, _stem(name)
+    directory, stem = path.parent, path.stem.rsplit("-", 1)[0]  # <stem>-<key>.pt2
     if path.is_file():
         try:
             step = CompiledStep(path, reused=True)

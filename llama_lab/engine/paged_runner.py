@@ -318,8 +318,7 @@ class PagedRunner:
                         self._loaded, path=path, max_batch_size=self.max_batch_size,
                         on_done=lambda ok, error: defer(lambda: self._adopt(ok, error)))
                 else:
-                    self.compiled = compiled_step.load_or_build(m, example, name=self.name, shape_constants=constants,
-                                                                max_rows=self.compiled_max_rows,
+                    self.compiled = compiled_step.load_or_build(m, example, path=path, max_rows=self.compiled_max_rows,
                                                                 weights_bytes=_weights_bytes(m))
             except Exception as exc:  # no C++ compiler, no room on disk, an export the model defeats
                 self.compile_error = f"{type(exc).__name__}: {exc}"
