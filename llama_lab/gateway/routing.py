@@ -152,14 +152,14 @@ class Router:
 
     async def exchange_stats_once(self) -> None:
         """Publish this process's loads and read the others', and the channels' recent latency."""
-        if self.settings.routing == "weighted":
-            return
         fresh_after = time.time() - max(5.0, 4 * self.settings.load_refresh)
         self._others = await self.store.run(self.store.exchange_loads, self.instance, dict(self._local), fresh_after)
         if self.settings.routing == "latency":
             self._first_byte_ms = await self.store.run(self.store.recent_first_byte, time.time() - 300.0)
 
     async def exchange_stats_forever(self) -> None:
+        if self.settings.routing == "weighted":  # the order needs no statistics
+            return
         while True:
             try:
                 await self.exchange_stats_once()

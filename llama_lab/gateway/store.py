@@ -24,6 +24,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     case,
     create_engine,
     delete,
@@ -48,8 +49,8 @@ from llama_lab.gateway.schemas import (
     Channel,
     ChannelIn,
     ChannelOut,
-    LogFilter,
     PERIODS,
+    LogFilter,
     LogOut,
     TokenCreated,
     TokenIn,
@@ -393,25 +394,23 @@ class Store:
 
     @staticmethod
     def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float) -> Admission:
-        # A new budget period: used back to 0, once (a second gateway sees period_start already moved).
+        # A request in a new budget period sees used as 0 and moves period_start, in the same conditional
+        # UPDATE, so the reset happens once however many gateways admit requests at the turn of the period.
         current = case(*((TokenRow.budget_period == p, period_bounds(p, now)[0]) for p in PERIODS), else_=None)
-        s.execute(
-            update(TokenRow)
-            .where(TokenRow.id == token_id, TokenRow.budget_period.is_not(None),
-                   or_(TokenRow.period_start.is_(None), TokenRow.period_start < current))
-            .values(used=0, period_start=current)
-            .execution_options(synchronize_session=False)
-        )
+        new_period = and_(TokenRow.budget_period.is_not(None),
+                          or_(TokenRow.period_start.is_(None), TokenRow.period_start < current))
+        used = case((new_period, 0), else_=TokenRow.used)
         fits = s.execute(
             update(TokenRow)
             .where(
                 TokenRow.id == token_id,
-                or_(TokenRow.quota.is_(None), TokenRow.used + TokenRow.reserved + amount <= TokenRow.quota),
+                or_(TokenRow.quota.is_(None), used + TokenRow.reserved + amount <= TokenRow.quota),
                 or_(TokenRow.lifetime_cap.is_(None),
                     TokenRow.used_total + TokenRow.reserved + amount <= TokenRow.lifetime_cap),
                 or_(TokenRow.max_parallel.is_(None), TokenRow.in_flight < TokenRow.max_parallel),
             )
-            .values(reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
+            .values(used=used, period_start=case((new_period, current), else_=TokenRow.period_start),
+                    reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
             .returning(TokenRow.rpm_limit)
             .execution_options(synchronize_session=False)
         ).first()
