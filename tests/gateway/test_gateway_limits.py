@@ -11,10 +11,9 @@ import asyncio
 import threading
 import time
 
-import httpx
 import pytest
 
-from helpers.gateway import PG_URL, GatewayProcess, chat_body, pg_schema_url, wait_for
+from helpers.gateway import PG_URL, GatewayProcess, chat_body, fire_chats, pg_schema_url, wait_for
 from llama_lab.gateway import Gateway
 from llama_lab.gateway.schemas import TokenIn
 from llama_lab.gateway.store import Store
@@ -76,15 +75,6 @@ def test_requests_per_minute_count_calendar_minutes(store):
     assert store.admit(tight.id, 5, ttl=60, now=start).reservation
 
 
-async def _fire(urls: list[str], key: str, bodies: list[dict]) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        return await asyncio.gather(*(
-            client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
-            for i, body in enumerate(bodies)
-        ))
-
-
 def _gateways(db: str, n: int) -> list[GatewayProcess]:
     gateways = [GatewayProcess(db) for _ in range(n)]
     for g in gateways:
@@ -103,7 +93,7 @@ def _limits_across_gateways(backend, db: str, n: int) -> None:
             if time.time() % 60 > 40:  # all of it inside one calendar minute
                 time.sleep(61 - time.time() % 60)
             calls = backend.chat_calls()
-            responses = asyncio.run(_fire([g.url for g in gateways], rpm.key, [chat_body(backend.model, 2)] * 30))
+            responses = asyncio.run(fire_chats([g.url for g in gateways], rpm.key, [chat_body(backend.model, 2)] * 30))
             statuses = [r.status_code for r in responses]
             assert statuses.count(200) == 7 and statuses.count(429) == 23, statuses
             assert backend.chat_calls() - calls == 7
@@ -125,7 +115,7 @@ def _limits_across_gateways(backend, db: str, n: int) -> None:
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             try:
-                responses = asyncio.run(_fire([g.url for g in gateways], parallel.key,
+                responses = asyncio.run(fire_chats([g.url for g in gateways], parallel.key,
                                               [chat_body(backend.model, 48)] * 16))
             finally:
                 stop.set()

@@ -22,6 +22,7 @@ from helpers.gateway import (
     QuotaProbe,
     StallingServer,
     chat_body,
+    fire_chats,
     free_port,
     logged_tokens,
     pg_schema_url,
@@ -223,15 +224,6 @@ def test_an_old_database_gets_the_reserved_column(tmp_path):
 # -- through real gateway processes ------------------------------------------------------------
 
 
-async def _fire(urls: list[str], key: str, bodies: list[dict]) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        return await asyncio.gather(*(
-            client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
-            for i, body in enumerate(bodies)
-        ))
-
-
 class Sampler(threading.Thread):
     """Reads (used, reserved, quota) from the database as fast as it can while requests run."""
 
@@ -262,7 +254,7 @@ def _parallel_quota_run(backend: Backend, gateways: list[GatewayProcess], db: st
         calls_before = backend.chat_calls()
         sampler.start()
         try:
-            responses = asyncio.run(_fire([g.url for g in gateways], token.key, bodies))
+            responses = asyncio.run(fire_chats([g.url for g in gateways], token.key, bodies))
             logs = wait_for(lambda: len(rows := admin.logs(token_id=token.id, limit=1000)) == n and rows, timeout=30)
         finally:
             sampler.stop.set()

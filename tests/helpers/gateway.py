@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -187,3 +188,13 @@ class BusyServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+async def fire_chats(urls: list[str], key: str, bodies: list[dict]) -> list[httpx.Response]:
+    """Send every chat body at once, spread round-robin over ``urls`` (gateways sharing one database)."""
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(
+            client.post(urls[i % len(urls)] + "/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+            for i, body in enumerate(bodies)
+        ))
