@@ -30,10 +30,12 @@ DEFAULT_URL = "http://127.0.0.1:3030"
 class GatewayAdminError(RuntimeError):
     """The gateway refused an admin call; ``message`` is its explanation."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, field: tuple[str, ...] = (), reason: str | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.field = field  # where a value was refused before sending (("model_limits", "m", "rpm")), so
+        self.reason = reason  # the CLI can name its flag beside pydantic's reason
 
 
 def validated(model: type[BaseModel], **fields: Any) -> BaseModel:
@@ -47,7 +49,8 @@ def validated(model: type[BaseModel], **fields: Any) -> BaseModel:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
-        raise GatewayAdminError(400, f"invalid value for '{where}': {err['msg']}" if where else err["msg"]) from None
+        raise GatewayAdminError(400, f"invalid value for '{where}': {err['msg']}" if where else err["msg"],
+                                field=tuple(str(p) for p in err.get("loc", ())), reason=err["msg"]) from None
 
 
 def _accepts_none(model: type[BaseModel], name: str) -> bool:
@@ -136,7 +139,8 @@ class Gateway:
     # -- tokens ---------------------------------------------------------------------------
     def add_token(self, name: str, **fields: Any) -> TokenCreated:
         """Create a token (``fields``: models, expires_at as unix seconds / datetime / timedelta, quota,
-        enabled, subnets); the returned ``.key`` is the only time the key is shown."""
+        enabled, subnets, rpm_limit, tpm_limit, model_limits, max_parallel, budget_period, lifetime_cap);
+        the returned ``.key`` is the only time the key is shown."""
         return self.add_item(TOKENS, name=name, **fields)
 
     def tokens(self) -> list[TokenOut]:

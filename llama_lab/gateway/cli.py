@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from llama_lab.gateway.admin import DEFAULT_URL, Gateway, GatewayAdminError
 from llama_lab.gateway.schemas import CHANNELS, TOKENS, LogFilter, Resource
 from llama_lab.gateway.settings import GatewaySettings
-from llama_lab.web.flags import FlagParser, add_model_flags, add_settings_flags, model_values, settings_from_args
+from llama_lab.web.flags import Cli, FlagParser, add_model_flags, add_settings_flags, model_values, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,19 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "*"
+    if isinstance(value, dict) and any(isinstance(v, (dict, BaseModel)) for v in value.values()):
+        return "; ".join(f"{k}={_limits(v)}" for k, v in value.items())
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
     if isinstance(value, float):
         return f"{value:.1f}"
     return str(value)
+
+
+def _limits(value: dict | BaseModel) -> str:
+    """One model's limits as ``--model-limit`` spells them: ``rpm:5,tpm:1000``."""
+    items = value.model_dump() if isinstance(value, BaseModel) else value
+    return ",".join(f"{kind}:{n}" for kind, n in items.items() if n is not None)
 
 
 def _print(result: Any, as_json: bool, columns: list[str] | None = None) -> None:
@@ -109,7 +117,8 @@ def _print(result: Any, as_json: bool, columns: list[str] | None = None) -> None
 
 COLUMNS = {
     "channel": ["id", "name", "base_url", "models", "priority", "weight", "enabled", "auto_disabled", "last_test_latency_ms"],
-    "token": ["id", "name", "key_hint", "models", "quota", "used", "enabled", "expires_at"],
+    "token": ["id", "name", "key_hint", "models", "quota", "used", "rpm_limit", "tpm_limit", "max_parallel",
+              "model_limits", "enabled", "expires_at"],
     "logs": ["id", "token_name", "channel_name", "model", "prompt_tokens", "completion_tokens", "latency_ms", "status", "error"],
 }
 
@@ -175,5 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_admin(args)
     except GatewayAdminError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {_for_cli(exc, args)}", file=sys.stderr)
         return 1
+
+
+def _for_cli(exc: GatewayAdminError, args: argparse.Namespace) -> str:
+    """The refusal with the flag that gave the value (``--tpm``), not the API's field name (``tpm_limit``)."""
+    model = {"channel": CHANNELS.patch, "token": TOKENS.patch, "logs": LogFilter}.get(args.command)
+    info = model.model_fields.get(exc.field[0]) if model is not None and exc.field else None
+    if info is None or exc.reason is None:
+        return exc.message
+    cli = next((m for m in info.metadata if isinstance(m, Cli)), Cli())
+    flag = cli.flag or "--" + exc.field[0].replace("_", "-")
+    inner = f" ({'.'.join(exc.field[1:])})" if len(exc.field) > 1 else ""
+    return f"invalid value for {flag}{inner}: {exc.reason}"

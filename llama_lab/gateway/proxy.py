@@ -54,6 +54,7 @@ class ProxyCall:
     token: TokenOut
     reservation: int | None = None  # the quota held for this request, released when it settles
     reserved: int | None = None  # how many tokens it holds
+    limits: dict[str, str] = field(default_factory=dict)  # the admission's x-ratelimit-* headers, sent on the answer
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
 
@@ -277,7 +278,8 @@ class Relay(Response):
         """Which channel answered, and the gateway's own time so far without the backends' (LiteLLM's
         ``x-litellm-overhead-duration-ms``)."""
         self.overhead_s = max(time.perf_counter() - self.call.started - self.upstream_s, 0.0)
-        headers = [(b"x-llama-lab-overhead-ms", f"{self.overhead_s * 1000:.2f}".encode())]
+        headers = [(b"x-llama-lab-overhead-ms", f"{self.overhead_s * 1000:.2f}".encode()),
+                   *((name.encode(), value.encode()) for name, value in self.call.limits.items())]
         if self.channel is not None:
             # percent-encoded: header values are Latin-1, a channel's name may be any text
             headers.append((b"x-llama-lab-channel", quote(self.channel.name, safe=_HEADER_SAFE).encode()))

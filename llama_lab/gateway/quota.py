@@ -86,9 +86,16 @@ def choices(body: dict[str, Any]) -> int:
     return per_prompt * prompts
 
 
-def worst_case(body: dict[str, Any], max_tokens: int) -> int:
-    """The most a request can be charged: its prompt bound plus ``max_tokens`` for every choice."""
-    return prompt_upper_bound(body) + max(max_tokens, 0) * choices(body)
+# The most a request counts: a client's max_tokens of 10**20 must not overflow the 64-bit sums of the
+# admitting UPDATE; 2**53 tokens is beyond any quota or limit that means something.
+MAX_COUNTED_TOKENS = 2**53
+
+
+def worst_case(body: dict[str, Any], max_tokens: int, prompt_tokens: int | None = None) -> int:
+    """The most a request can be charged: its prompt (``prompt_tokens`` when counted exactly, else the
+    bound from its bytes) plus ``max_tokens`` for every choice."""
+    prompt = prompt_upper_bound(body) if prompt_tokens is None else prompt_tokens
+    return min(prompt + max(max_tokens, 0) * choices(body), MAX_COUNTED_TOKENS)
 
 
 def estimate_prompt_tokens(body: dict[str, Any]) -> int:
@@ -176,9 +183,9 @@ class Reservations:
         self.ttl = ttl
         self.live: set[int] = set()
 
-    async def take(self, token_id: int, amount: int) -> Admission:
-        """Admit one request (``Store.admit``): its quota, a place in flight, its minute's count."""
-        admission = await self.store.run(self.store.admit, token_id, amount, self.ttl)
+    async def take(self, token_id: int, amount: int, model: str | None = None) -> Admission:
+        """Admit one request (``Store.admit``): its quota, a place in flight, its minute's counts."""
+        admission = await self.store.run(self.store.admit, token_id, amount, self.ttl, model=model)
         if admission.reservation is not None:
             self.live.add(admission.reservation)
         return admission

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, computed_field, create_model, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, computed_field, create_model,
+                      field_validator, model_validator)
 
 from llama_lab.web.flags import Cli, split_commas
 
@@ -55,6 +56,18 @@ def parse_pair(text: str) -> tuple[str, str]:
     if not sep or not name or not value:
         raise ValueError(f"want REQUESTED=UPSTREAM, got {text!r}")
     return name, value
+
+
+def parse_model_limit(text: str) -> tuple[str, dict[str, int]]:
+    """``MODEL=rpm:N,tpm:M`` (either or both) -> ``(MODEL, {"rpm": N, "tpm": M})``.
+
+    The model is split off at the last ``=``, so names with ``:`` or ``/`` (``llama3:8b``) stay whole.
+    """
+    model, sep, spec = text.rpartition("=")
+    parts = [part.partition(":") for part in split_commas(spec)] if sep and model else []
+    if not parts or any(kind.strip() not in ("rpm", "tpm") or not number.strip().isdigit() for kind, _, number in parts):
+        raise ValueError(f"want MODEL=rpm:N,tpm:M (either or both), got {text!r}")
+    return model, {kind.strip(): int(number) for kind, _, number in parts}
 
 
 PERIODS = ("daily", "weekly", "monthly")
@@ -191,6 +204,28 @@ class Channel(ChannelOut):
 # -- tokens --------------------------------------------------------------------------------------
 
 
+class ModelLimit(BaseModel):
+    """A token's own limits on one model, checked in the same admission as the token's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: Optional[int] = Field(None, ge=1, le=INT32, description="Requests per minute on this model; null = none.")
+    tpm: Optional[int] = Field(None, ge=1, le=BIG, description="Tokens per minute on this model; null = none.")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ModelLimit:
+        if self.rpm is None and self.tpm is None:
+            raise ValueError("give rpm, tpm or both (a model without limits needs no entry)")
+        return self
+
+
+def _check_model_limits(value: dict[str, ModelLimit] | None) -> dict[str, ModelLimit] | None:
+    for model in value or {}:
+        if not model or len(model) > 200:
+            raise ValueError(f"{model!r}: a model name is 1 to 200 characters")
+    return value or None  # {} and null both mean "no per-model limits"
+
+
 class TokenFields(BaseModel):
     """The token fields an admin sets (and reads back)."""
 
@@ -214,6 +249,18 @@ class TokenFields(BaseModel):
     rpm_limit: Annotated[Optional[int], Cli(flag="--rpm", none="--no-rpm")] = Field(
         None, ge=1, le=INT32, description="Requests it may start per minute, across every gateway on the database; "
         "null = no limit."
+    )
+    tpm_limit: Annotated[Optional[int], Cli(flag="--tpm", none="--no-tpm")] = Field(
+        None, ge=1, le=BIG, description="Tokens (prompt + completion) it may use per minute, across every gateway: a "
+        "request counts its worst case when admitted and its real usage once it ends; null = no limit."
+    )
+    model_limits: Annotated[
+        Optional[dict[str, ModelLimit]], AfterValidator(_check_model_limits),
+        Cli(flag="--model-limit", parse=parse_model_limit, repeat=True, none="--no-model-limits",
+            metavar="MODEL=rpm:N,tpm:M"),
+    ] = Field(
+        None, description="Limits per requested model, on top of the token's: {model: {rpm, tpm}} (--model-limit is "
+        "repeatable; given, it replaces the whole mapping); null = none."
     )
     max_parallel: Annotated[Optional[int], Cli(flag="--max-parallel", none="--no-max-parallel")] = Field(
         None, ge=1, le=INT32, description="Requests it may have in flight at once, across every gateway; null = no limit."

@@ -92,14 +92,29 @@ class ChannelRow(Base):
 
 
 @dataclass(frozen=True)
+class Window:
+    """Where a minute's limit stands after an admission: what OpenAI's ``x-ratelimit-*`` headers report."""
+
+    limit: int
+    remaining: int
+    reset: int  # seconds until the minute ends and the window starts again from 0
+
+
+@dataclass(frozen=True)
 class Admission:
     """What ``Store.admit`` decided: a reservation id, or the limit that refused (with its numbers)."""
 
     reservation: int | None
-    refused: str | None  # None, "quota", "lifetime" (lifetime_cap), "parallel" (max_parallel) or "rpm" (rpm_limit)
+    # None, "quota", "lifetime" (lifetime_cap), "parallel" (max_parallel), "rpm" (rpm_limit or a model's rpm),
+    # "tpm" (tpm_limit or a model's tpm) or "too_large" (the request alone needs more than a tpm)
+    refused: str | None
     limit: int | None = None
     current: int | None = None
     retry_after: int | None = None  # seconds until the limit may let a request in
+    model: str | None = None  # the model whose own limit refused (None: the token's limit)
+    requested: int | None = None  # tokens the request counts against a tpm
+    requests: Window | None = None  # the tightest requests-per-minute window, when one applies
+    tokens: Window | None = None  # the tightest tokens-per-minute window, when one applies
 
 
 class TokenRow(Base):
@@ -120,6 +135,8 @@ class TokenRow(Base):
     subnets: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    model_limits: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {model: {"rpm": n, "tpm": n}}
     max_parallel: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Live reservations of this token (one per request in flight), kept in step like ``reserved``.
     in_flight: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
@@ -131,21 +148,40 @@ class TokenRow(Base):
     used_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
-# Columns added after the first release: (name, DDL type) for ALTER TABLE on an older database.
-_ADDED_TOKEN_COLUMNS = (("reserved", "BIGINT NOT NULL DEFAULT 0"), ("rpm_limit", "INTEGER"),
-                        ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"),
-                        ("budget_period", "VARCHAR(10)"), ("period_start", "FLOAT"), ("lifetime_cap", "BIGINT"),
-                        ("used_total", "BIGINT NOT NULL DEFAULT 0"))
+# Columns added after the first release, per table: (name, DDL type) for ALTER TABLE on an older database.
+_ADDED_COLUMNS = {
+    "tokens": (("reserved", "BIGINT NOT NULL DEFAULT 0"), ("rpm_limit", "INTEGER"),
+               ("max_parallel", "INTEGER"), ("in_flight", "INTEGER NOT NULL DEFAULT 0"),
+               ("budget_period", "VARCHAR(10)"), ("period_start", "FLOAT"), ("lifetime_cap", "BIGINT"),
+               ("used_total", "BIGINT NOT NULL DEFAULT 0"), ("tpm_limit", "BIGINT"), ("model_limits", "JSON")),
+    "rate_windows": (("tokens", "BIGINT NOT NULL DEFAULT 0"),),
+    "reservations": (("token_window", "BOOLEAN NOT NULL DEFAULT FALSE"), ("model_window", "VARCHAR(200)")),
+}
 
 
 class RateWindowRow(Base):
-    """Requests a token started in one calendar minute (UTC), for ``rpm_limit``; old minutes are swept."""
+    """What a token started in one calendar minute (UTC): requests for ``rpm_limit``, tokens for
+    ``tpm_limit``; old minutes are swept."""
 
     __tablename__ = "rate_windows"
 
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # unix seconds // 60
     requests: Mapped[int] = mapped_column(Integer, default=0)
+    # Each admitted request's worst case, replaced by its real usage when it settles in the same minute.
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+
+
+class ModelWindowRow(Base):
+    """``RateWindowRow`` for one model of a token, for the limits in its ``model_limits``."""
+
+    __tablename__ = "model_windows"
+
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class ChannelLoadRow(Base):
@@ -161,8 +197,9 @@ class ChannelLoadRow(Base):
 
 
 class ReservationRow(Base):
-    """A request in flight: the quota it holds (0 for a token without a quota) and its place in the
-    token's ``in_flight``; released when it settles, or when it expires (its gateway died)."""
+    """A request in flight: the tokens it holds (its worst case; 0 for a token without a quota or a
+    tokens-per-minute limit) and its place in the token's ``in_flight``; released when it settles, or
+    when it expires (its gateway died)."""
 
     __tablename__ = "reservations"
 
@@ -171,6 +208,10 @@ class ReservationRow(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # ``amount`` counts in the token's window (tpm_limit) and/or this model's window (its tpm) of the
+    # minute of ``created_at``: settling in that minute replaces it there by the real usage.
+    token_window: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    model_window: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class LogRow(Base):
@@ -229,7 +270,7 @@ _SCHEMA_LOCK = 0x6C6C616D  # a PostgreSQL advisory lock id: one gateway process 
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables, and columns that older versions lacked (``_ADDED_TOKEN_COLUMNS``).
+    """Create missing tables, and columns that older versions lacked (``_ADDED_COLUMNS``).
 
     Several gateway processes may start at once on one database: on PostgreSQL they take turns
     (an advisory lock for the transaction); on SQLite a lost race shows as "already exists" and is retried.
@@ -240,15 +281,45 @@ def create_tables(engine: Engine) -> None:
                 if conn.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
                 Base.metadata.create_all(conn)
-                have = {c["name"] for c in inspect(conn).get_columns("tokens")}
-                for name, ddl in _ADDED_TOKEN_COLUMNS:
-                    if name not in have:
-                        conn.execute(text(f"ALTER TABLE tokens ADD COLUMN {name} {ddl}"))
+                for table, columns in _ADDED_COLUMNS.items():
+                    have = {c["name"] for c in inspect(conn).get_columns(table)}
+                    for name, ddl in columns:
+                        if name not in have:
+                            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
             return
         except OperationalError as exc:
             if "already exists" not in str(exc) and "duplicate column" not in str(exc) or attempt == 2:
                 raise
             time.sleep(0.1)
+
+
+def _count_in_window(s: Any, table: type[RateWindowRow] | type[ModelWindowRow], key: dict[str, Any], minute: int,
+                     rpm: int | None, tpm: int | None, add: int) -> tuple[int, int] | None:
+    """Count one request and ``add`` tokens in a minute's row if both fit: its new (requests, tokens), or None."""
+    room = [table.requests < rpm] if rpm is not None else []
+    if tpm is not None:
+        room.append(table.tokens + add <= tpm)
+    upsert = (sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert)(table)
+    return s.execute(
+        upsert.values(**key, minute=minute, requests=1, tokens=add)
+        .on_conflict_do_update(index_elements=[*key, "minute"],
+                               set_={"requests": table.requests + 1, "tokens": table.tokens + add},
+                               where=and_(*room))
+        .returning(table.requests, table.tokens)
+    ).first()
+
+
+def _window_state(s: Any, table: type[RateWindowRow] | type[ModelWindowRow], key: dict[str, Any],
+                  minute: int) -> tuple[int, int]:
+    """A minute's (requests, tokens) so far, for the numbers of a refusal."""
+    where = [getattr(table, k) == v for k, v in key.items()]
+    row = s.execute(select(table.requests, table.tokens).where(*where, table.minute == minute)).first()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def _tightest(windows: list[Window]) -> Window | None:
+    """The window a client should pace itself by: the least room left."""
+    return min(windows, key=lambda w: (w.remaining, w.limit)) if windows else None
 
 
 class Store:
@@ -370,19 +441,21 @@ class Store:
         """Hold ``amount`` tokens of a token's quota if they fit; the reservation's id, or None."""
         return self.admit(token_id, amount, ttl).reservation
 
-    def admit(self, token_id: int, amount: int, ttl: float, now: float | None = None) -> Admission:
-        """Let one request in, or say which limit refuses it: quota, requests in flight, requests per minute.
+    def admit(self, token_id: int, amount: int, ttl: float, now: float | None = None,
+              model: str | None = None) -> Admission:
+        """Let one request in, or say which limit refuses it: quota, requests in flight, requests or tokens
+        per minute (the token's, and ``model``'s own in the token's ``model_limits``).
 
         One transaction: a conditional UPDATE of the token's row holds ``amount`` of its quota and a
-        place in flight only if both fit, then a conditional upsert of the minute's row counts the
-        request only if the minute has room; a refusal rolls both back. The database serializes writers
-        of a row and re-checks the condition, so any number of gateway processes on one database let
-        through at most each limit.
+        place in flight only if both fit, then a conditional upsert of the minute's row (the token's, then
+        the model's) counts the request and its ``amount`` of tokens only if the minute has room; a refusal
+        rolls all of it back. The database serializes writers of a row and re-checks the condition, so any
+        number of gateway processes on one database let through at most each limit.
         """
         now = time.time() if now is None else now
         with self._session() as s:
             try:
-                decision = self._admit(s, token_id, amount, ttl, now)
+                decision = self._admit(s, token_id, amount, ttl, now, model)
                 if decision.reservation is None:
                     s.rollback()
                 else:
@@ -393,7 +466,7 @@ class Store:
                 raise
 
     @staticmethod
-    def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float) -> Admission:
+    def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float, model: str | None) -> Admission:
         # A request in a new budget period sees used as 0 and moves period_start, in the same conditional
         # UPDATE, so the reset happens once however many gateways admit requests at the turn of the period.
         current = case(*((TokenRow.budget_period == p, period_bounds(p, now)[0]) for p in PERIODS), else_=None)
@@ -411,7 +484,7 @@ class Store:
             )
             .values(used=used, period_start=case((new_period, current), else_=TokenRow.period_start),
                     reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
-            .returning(TokenRow.rpm_limit)
+            .returning(TokenRow.rpm_limit, TokenRow.tpm_limit, TokenRow.model_limits)
             .execution_options(synchronize_session=False)
         ).first()
         if fits is None:
@@ -422,22 +495,40 @@ class Store:
             if row is not None and row[2] is not None and row[3] + row[4] + amount > row[2]:
                 return Admission(None, "lifetime", limit=row[2], current=row[3])
             return Admission(None, "quota")
-        rpm = fits[0]
-        if rpm is not None:
-            upsert = (sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert)(RateWindowRow)
-            counted = s.execute(
-                upsert.values(token_id=token_id, minute=int(now // 60), requests=1)
-                .on_conflict_do_update(index_elements=["token_id", "minute"],
-                                       set_={"requests": RateWindowRow.requests + 1},
-                                       where=RateWindowRow.requests < rpm)
-                .returning(RateWindowRow.requests)
-            ).first()
+        rpm, tpm, per_model = fits
+        own = per_model.get(model) if model and isinstance(per_model, dict) else None
+        model_rpm, model_tpm = (own.get("rpm"), own.get("tpm")) if isinstance(own, dict) else (None, None)
+        windows = []  # (table, key, rpm, tpm, whose limits: None for the token's, else the model)
+        if rpm is not None or tpm is not None:
+            windows.append((RateWindowRow, {"token_id": token_id}, rpm, tpm, None))
+        if model_rpm is not None or model_tpm is not None:
+            windows.append((ModelWindowRow, {"token_id": token_id, "model": model}, model_rpm, model_tpm, model))
+        minute, reset = int(now // 60), max(1, 60 - int(now % 60))
+        requests: list[Window] = []
+        tokens: list[Window] = []
+        for table, key, w_rpm, w_tpm, whose in windows:
+            add = amount if w_tpm is not None else 0
+            if w_tpm is not None and add > w_tpm:  # never fits, however empty the minute
+                spent = _window_state(s, table, key, minute)[1]
+                return Admission(None, "too_large", limit=w_tpm, current=spent, model=whose, requested=add,
+                                 tokens=Window(w_tpm, max(w_tpm - spent, 0), reset))
+            counted = _count_in_window(s, table, key, minute, w_rpm, w_tpm, add)
             if counted is None:
-                return Admission(None, "rpm", limit=rpm, current=rpm, retry_after=max(1, 60 - int(now % 60)))
-        row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now)
+                started, spent = _window_state(s, table, key, minute)
+                if w_rpm is not None and started >= w_rpm:
+                    return Admission(None, "rpm", limit=w_rpm, current=started, retry_after=reset, model=whose,
+                                     requests=Window(w_rpm, 0, reset))
+                return Admission(None, "tpm", limit=w_tpm, current=spent, retry_after=reset, model=whose, requested=add,
+                                 tokens=Window(w_tpm, max(w_tpm - spent, 0), reset))
+            if w_rpm is not None:
+                requests.append(Window(w_rpm, max(w_rpm - counted[0], 0), reset))
+            if w_tpm is not None:
+                tokens.append(Window(w_tpm, max(w_tpm - counted[1], 0), reset))
+        row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now,
+                             token_window=tpm is not None, model_window=model if model_tpm is not None else None)
         s.add(row)
         s.flush()
-        return Admission(row.id, None)
+        return Admission(row.id, None, requests=_tightest(requests), tokens=_tightest(tokens))
 
     def quota_state(self, token_id: int) -> tuple[int, int, int | None]:
         """``(used, reserved, quota)`` of a token, for the message that says why a request did not fit."""
@@ -515,30 +606,35 @@ class Store:
                     .execution_options(synchronize_session=False)
                 )
             # minutes that can no longer refuse anything
-            s.execute(delete(RateWindowRow).where(RateWindowRow.minute < int(time.time() // 60) - 1)
-                      .execution_options(synchronize_session=False))
+            for window in (RateWindowRow, ModelWindowRow):
+                s.execute(delete(window).where(window.minute < int(time.time() // 60) - 1)
+                          .execution_options(synchronize_session=False))
             return len(gone)
 
     # -- accounting -----------------------------------------------------------------------
-    def settle(self, log: dict[str, Any], reservation_id: int | None = None) -> None:
+    def settle(self, log: dict[str, Any], reservation_id: int | None = None, now: float | None = None) -> None:
         """Charge a request's tokens, release its reservation and write its log row in one transaction.
 
         The charge is a relative ``used = used + n`` so concurrent requests (and several gateway
         processes on one PostgreSQL) never lose an update, and the charged total always equals
         the sum of the logged usages. A reservation already released by expiry is not released twice.
+        A request settled in the minute it was admitted in has its worst case in that minute's
+        tokens-per-minute windows replaced by its real usage (later, the minute no longer matters).
         """
+        now = time.time() if now is None else now
         total = int(log.get("prompt_tokens", 0)) + int(log.get("completion_tokens", 0))
         # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
         log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
         with self._session.begin() as s:
-            held, released = 0, 0
+            gone = None
             if reservation_id is not None:
                 gone = s.execute(
                     delete(ReservationRow).where(ReservationRow.id == reservation_id)
-                    .returning(ReservationRow.amount).execution_options(synchronize_session=False)
+                    .returning(ReservationRow.amount, ReservationRow.token_id, ReservationRow.created_at,
+                               ReservationRow.token_window, ReservationRow.model_window)
+                    .execution_options(synchronize_session=False)
                 ).first()
-                if gone is not None:
-                    held, released = int(gone[0]), 1
+            held, released = (int(gone[0]), 1) if gone is not None else (0, 0)
             if log.get("token_id") is not None and (total or released):
                 s.execute(
                     update(TokenRow).where(TokenRow.id == log["token_id"])
@@ -546,6 +642,20 @@ class Store:
                             reserved=TokenRow.reserved - held, in_flight=TokenRow.in_flight - released)
                     .execution_options(synchronize_session=False)
                 )
+            if gone is not None and total != held and int(gone[2] // 60) == int(now // 60):
+                # after the token's row, as admit locks them: no deadlock between the two
+                _, token_id, created, in_token_window, model = gone
+                if in_token_window:
+                    s.execute(update(RateWindowRow)
+                              .where(RateWindowRow.token_id == token_id, RateWindowRow.minute == int(created // 60))
+                              .values(tokens=RateWindowRow.tokens + (total - held))
+                              .execution_options(synchronize_session=False))
+                if model is not None:
+                    s.execute(update(ModelWindowRow)
+                              .where(ModelWindowRow.token_id == token_id, ModelWindowRow.model == model,
+                                     ModelWindowRow.minute == int(created // 60))
+                              .values(tokens=ModelWindowRow.tokens + (total - held))
+                              .execution_options(synchronize_session=False))
             s.add(LogRow(total_tokens=total, **log))
 
     def logs(self, filters: LogFilter | None = None, **fields: Any) -> list[LogOut]:

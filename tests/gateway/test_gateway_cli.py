@@ -43,6 +43,17 @@ def test_token_flags_come_from_the_token_model():
     assert "used" in TOKENS.patch.model_fields and "used" not in TOKENS.create.model_fields
 
 
+def test_rate_limit_flags_come_from_the_token_model():
+    args = parse("token", "add", "bob", "--rpm", "60", "--tpm", "40000", "--model-limit", "big=rpm:5,tpm:1000",
+                 "--model-limit", "org/m:8b=tpm:300")
+    values = model_values(args, TOKENS.create)
+    assert values["tpm_limit"] == 40000
+    assert values["model_limits"] == {"big": {"rpm": 5, "tpm": 1000}, "org/m:8b": {"tpm": 300}}
+    assert TOKENS.create(**values).model_limits["org/m:8b"].rpm is None  # what the CLI sends validates
+    update = model_values(parse("token", "update", "1", "--no-tpm", "--no-model-limits"), TOKENS.patch)
+    assert update == {"tpm_limit": None, "model_limits": None}  # null clears them
+
+
 def test_log_flags_come_from_log_filter():
     values = model_values(parse("logs", "--token", "2", "--status", "429", "--since", "1h"), LogFilter)
     assert values["token_id"] == 2 and values["status"] == 429 and values["limit"] == 20
@@ -55,6 +66,8 @@ def test_log_flags_come_from_log_filter():
     (["token", "add", "x", "--expires", "someday"], "use never, 30d"),
     (["token", "add", "x", "--quota", "lots"], "invalid"),
     (["token", "add", "x", "--quota", "5", "--unlimited"], "not allowed with"),
+    (["token", "add", "x", "--model-limit", "big=rpm:lots"], "argument --model-limit: want MODEL=rpm:N,tpm:M"),
+    (["token", "add", "x", "--tpm", "many"], "argument --tpm"),
 ])
 def test_bad_flags_exit_2_saying_why(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:

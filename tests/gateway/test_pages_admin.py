@@ -275,3 +275,40 @@ def test_admin_console_shows_names_and_errors_as_text(browser, tiny_server, gate
     assert page.evaluate("window.__pwned") is None
     tab.assert_no_script_errors()
     tab.close()
+
+
+def test_token_form_sets_tokens_per_minute_and_limits_per_model(browser, gateway):
+    admin = gateway.admin()
+    tab = Page(browser)
+    page = tab.page
+    sign_in(page, gateway.url)
+    page.wait_for_selector("#app:not([hidden])")
+    open_view(page, "tokens")
+    page.click("#add-token")
+    form = page.locator("#token-form")
+    form.locator("[name=name]").fill("carol")
+    form.locator("[name=tpm_limit]").fill("20000")
+    form.locator("[name=model_limits]").fill("big=rpm:10\nsmall=tpm")
+    form.locator("button[type=submit]").click()
+    form.locator(".form-error", has_text="limits line 'small=tpm' is not model=rpm:N,tpm:M").wait_for()
+    form.locator("[name=model_limits]").fill("big=rpm:10\norg/m:8b=rpm:2,tpm:5000")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#key-dialog[open]")
+    page.click("#key-done")
+    token = admin.tokens()[0]
+    assert token.tpm_limit == 20000
+    assert {m: (l.rpm, l.tpm) for m, l in token.model_limits.items()} == {"big": (10, None), "org/m:8b": (2, 5000)}
+    carol = row(page, "tokens-table", "carol")
+    limits = carol.locator(".limits")
+    limits.wait_for()
+    assert "≤ 20,000 tokens/min" in limits.text_content()
+    assert "org/m:8b: ≤ 2 requests/min, 5,000 tokens/min" in limits.text_content()
+    # editing shows what is stored; emptying the field clears the per-model limits
+    carol.locator("button", has_text="Edit").click()
+    assert form.locator("[name=model_limits]").input_value() == "big=rpm:10\norg/m:8b=rpm:2,tpm:5000"
+    form.locator("[name=model_limits]").fill("")
+    form.locator("button[type=submit]").click()
+    page.wait_for_selector("#token-dialog:not([open])", state="attached")
+    assert admin.tokens()[0].model_limits is None
+    tab.assert_no_script_errors()
+    tab.close()

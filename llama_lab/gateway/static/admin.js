@@ -437,6 +437,11 @@
     if (t.budget_period !== null) parts.push(`${t.budget_period} quota, resets ${fmtTime(t.next_reset_at)}`);
     if (t.lifetime_cap !== null) parts.push(`${fmtNum(t.used_total)} of ${fmtNum(t.lifetime_cap)} over all periods`);
     if (t.rpm_limit !== null) parts.push(`≤ ${fmtNum(t.rpm_limit)} requests/min`);
+    if (t.tpm_limit !== null) parts.push(`≤ ${fmtNum(t.tpm_limit)} tokens/min`);
+    for (const [model, l] of Object.entries(t.model_limits || {})) {
+      const own = [l.rpm !== null ? `${fmtNum(l.rpm)} requests/min` : null, l.tpm !== null ? `${fmtNum(l.tpm)} tokens/min` : null];
+      parts.push(`${model}: ≤ ${own.filter(Boolean).join(", ")}`);
+    }
     if (t.max_parallel !== null) parts.push(`${fmtNum(t.in_flight)} of ${fmtNum(t.max_parallel)} in flight`);
     else if (t.in_flight > 0) parts.push(`${fmtNum(t.in_flight)} in flight`);
     return parts.length ? h("div", { class: "muted small limits", text: parts.join(" · ") }) : null;
@@ -522,6 +527,9 @@
       f.lifetime_cap.value = t.lifetime_cap === null ? "" : t.lifetime_cap;
       f.rpm_limit.value = t.rpm_limit === null ? "" : t.rpm_limit;
       f.max_parallel.value = t.max_parallel === null ? "" : t.max_parallel;
+      f.tpm_limit.value = t.tpm_limit === null ? "" : t.tpm_limit;
+      f.model_limits.value = Object.entries(t.model_limits || {}).map(([model, l]) =>
+        `${model}=` + [["rpm", l.rpm], ["tpm", l.tpm]].filter(([, n]) => n !== null).map(([k, n]) => `${k}:${n}`).join(",")).join("\n");
       f.models.value = t.models.join(", ");
       f.subnets.value = t.subnets.join(", ");
       f.enabled.checked = t.enabled;
@@ -553,7 +561,8 @@
     const cap = f.lifetime_cap.value.trim();
     body.lifetime_cap = cap === "" ? null : Number(cap);
     if (body.lifetime_cap !== null && !(Number.isInteger(body.lifetime_cap) && body.lifetime_cap >= 0)) throw new Error("the lifetime cap must be a whole number of tokens, or empty for no cap");
-    for (const [field, what] of [["rpm_limit", "requests per minute"], ["max_parallel", "requests in flight"]]) {
+    body.model_limits = readModelLimits(f.model_limits.value);
+    for (const [field, what] of [["rpm_limit", "requests per minute"], ["tpm_limit", "tokens per minute"], ["max_parallel", "requests in flight"]]) {
       const value = f[field].value.trim();
       body[field] = value === "" ? null : Number(value);
       if (body[field] !== null && !(Number.isInteger(body[field]) && body[field] >= 1)) throw new Error(`the ${what} must be a whole number from 1, or empty for no limit`);
@@ -566,6 +575,21 @@
       body.expires_at = when / 1000;
     } else if (expires !== "keep") body.expires_at = Date.now() / 1000 + Number(expires) * 86400;
     return body;
+  }
+
+  // "model=rpm:N,tpm:M" per line (what --model-limit takes) -> {model: {rpm, tpm}}; no line -> null
+  function readModelLimits(text) {
+    const limits = {};
+    for (const line of text.split("\n")) {
+      if (!line.trim()) continue;
+      const at = line.lastIndexOf("=");  // the last: a model name may hold ":" or "/"
+      const model = line.slice(0, at).trim();
+      const parts = line.slice(at + 1).split(",").map((p) => p.split(":").map((x) => x.trim()));
+      const ok = at > 0 && model && parts.every(([kind, n]) => (kind === "rpm" || kind === "tpm") && /^[1-9][0-9]*$/.test(n || ""));
+      if (!ok) throw new Error(`limits line '${line.trim()}' is not model=rpm:N,tpm:M (whole numbers from 1)`);
+      limits[model] = Object.fromEntries(parts.map(([kind, n]) => [kind, Number(n)]));
+    }
+    return Object.keys(limits).length ? limits : null;
   }
 
   async function saveToken(e) {
