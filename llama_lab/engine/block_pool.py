@@ -35,11 +35,18 @@ class BlockPool:
         self._named: dict[bytes, int] = {}  # digest of a full block's prefix -> the block
         self._name_of: dict[int, bytes] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # named, unused: evictable, oldest first
+        self._first = first
+        self._highest = first - 1  # the highest block ever handed out: the LIFO list hands them out in order
 
     @property
     def free_blocks(self) -> int:
         """Blocks a request could get now (cached prefixes nobody uses count: they are given up on demand)."""
         return len(self._free) + len(self._idle)
+
+    @property
+    def touched_blocks(self) -> int:
+        """Blocks ever written: on a CPU, the uninitialized cache's pages that cost memory."""
+        return self._highest - self._first + 1
 
     @property
     def cached_blocks(self) -> int:
@@ -73,6 +80,7 @@ class BlockPool:
         for _ in range(max(0, need)):
             if self._free:
                 block = self._free.pop()
+                self._highest = max(self._highest, block)
             else:  # give up the least recently used cached prefix
                 block, _ = self._idle.popitem(last=False)
                 del self._named[self._name_of.pop(block)]

@@ -130,7 +130,7 @@ def _check_disk(directory: Path, weights_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def _unpacked_privately() -> Iterator[None]:
+def _unpacked_privately() -> Iterator[str]:
     """Let AOTInductor unpack a package into a directory of ours, deleted once the package is loaded.
 
     Its loader unpacks into a fresh directory under ``TMPDIR`` and removes it only when the loader is
@@ -143,7 +143,7 @@ def _unpacked_privately() -> Iterator[None]:
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = scratch
     try:
-        yield
+        yield scratch
     finally:
         if before is None:
             os.environ.pop("TMPDIR", None)
@@ -153,19 +153,88 @@ def _unpacked_privately() -> Iterator[None]:
 
 
 class CompiledStep:
-    """A loaded package: call it like ``FastLlama.forward``; ``path`` and ``reused`` say where it came from."""
+    """A loaded package: call it like ``FastLlama.forward``; ``path`` and ``reused`` say where it came from.
 
-    def __init__(self, path: Path, reused: bool) -> None:
+    With ``module`` (the model the package was built from), the package reads the module's own tensors:
+    its weights file is not loaded at all, so the weights are in memory once (for a GGUF, in the file's
+    memory map). That needs every constant of the package to be one of the module's tensors under its
+    own name; a package with derived constants (weights pre-packed for a GEMM at compile time) loads
+    its weights file as before. ``shares_weights`` says which happened.
+    """
+
+    def __init__(self, path: Path, reused: bool, module: nn.Module | None = None) -> None:
         self.path, self.reused = path, reused
-        with _unpacked_privately():
-            self._run: Callable[..., Any] = torch._inductor.aoti_load_package(str(path))
+        self.shares_weights = False
+        self._constants: dict[str, torch.Tensor] = {}  # the runner reads these without owning them
+        with _unpacked_privately() as scratch:
+            runner = _sharing_runner(path, module, Path(scratch)) if module is not None else None
+            if runner is not None:
+                self._runner, self._constants = runner
+                self.shares_weights = True
+                self._boxed: Callable[[list[torch.Tensor]], list[torch.Tensor]] = self._runner.run
+            else:
+                self._run: Any = torch._inductor.aoti_load_package(str(path))
+                self._boxed = self._run.loader.boxed_run
 
     def __call__(self, *args: Any) -> torch.Tensor:
         # The package's own __call__ parses its input and output specs (JSON) and walks the arguments with
         # pytree at every step; the step's arguments are always seven tensors and two lists of caches,
         # whose flat order is exactly that, and its output is one tensor.
         *step, k_caches, v_caches = args
-        return self._run.loader.boxed_run([*step, *k_caches, *v_caches])[0]
+        return self._boxed([*step, *k_caches, *v_caches])[0]
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor a module holds, by the dotted name ``torch.export`` lifts it under (tied ones under each name)."""
+    found: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for attr, value in [*sub._parameters.items(), *sub._buffers.items(), *vars(sub).items()]:
+            if isinstance(value, torch.Tensor):
+                found.setdefault(f"{prefix}.{attr}" if prefix else attr, value)
+    return found
+
+
+def _sharing_runner(path: Path, module: nn.Module, scratch: Path) -> tuple[Any, dict[str, torch.Tensor]] | None:
+    """The package's library run over ``module``'s tensors (no copy), or None where that cannot be done."""
+    runner_type = getattr(torch._C._aoti, "AOTIModelContainerRunnerCpu", None)
+    if runner_type is None:
+        return None
+    with zipfile.ZipFile(path) as z:
+        libraries = [n for n in z.namelist() if n.endswith(".so") and "/aotinductor/model/" in n]
+        if len(libraries) != 1:
+            return None
+        # the library and what it reads beside it (the custom ops' call specs), not the weights
+        folder = libraries[0].rpartition("/")[0] + "/"
+        for name in z.namelist():
+            if name.startswith(folder) and "/" not in name[len(folder):] and not name.endswith(".blob"):
+                z.extract(name, scratch)
+    runner = runner_type(str(scratch / libraries[0]), 1)
+    names = runner.get_constant_names_to_original_fqns()
+    dtypes = runner.get_constant_names_to_dtypes()
+    tensors = _module_tensors(module)
+    constants: dict[str, torch.Tensor] = {}
+    for name, fqn in names.items():
+        tensor = tensors.get(fqn)
+        if tensor is None or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            logger.info("the compiled step keeps its own weights: its constant %s is not the module's tensor %r", name, fqn)
+            return None
+        constants[name] = tensor.detach()
+    if set(dtypes) != set(constants) or any(_dtype_code(constants[n].dtype) != dtypes[n] for n in constants):
+        logger.info("the compiled step keeps its own weights: its constants differ from the module's in name or dtype")
+        return None
+    runner.update_constant_buffer(constants, False, True, True)  # active buffer, every constant, user-managed
+    return runner, constants
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """c10's ScalarType number for ``dtype``, as the runner reports its constants' dtypes (-1: not listed)."""
+    return _SCALAR_TYPES.index(dtype) if dtype in _SCALAR_TYPES else -1
+
+
+# c10::ScalarType order (the runner reports a constant's dtype by this number)
+_SCALAR_TYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                 torch.float64, torch.complex32, torch.complex64, torch.complex128, torch.bool, torch.qint8,
+                 torch.quint8, torch.qint32, torch.bfloat16]
 
 
 def package_path(model: nn.Module, *, name: str, shape_constants: tuple[Any, ...], max_rows: int) -> Path:
@@ -192,7 +261,7 @@ def load_or_build(model: nn.Module, example: tuple[Any, ...], *, path: Path, max
     directory, stem = path.parent, path.stem.rsplit("-", 1)[0]  # <stem>-<key>.pt2
     if path.is_file():
         try:
-            step = CompiledStep(path, reused=True)
+            step = CompiledStep(path, reused=True, module=model)
             logger.info("loaded the compiled decode step from %s", path)
             return step
         except Exception as exc:  # a package from a broken write or an incompatible runtime: build anew
@@ -217,4 +286,4 @@ def load_or_build(model: nn.Module, example: tuple[Any, ...], *, path: Path, max
     for old in directory.iterdir():
         if old != path and mine.fullmatch(old.name):
             old.unlink(missing_ok=True)
-    return CompiledStep(path, reused=False)
+    return CompiledStep(path, reused=False, module=model)

@@ -69,6 +69,12 @@ class PagedKVCache:
     def free_blocks(self) -> int:
         return self.pool.free_blocks
 
+    @property
+    def touched_bytes(self) -> int:
+        """Bytes of the blocks ever written, the scratch block included: what the cache costs in memory
+        on a CPU, where untouched pages of the uninitialized tensors are never backed."""
+        return (self.pool.touched_blocks + 1) * self.shape.block_size * self.shape.bytes_per_token
+
     def allocate(self, tokens: int, prefix: Sequence[int] = ()) -> tuple[list[int], int] | None:
         """Blocks for ``tokens`` tokens and how many tokens of ``prefix`` they already hold, or None
         if not enough are free right now."""

@@ -172,14 +172,16 @@ class PagedRunner:
                 "eager_linears": self.eager_linears, "compile_error": self.compile_error,
                 "compiled_package": self.package, "kv_cache_tokens": self.cache.capacity_tokens,
                 "kv_cache_dtype": str(self.cache.shape.dtype).replace("torch.", ""),
-                "kv_block_size": self.cache.shape.block_size, "prefix_caching": self.cache.pool.prefix_caching}
+                "kv_block_size": self.cache.shape.block_size, "prefix_caching": self.cache.pool.prefix_caching,
+                "kv_cache_touched_mb": round(self.cache.touched_bytes / 2**20, 1)}
 
     @property
     def package(self) -> dict[str, Any] | None:
         """The CPU's compiled-step package: its path and whether this start reused it."""
         if not isinstance(self.compiled, compiled_step.CompiledStep):
             return None
-        return {"path": str(self.compiled.path), "reused": self.compiled.reused}
+        return {"path": str(self.compiled.path), "reused": self.compiled.reused,
+                "shares_weights": self.compiled.shares_weights}
 
     # ---------------------------------------------------------------- cache bookkeeping
 
@@ -356,7 +358,7 @@ class PagedRunner:
         step = None
         if ok:
             try:
-                step = compiled_step.CompiledStep(self.background.path, reused=False)
+                step = compiled_step.CompiledStep(self.background.path, reused=False, module=self.model)
             except Exception as exc:  # a package this runtime cannot load: stay eager
                 error = f"{type(exc).__name__}: {exc}"
         if step is None:

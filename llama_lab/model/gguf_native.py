@@ -10,6 +10,11 @@ later load reads that copy.
 For the ``llama`` architecture, llama.cpp stores the q and k projections with their rows permuted for
 its rotary layout; they are put back in Hugging Face's order (the permutation ``transformers`` applies
 when it reads a GGUF), by moving whole packed rows.
+
+A layer's q/k/v projections, and its gate/up projections, are stored stacked in one tensor each when
+they share a format, which is how the engine multiplies them (one product instead of three). The
+loaded modules are row views of that tensor, so the engine's fusion finds them adjacent and copies
+nothing: the weights stay in the file's memory map, in memory once.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from llama_lab.model.quant import QuantEmbedding, QuantLinear, from_gguf_blocks,
 
 logger = logging.getLogger(__name__)
 
-PACK_FORMAT = 1  # bump when the packed layout changes
+PACK_FORMAT = 2  # bump when the packed layout changes
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
 
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -41,6 +46,8 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+# projections multiplied together by the engine, stored stacked under the first name's parent
+_STACKS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
@@ -156,13 +163,35 @@ def _repack(gguf: Path, target: Path, reader: Any) -> Path:
             value = torch.from_numpy(_floats(t, qtype).reshape(shape).copy())
             tensors[name] = (value[torch.from_numpy(order)] if order is not None else value).contiguous()
 
+    stacks = _stack(tensors, kinds, config.num_hidden_layers)
     with published_dir(target) as tmp:
-        save_file(tensors, str(tmp / "packed.safetensors"), metadata={"kinds": json.dumps(kinds)})
+        save_file(tensors, str(tmp / "packed.safetensors"),
+                  metadata={"kinds": json.dumps(kinds), "stacks": json.dumps(stacks)})
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "format": PACK_FORMAT, "types": source_types}))
     return target
+
+
+def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int) -> dict[str, list[list[Any]]]:
+    """Replace each layer's q/k/v (and gate/up) packed tensors by one stacked tensor, in place, where
+    they share a format; returns ``{stacked base: [[part base, rows], ...]}``, in row order."""
+    stacks: dict[str, list[list[Any]]] = {}
+    for i in range(layers):
+        for parent, parts, stacked in _STACKS:
+            bases = [f"model.layers.{i}.{parent}.{part}" for part in parts]
+            if kinds.get(bases[0]) is None or any(kinds.get(b) != kinds[bases[0]] for b in bases):
+                continue  # mixed formats (a Q4_K_M's Q6_K v beside Q4_K q and k): kept apart
+            target = f"model.layers.{i}.{parent}.{stacked}"
+            stacks[target] = [[b, int(tensors[f"{b}.qs"].shape[0])] for b in bases]
+            for part in ("qs", "d", "m"):
+                if f"{bases[0]}.{part}" in tensors:
+                    tensors[f"{target}.{part}"] = torch.cat([tensors.pop(f"{b}.{part}") for b in bases])
+            kinds[target] = kinds[bases[0]]
+            for b in bases:
+                del kinds[b]
+    return stacks
 
 
 def _floats(tensor: Any, qtype: str) -> np.ndarray:
@@ -185,12 +214,23 @@ def load_packed(directory: Path) -> tuple[nn.Module, Any]:
     require_kernels()
     config = AutoConfig.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    with safe_open(str(directory / "packed.safetensors"), framework="pt") as f:
-        kinds: dict[str, str] = json.loads(f.metadata()["kinds"])
+    with safe_open(str(directory / "packed.safetensors"), framework="pt") as f:  # memory-mapped, not copied
+        metadata = f.metadata()
+        kinds: dict[str, str] = json.loads(metadata["kinds"])
+        stacks: dict[str, list[list[Any]]] = json.loads(metadata.get("stacks", "{}"))
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    parts = {part for members in stacks.values() for part, _ in members}
     for base, kind in kinds.items():
+        if base in stacks:  # each projection is a view of its rows in the stacked tensor
+            start = 0
+            for part, rows in stacks[base]:
+                view = [tensors[f"{base}.{x}"][start:start + rows] if f"{base}.{x}" in tensors else None
+                        for x in ("qs", "d", "m")]
+                _set_module(model, part, QuantLinear(kind, view[0], view[1], view[2], tensors.get(f"{part}.bias")))
+                start += rows
+            continue
         bias = tensors.get(f"{base}.bias")
         linear = QuantLinear(kind, tensors[f"{base}.qs"], tensors[f"{base}.d"], tensors.get(f"{base}.m"), bias)
         if base == "model.embed_tokens":
@@ -201,7 +241,7 @@ def load_packed(directory: Path) -> tuple[nn.Module, Any]:
             _set_module(model, base, linear)
     for name, value in tensors.items():
         base, _, part = name.rpartition(".")
-        if base in kinds:
+        if base in kinds or base in parts:
             continue
         module = model.get_submodule(base)
         module._parameters[part] = nn.Parameter(value, requires_grad=False)

@@ -59,6 +59,7 @@ class LoadedModel:
     rss_delta_bytes: int
     device_bytes: int | None
     context_length: int
+    rss_before_bytes: int = 0  # the process's resident memory just before the load: /health's baseline
     weights_format: str = ""  # how the weights are stored, e.g. "gguf Q4_1 x210, Q8_0 x1 -> q4/q8 CPU kernels"
     seed: int = 0  # the random weights' seed (random presets): another process loads the same ones with it
 
@@ -271,9 +272,14 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
     gguf = _gguf_source(src)
     mode = _resolve_mode(_parse_mode(mode), gguf, device)
     import torch
+    import transformers.generation.utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started, rss0 = time.perf_counter(), _rss()  # after the imports: load time, not import time
+    # After the imports: load time and memory, not import time. transformers imports its model machinery
+    # lazily, at the first model it builds (about a thousand modules, ~80 MB here), so it is imported
+    # above: that memory is the library's, paid once per process, not the model's.
+    started, rss0 = time.perf_counter(), _rss()
 
     dev = _resolve_device(mode, device)
     kernel_format = mode.cpu_kernel_format
@@ -288,8 +294,9 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
         model, tokenizer, weights_format = _load_gguf_packed(gguf)
         display = name or (EMBEDDED_NAME if src == "default" else gguf.stem)
     else:
-        # weights that the CPU kernels will quantize are loaded in bf16 first: an 8B model then peaks at
-        # 16 GB (one layer at a time is packed and its floats freed), not 32
+        # Weights for the CPU kernels are built one at a time where the source allows (random weights, a
+        # safetensors checkpoint): an 8B model in int4 then peaks at ~6 GB. Otherwise (.bin weights) they
+        # are loaded in bf16 first and packed layer by layer: a 16 GB peak, not 32.
         load_dtype = torch.bfloat16 if kernel_format else compute
         if random_weights:
             preset = src[len(RANDOM_PREFIX):]
@@ -301,7 +308,13 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
             display = name or display
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-        if random_weights and quant is None:
+        streamed = _build_streamed(config if random_weights else None, model_dir, kernel_format, seed) \
+            if kernel_format else None
+        if streamed is not None:
+            model, count = streamed
+            weights_format = (f"{mode.value}: {count} linears as {kernel_format} (groups of 32), embedding q8, "
+                              "built one weight at a time")
+        elif random_weights and quant is None:
             torch.manual_seed(seed)
             with torch.device(dev):
                 model = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
@@ -316,7 +329,7 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
                 raise LoadError(f"could not load the model in {model_dir}: {exc}") from exc
             if quant is None:
                 model = model.to(dev)
-        if kernel_format:
+        if kernel_format and streamed is None:
             from llama_lab.model.quant import quantize_model
 
             try:
@@ -335,7 +348,7 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, stop_token_ids=stop_ids, device=dev, dtype=compute, mode=mode,
         source=src, name=display, random_weights=random_weights, load_seconds=time.perf_counter() - started,
-        weights_bytes=int(model.get_memory_footprint()), rss_delta_bytes=_rss() - rss0,
+        weights_bytes=int(model.get_memory_footprint()), rss_delta_bytes=_rss() - rss0, rss_before_bytes=rss0,
         device_bytes=(torch.cuda.memory_allocated(dev) - cuda_before) if cuda_before is not None else None,
         context_length=ctx, weights_format=weights_format, seed=seed,
     )
@@ -343,6 +356,37 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
         logger.warning("%s has RANDOM weights: use it for memory/speed profiling and tests only", display)
     logger.info("loaded %r", loaded)
     return loaded
+
+
+def _build_streamed(random_config: Any, model_dir: Path | None, kernel_format: str, seed: int) -> tuple[Any, int] | None:
+    """The model packed for the CPU kernels one weight at a time (``quant_stream``), or None where the
+    source cannot be read that way (``.bin`` weights, parameter names the checkpoint lacks)."""
+    from transformers import AutoConfig
+
+    from llama_lab.model import quant_stream
+
+    try:
+        config = random_config if random_config is not None else AutoConfig.from_pretrained(model_dir)
+        model = quant_stream.meta_model(config)
+    except (OSError, ValueError):  # left to from_pretrained, whose message is the clearer one
+        return None
+    if random_config is not None:
+        source = quant_stream.random_weights(seed, float(getattr(config, "initializer_range", 0.02)))
+    else:
+        assert model_dir is not None
+        source = quant_stream.safetensors_weights(model_dir, model)
+        if source is None:
+            return None
+    try:
+        count = quant_stream.build_quantized(model, kernel_format, source)
+    except RuntimeError as exc:  # no C++ compiler: the kernels could not be built
+        raise LoadError(f"load modes 'int8' and 'int4' need the CPU kernels: {exc}") from None
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    model.requires_grad_(False)
+    return model, count
 
 
 def _gguf_source(src: str) -> Path | None:

@@ -160,15 +160,17 @@ class QuantEmbedding(nn.Module):
 def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:
     """One QuantLinear for several of the same format and width (q/k/v, gate/up), or None.
 
-    The originals are pointed at views of the fused buffers, so nothing is stored twice.
+    The originals are pointed at views of the fused buffers, so nothing is stored twice. Modules that
+    already are consecutive row views of one tensor (a packed GGUF stores them stacked) are fused
+    without a copy.
     """
     first = modules[0]
     if any(not isinstance(m, QuantLinear) or m.kind != first.kind or m.in_features != first.in_features
            for m in modules):
         return None
-    qs = torch.cat([m.qs for m in modules])
-    d = torch.cat([m.d for m in modules])
-    mins = torch.cat([m.m for m in modules]) if first.kind == "q4" else None
+    qs = _stacked([m.qs for m in modules])
+    d = _stacked([m.d for m in modules])
+    mins = _stacked([m.m for m in modules]) if first.kind == "q4" else None
     bias = None
     if any(m.bias is not None for m in modules):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
@@ -182,6 +184,19 @@ def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:
             m.bias = bias[rows]
         start += m.out_features
     return QuantLinear(first.kind, qs, d, mins, bias)
+
+
+def _stacked(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, or the tensor they already are consecutive row views of (no copy)."""
+    first = parts[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    adjacent = all(p.is_contiguous() and p.dtype == first.dtype and p.shape[1:] == first.shape[1:]
+                   and p.untyped_storage().data_ptr() == storage.data_ptr() and p.storage_offset() == offset + sum(
+                       q.numel() for q in parts[:i]) for i, p in enumerate(parts))
+    if not adjacent:
+        return torch.cat(list(parts))
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    return first.new_empty(0).set_(storage, offset, shape)
 
 
 def quantize_model(model: nn.Module, kind: str) -> int:

@@ -14,6 +14,7 @@ import time
 from datetime import date
 from typing import Any
 
+import psutil
 from fastapi import APIRouter, Depends, Request, Response
 from jinja2 import TemplateError
 
@@ -60,7 +61,15 @@ async def health(request: Request) -> dict[str, Any]:
     state = request.app.state
     loaded, stats = state.engine.loaded, state.engine.stats
     return {"status": "ok", "model": state.served[0], "mode": loaded.mode.value, "device": str(loaded.device),
-            "running": stats.running, "waiting": stats.waiting, "engine": state.engine.describe()}
+            "running": stats.running, "waiting": stats.waiting, "engine": state.engine.describe(),
+            "memory": memory_report(loaded)}
+
+
+def memory_report(loaded: Any) -> dict[str, float | None]:
+    """The process's resident memory and what the model added to it since just before its load (MiB)."""
+    rss = psutil.Process().memory_info().rss
+    return {"rss_mb": round(rss / 2**20, 1), "weights_mb": round(loaded.weights_bytes / 2**20, 1),
+            "model_adds_mb": round((rss - loaded.rss_before_bytes) / 2**20, 1) if loaded.rss_before_bytes else None}
 
 
 @router.get("/metrics")

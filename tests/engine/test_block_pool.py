@@ -86,3 +86,16 @@ def test_off_means_no_names_and_no_reuse():
     pool.publish(blocks, list(range(8)))
     pool.release(blocks)
     assert pool.cached_blocks == 0 and pool.allocate(8, list(range(9)))[1] == 0
+
+
+def test_touched_blocks_count_every_block_ever_written_not_the_ones_in_use():
+    """On a CPU the cache is uninitialized memory: only blocks ever handed out cost resident pages."""
+    pool = _pool(prefix_caching=False)
+    assert pool.touched_blocks == 0
+    first, _ = pool.allocate(3 * BS)
+    assert pool.touched_blocks == 3
+    pool.release(first)
+    again, _ = pool.allocate(2 * BS)  # released blocks are handed out again first: nothing new is touched
+    assert pool.touched_blocks == 3 and set(again) <= set(first)
+    pool.allocate(2 * BS)
+    assert pool.touched_blocks == 4

@@ -207,14 +207,15 @@ def test_a_broken_package_is_rebuilt_and_replaces_the_models_older_ones(tiny32, 
     runner.warm_up()
     key = built[-1]
     path = compiled / f"{stem}-{key}.pt2"
-    assert runner.package == {"path": str(path), "reused": False}
+    assert runner.package["path"] == str(path) and runner.package["reused"] is False
     # now break it: the next start says so, builds it again and decodes compiled
     path.write_bytes(b"half a file")
     runner = PagedRunner(tiny32, max_batch_size=2, compile=True, kv_cache_tokens=2048)
     with caplog.at_level("WARNING", logger="llama_lab.engine.compiled_step"):
         runner.warm_up()
     assert "compiling again" in caplog.text
-    assert runner.package == {"path": str(path), "reused": False} and runner.mode.startswith("compiled")
+    assert runner.package["path"] == str(path) and runner.package["reused"] is False
+    assert runner.mode.startswith("compiled")
     assert sorted(p.name for p in compiled.iterdir()) == sorted([path.name, neighbour.name])
 
 
@@ -344,6 +345,25 @@ def test_the_engine_makes_generators_on_the_models_device(tiny_model, monkeypatc
 # ---------------------------------------------------------------- the embedded model, compiled, end to end
 
 @pytest.mark.slow
+def test_the_compiled_step_reads_the_models_own_packed_weights():
+    """Over packed quantized weights every constant of the package is one of the model's tensors: the
+    package runs on them (its weights file is never loaded, so they are in memory once), with the
+    eager engine's tokens. Float weights are pre-packed for the GEMM at compile time: that package
+    keeps its own copy (``tiny32``'s, in the tests above)."""
+    loaded = load_model("random:tiny", "int4", seed=5)
+    ids = _prompt(loaded)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    with Engine(loaded, compile=False) as eager:
+        want = eager.generate(ids, greedy).token_ids
+    for _ in range(2):  # built, then loaded
+        with Engine(loaded, compile=True, max_batch_size=4) as compiled:
+            package = compiled.describe()["compiled_package"]
+            assert package["shares_weights"] is True, compiled.describe()
+            assert compiled.generate(ids, greedy).token_ids == want
+    assert package["reused"] is True
+
+
+@pytest.mark.slow
 def test_compiled_server_on_the_embedded_model(cli_server, default_model):
     """``llama-lab serve`` answers at once on a first start (eagerly, while another process builds the
     compiled step), switches to the compiled step when it is ready, answers like the eager engine on
@@ -361,6 +381,7 @@ def test_compiled_server_on_the_embedded_model(cli_server, default_model):
     engine = wait_until(lambda: (e := httpx.get(url + "/health").json()["engine"])["decode"] != building and e,
                         timeout=600, interval=1.0)
     assert engine["decode"].startswith("compiled") and engine["compile_error"] is None, engine
+    assert engine["compiled_package"]["shares_weights"] is True, engine  # the GGUF's weights, in memory once
     answers.append(httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json())
     for answer in answers:
         assert answer["choices"][0]["finish_reason"] == "stop"

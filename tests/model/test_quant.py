@@ -206,6 +206,24 @@ def test_packed_weights_get_a_16_bit_kv_cache(monkeypatch):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
 
 
+def test_consecutive_row_views_fuse_without_a_copy():
+    """A packed GGUF stores q/k/v (and gate/up) stacked; the engine's fusion then finds views and copies nothing."""
+    out, k = 12, 2 * GROUP
+    qs = torch.randint(0, 255, (out, k // 2), dtype=torch.uint8)
+    d, m = torch.rand(out, k // GROUP).half(), torch.rand(out, k // GROUP).half()
+    rows = ((0, 6), (6, 9), (9, 12))
+    views = [QuantLinear("q4", qs[a:b], d[a:b], m[a:b]) for a, b in rows]
+    fused = quant.fuse(views)
+    assert fused.qs.data_ptr() == qs.data_ptr() and fused.m.data_ptr() == m.data_ptr()
+    assert torch.equal(fused.qs, qs) and torch.equal(fused.d, d)
+    apart = [QuantLinear("q4", qs[a:b].clone(), d[a:b].clone(), m[a:b].clone()) for a, b in rows]
+    copied = quant.fuse(apart)  # separate tensors: stacked into one, and the parts become its views
+    assert copied.qs.data_ptr() != qs.data_ptr() and torch.equal(copied.qs, qs) and torch.equal(copied.m, m)
+    assert apart[1].qs.data_ptr() == copied.qs[6:].data_ptr()
+    swapped = quant.fuse([views[1], views[0], views[2]])  # views out of order are not one tensor: copied
+    assert torch.equal(swapped.qs, torch.cat([qs[6:9], qs[:6], qs[9:]])) and swapped.qs.data_ptr() != qs.data_ptr()
+
+
 @pytest.mark.slow
 def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model):
     """The default load keeps the file's Q4_1/Q8_0 blocks: the same weights transformers dequantizes."""
@@ -213,6 +231,12 @@ def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model)
 
     assert default_model.mode.value == "gguf" and "Q4_1" in default_model.weights_format
     assert default_model.weights_bytes < 110 * 2**20  # the file is 98 MB; fp32 would be 538 MB
+    # q/k/v are row views of one stacked tensor of the packed file, and the engine fuses them without a copy
+    from llama_lab.engine.llama import FastLlama
+
+    attn = default_model.model.model.layers[5].self_attn
+    assert attn.q_proj.qs.untyped_storage().data_ptr() == attn.v_proj.qs.untyped_storage().data_ptr()
+    assert FastLlama(default_model.model, None).layers[5].qkv.qs.data_ptr() == attn.q_proj.qs.data_ptr()
     full = load_model("default", "full")
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
         packed = default_model.model.model.layers[5].get_submodule(name)
@@ -224,3 +248,38 @@ def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model)
         a = default_model.model(torch.tensor([prompt])).logits[0, -1]
         b = full.model(torch.tensor([prompt])).logits[0, -1]
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_int4_from_a_checkpoint_is_built_one_weight_at_a_time_with_the_same_packing(tmp_path):
+    """A safetensors checkpoint is packed weight by weight (an 8B model then never exists in floats):
+    the same q4 groups as packing the loaded floats, q/k/v stacked so the engine's fusion copies nothing."""
+    from transformers import AutoModelForCausalLM
+
+    from llama_lab import load_model
+    from llama_lab.engine.llama import FastLlama
+    from llama_lab.model.loading import random_preset
+
+    config, tokenizer = random_preset("tiny")
+    torch.manual_seed(0)
+    floats = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    floats.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), "int4")
+    assert "built one weight at a time" in loaded.weights_format
+    for name in ("self_attn.k_proj", "mlp.down_proj"):
+        got = loaded.model.model.layers[1].get_submodule(name)
+        want = quant.quantize_q4(floats.model.layers[1].get_submodule(name).weight)
+        assert all(torch.equal(a, b) for a, b in zip((got.qs, got.d, got.m), want))
+    table = loaded.model.model.embed_tokens
+    assert torch.equal(table.qs, quant.quantize_q8(floats.model.embed_tokens.weight)[0])
+    attn = loaded.model.model.layers[0].self_attn
+    assert FastLlama(loaded.model, None).layers[0].qkv.qs.data_ptr() == attn.q_proj.qs.data_ptr()
+
+
+def test_random_int4_weights_follow_the_seed():
+    """Another process (the background compile) loading the same preset and seed gets the same weights."""
+    from llama_lab import load_model
+
+    a, b, c = (load_model("random:tiny", "int4", seed=s) for s in (1, 1, 2))
+    qs = [m.model.model.layers[0].mlp.up_proj.qs for m in (a, b, c)]
+    assert torch.equal(qs[0], qs[1]) and not torch.equal(qs[0], qs[2])

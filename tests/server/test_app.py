@@ -49,6 +49,8 @@ def assert_openai_error(r: httpx.Response, status: int) -> dict:
 def test_health_and_models_report_the_served_model(http, tiny_model):
     health = http.get("/health").json()
     assert health["status"] == "ok" and health["model"] == tiny_model.name
+    memory = health["memory"]  # the process's RSS, and what the model added since just before its load
+    assert memory["rss_mb"] > memory["model_adds_mb"] > 0 and memory["weights_mb"] > 0
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [tiny_model.name]
