@@ -8,8 +8,9 @@ so drift hits both sides alike. Prints a table, then one JSON line for scripts.
     python -m bench.bench_gateway --backend-url http://127.0.0.1:19327
     python -m bench.bench_gateway --limits --baseline-ref 30a8614   # limits on, against an earlier gateway
 
-``--limits`` gives the bench token a quota, a per-minute limit and a limit on requests in flight (all far
-above what the bench uses), so every check of the admission runs. ``--baseline-ref`` adds a gateway from
+``--limits`` gives the bench token a quota, requests and tokens per minute, a limit on requests in flight
+and the same per-minute limits for the bench's model (all far above what the bench uses), so every check
+of the admission and the settle's tokens-per-minute correction runs. ``--baseline-ref`` adds a gateway from
 that commit of this repository (``git archive``; its token gets a quota, the one limit it had), run in
 the same alternation, and reports our overhead against its overhead.
 """
@@ -60,7 +61,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100, help="latency samples per side (max_tokens=1, not streamed)")
     parser.add_argument("--stream-tokens", type=int, default=128, help="max_tokens of each throughput request")
     parser.add_argument("--rounds", type=int, default=4, help="streamed requests per side")
-    parser.add_argument("--limits", action="store_true", help="quota, rpm_limit and max_parallel on the bench token")
+    parser.add_argument("--limits", action="store_true", help="quota, rpm_limit, tpm_limit, max_parallel and a per-model limit on the bench token")
     parser.add_argument("--baseline-ref", help="also time the gateway of this git ref (e.g. 30a8614)")
     args = parser.parse_args()
 
@@ -85,7 +86,8 @@ def main() -> int:
             made.raise_for_status()
             return made.json()["key"]
 
-        limits = {"quota": 10**15, "rpm_limit": 10**6, "max_parallel": 10**4} if args.limits else {}
+        limits = {"quota": 10**15, "rpm_limit": 10**6, "tpm_limit": 10**12, "max_parallel": 10**4,
+                  "model_limits": {args.model: {"rpm": 10**6, "tpm": 10**12}}} if args.limits else {}
         ours = start_gateway("gateway")
         sides = {"direct": (backend, "none"), "gateway": (ours, token_for(ours, limits))}
         if args.baseline_ref:

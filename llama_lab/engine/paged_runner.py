@@ -90,10 +90,12 @@ def _weights_bytes(model: nn.Module) -> int:
 def _no_room_to_compile(model: nn.Module, device: torch.device) -> str | None:
     """Why the decode step must not be compiled for lack of memory, or None.
 
-    On a CPU the compiled step holds its own copy of the weights, twice over (packed for its kernels,
-    and plain: AOTInductor keeps every parameter it was given), beside the model's, so an 8B model in
-    bf16 (16 GB) would need 32 GB more; refuse when that would take over half of the memory that is
-    free now, rather than let the start-up be killed.
+    On a CPU a step over float weights holds its own copy of them, twice over (packed for its GEMM, and
+    plain: AOTInductor keeps every parameter it was given), beside the model's, so an 8B model in bf16
+    (16 GB) would need 32 GB more. A step over packed quantized weights runs on the model's own tensors
+    (``compiled_step.CompiledStep``), but building it still serializes a copy of them and, in the
+    background, loads the model a second time. Refuse when that would take over half of the memory
+    that is free now, rather than let the start-up be killed.
     """
     if device.type != "cpu":
         return None
