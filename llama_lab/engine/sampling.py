@@ -236,7 +236,18 @@ def grammar_bitmask(rows: Sequence[RowState], device: torch.device) -> tuple[tor
 
 
 def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Set to ``-inf``, in the rows ``index`` of ``logits`` ``[B, V]``, every token whose bit in ``mask`` is 0."""
+    """Set to ``-inf``, in the rows ``index`` of ``logits`` ``[B, V]``, every token whose bit in ``mask`` is 0.
+
+    On a CPU with the C++ operators, one pass in place (``apply_token_bitmask_``); elsewhere torch ops.
+    """
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous()
+            and hasattr(torch.ops.llama_lab, "apply_token_bitmask_")):
+        torch.ops.llama_lab.apply_token_bitmask_(logits, mask.to("cpu", torch.int32).contiguous(), index.to("cpu", torch.int64))
+        return logits
+    return _apply_bitmask_torch(logits, mask, index)
+
+
+def _apply_bitmask_torch(logits: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     vocab = logits.shape[-1]
     shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
     forbidden = ((mask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab] == 0

@@ -180,3 +180,25 @@ def test_a_cpu_tensor_in_the_sampling_path_would_fail_the_meta_run():
     """The guard above can fail: a 1-D CPU tensor meeting a meta batch raises."""
     with pytest.raises((RuntimeError, ValueError)):
         torch.empty(2, 5, device="meta") / torch.tensor([0.7, 1.0])[:, None]
+
+
+@pytest.mark.parametrize("vocab", [64, 100, 49152])
+def test_the_cpu_bitmask_operator_masks_what_the_torch_ops_mask(vocab):
+    """One pass in C++ against the torch formulation: bits 0 forbid, tokens past the mask's words are
+    forbidden, rows outside ``index`` are untouched."""
+    from llama_lab import kernels
+
+    assert kernels.load() is None
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab)
+    words = max(1, (vocab - 5) // 32)  # a grammar vocabulary a little shorter than the model's
+    mask = torch.randint(-2**31, 2**31 - 1, (3, words), dtype=torch.int32)
+    mask[0, 0] = -1  # a word that allows all 32 tokens
+    mask[1, 0] = 0  # a word that allows none
+    index = torch.tensor([4, 0, 2])
+    want = sampling._apply_bitmask_torch(logits.clone(), mask, index)
+    got = sampling.apply_bitmask(logits.clone(), mask, index)
+    assert torch.equal(got, want)
+    assert torch.equal(got[[1, 3, 5]], logits[[1, 3, 5]])
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.llama_lab.apply_token_bitmask_(logits.clone(), mask, torch.tensor([0, 1, 6]))

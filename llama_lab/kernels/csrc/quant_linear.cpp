@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -462,3 +463,53 @@ TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
   m.impl("q4_rows", &q4_rows);
   m.impl("q8_rows", &q8_rows);
 }
+
+// ---------------------------------------------------------------- grammar bitmasks
+//
+// A constrained row's grammar allows a few tokens of a 49k-150k vocabulary; its mask is one bit per token
+// (llguidance's layout: int32 words, token t is bit t % 32 of word t / 32), applied to the batch's logits
+// in place. Unpacked with torch ops (shift, and, compare, masked_fill, index_copy: about ten passes over
+// the rows) it cost the whole batch, free rows included, a share of every step (docs/structured_outputs.md
+// has the figures); one pass here writes -inf where a bit is 0 and skips words that allow all 32 tokens.
+// It lives in this file, not one of its own: the library is compiled on a machine's first start, beside
+// the GGUF repack, and a third source would cost that start a few seconds of header parsing.
+
+namespace {
+
+void apply_token_bitmask_(at::Tensor logits, const at::Tensor& mask, const at::Tensor& index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() && logits.is_cpu(),
+              "apply_token_bitmask_: logits must be a contiguous float32 [B, V] CPU tensor");
+  TORCH_CHECK(mask.dim() == 2 && mask.scalar_type() == at::kInt && mask.is_contiguous() && mask.is_cpu(),
+              "apply_token_bitmask_: mask must be a contiguous int32 [R, words] CPU tensor");
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong && index.size(0) == mask.size(0),
+              "apply_token_bitmask_: index must be int64 [R], one logits row per mask row");
+  const int64_t B = logits.size(0), V = logits.size(1), W = mask.size(1);
+  float* lp = logits.data_ptr<float>();
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>());
+  const at::Tensor ic = index.contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  const float forbidden = -std::numeric_limits<float>::infinity();
+  for (int64_t r = 0; r < index.size(0); ++r) {
+    const int64_t row = ip[r];
+    TORCH_CHECK(row >= 0 && row < B, "apply_token_bitmask_: index ", row, " is outside the ", B, " logits rows");
+    float* out = lp + row * V;
+    const uint32_t* words = mp + r * W;
+    for (int64_t base = 0; base < V; base += 32) {
+      const int64_t w = base / 32;
+      const uint32_t bits = w < W ? words[w] : 0u;  // tokens past the mask's vocabulary are never allowed
+      if (bits == 0xFFFFFFFFu) continue;
+      const int64_t end = base + 32 < V ? base + 32 : V;
+      for (int64_t t = base; t < end; ++t) {
+        if (!((bits >> (t - base)) & 1u)) out[t] = forbidden;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
+  m.def("apply_token_bitmask_(Tensor(a!) logits, Tensor mask, Tensor index) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(llama_lab, CPU, m) { m.impl("apply_token_bitmask_", &apply_token_bitmask_); }
