@@ -112,6 +112,8 @@ def build_quantized(model: nn.Module, kind: str, source: WeightSource) -> int:
             count += 1
     else:
         embed.weight = nn.Parameter(_whole(source(f"{embed_name}.weight", tuple(embed.weight.shape))), requires_grad=False)
+        if tied and head is not None:
+            head.weight = embed.weight
     if not tied and type(head) is nn.Linear:  # first: its floats are the biggest, and memory is emptiest now
         head_name = names[id(head)]
         model.set_output_embeddings(QuantLinear("q8", *_pack("q8", source(f"{head_name}.weight", tuple(head.weight.shape)))))
