@@ -499,8 +499,12 @@ void apply_token_bitmask_(at::Tensor logits, const at::Tensor& mask, const at::T
       const uint32_t bits = w < W ? words[w] : 0u;  // tokens past the mask's vocabulary are never allowed
       if (bits == 0xFFFFFFFFu) continue;
       const int64_t end = base + 32 < V ? base + 32 : V;
-      for (int64_t t = base; t < end; ++t) {
-        if (!((bits >> (t - base)) & 1u)) out[t] = forbidden;
+      if (bits == 0u) {  // the common word of a grammar's mask: nothing allowed
+        std::fill(out + base, out + end, forbidden);
+        continue;
+      }
+      for (int64_t t = base; t < end; ++t) {  // branch-free: a select the compiler vectorizes
+        out[t] = ((bits >> (t - base)) & 1u) ? out[t] : forbidden;
       }
     }
   }
