@@ -14,6 +14,7 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 # What a successful run must have printed, per notebook (others: just no error).
 KEY_OUTPUTS = {
     "01_quickstart.ipynb": ["ANSWER:", "STREAMED:", "CURL:"],
+    "02_quantization_table.ipynb": ["MEASURED:", "| FAILED: none"],
     "03_stop_behaviour.ipynb": ["tokens after leave", "PANEL:"],
 }
 
@@ -72,3 +73,12 @@ def test_notebook_runs_headless(path, kernel_name, monkeypatch):
     if path.name == "01_quickstart.ipynb":
         answer = text.split("ANSWER:", 1)[1].splitlines()[0].strip()
         assert answer, "the quickstart's chat answer is empty"
+    if path.name == "02_quantization_table.ipynb":
+        import torch
+
+        from llama_lab.lab.quant_table import default_modes
+
+        measured = text.split("MEASURED:", 1)[1].split("|", 1)[0].split(", ")
+        assert [m.strip() for m in measured] == list(default_modes("default"))
+        if not torch.cuda.is_available():  # the CPU kernels' modes are rows of their own there
+            assert {"gguf", "int8", "int4"} <= {m.strip() for m in measured}
