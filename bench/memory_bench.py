@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from llama_lab.profiling import cpu_name
+from bench.contention_bench import cpu_name
 from llama_lab.web.launcher import ServerProcess
 
 SIDES = {"compiled": ["--compile", "--no-compile-in-background"], "eager": ["--no-compile"]}

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from llama_lab.cache import MARKER, cache_root, is_complete, published_dir
-from llama_lab.model.quant import QuantEmbedding, QuantLinear, from_gguf_blocks, require_kernels
+from llama_lab.model.quant import STACKS, QuantEmbedding, QuantLinear, from_gguf_blocks, require_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-# projections multiplied together by the engine, stored stacked under the first name's parent
-_STACKS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 
@@ -179,7 +177,7 @@ def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int)
     they share a format; returns ``{stacked base: [[part base, rows], ...]}``, in row order."""
     stacks: dict[str, list[list[Any]]] = {}
     for i in range(layers):
-        for parent, parts, stacked in _STACKS:
+        for parent, parts, stacked in STACKS:
             bases = [f"model.layers.{i}.{parent}.{part}" for part in parts]
             if kinds.get(bases[0]) is None or any(kinds.get(b) != kinds[bases[0]] for b in bases):
                 continue  # mixed formats (a Q4_K_M's Q6_K v beside Q4_K q and k): kept apart

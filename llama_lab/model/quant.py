@@ -35,6 +35,11 @@ GROUP = 32
 KINDS = ("q4", "q8")
 
 
+# Projections the engine multiplies as one matrix, per layer: (parent module, parts in row order, the
+# stacked tensor's name in a packed file). Packed loads store them stacked so the fusion copies nothing.
+STACKS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"), ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
+
+
 def require_kernels() -> None:
     """Build or load the CPU kernels; raises RuntimeError saying why when they cannot be had."""
     error = kernels.load()

@@ -19,12 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama_lab.model.quant import GROUP, QuantEmbedding, QuantLinear, quantize_q4, quantize_q8, require_kernels
+from llama_lab.model.quant import GROUP, STACKS, QuantEmbedding, QuantLinear, quantize_q4, quantize_q8, require_kernels
 
 # at most this many floats are materialized at once (64 MiB of float32)
 CHUNK_ELEMENTS = 16 * 2**20
-# projections packed into one stacked tensor per layer, in the engine's fusion order
-STACKS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
 
 # A weight source: the float rows of one parameter, in chunks of whole rows, given its name and shape.
 WeightSource = Callable[[str, tuple[int, ...]], Iterator[torch.Tensor]]
@@ -137,7 +135,7 @@ def build_quantized(model: nn.Module, kind: str, source: WeightSource) -> int:
 def _build_layer(prefix: str, layer: nn.Module, kind: str, source: WeightSource) -> int:
     count = 0
     stacked: set[str] = set()
-    for parent_name, parts in STACKS:
+    for parent_name, parts, _ in STACKS:
         parent = getattr(layer, parent_name, None)
         linears = [getattr(parent, p, None) for p in parts] if parent is not None else []
         if not linears or not all(type(m) is nn.Linear and m.in_features % GROUP == 0 for m in linears):
