@@ -43,33 +43,13 @@ import httpx
 import psutil
 
 from bench._servers import baseline_tree
+from llama_lab.profiling import cpu_kind
 from llama_lab.web.launcher import ServerProcess
 
 logger = logging.getLogger("contention_bench")
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 BUSY = "while True: pass"
-
-
-def cpu_name() -> str:
-    """'AMD EPYC, 2 CPUs, AVX2-only (no AVX512)': what the figures were measured on."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    if "avx512f" in flags:
-        isa = "AVX512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
-    elif "avx2" in flags:
-        isa = "AVX2-only (no AVX512)"
-    else:
-        isa = "no AVX2"
-    return f"{model}, {len(os.sched_getaffinity(0))} CPUs, {isa}"
 
 
 def find_llama_server(given: str | None) -> tuple[Path | None, str]:
@@ -261,7 +241,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
 
     cpus = len(os.sched_getaffinity(0))
-    machine = cpu_name()
+    machine = cpu_kind()
     load_before = os.getloadavg()
     serve = ["{python}", "-m", "llama_lab", "serve", "--model", "default", "--port", "{port}", "--log-level", "warning"]
     sides: dict[str, tuple[list[str], dict[str, str], str | None, Path | None]] = {}

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
 from typing import Any, Callable
+
+from llama_lab.profiling import cpu_kind
 
 NESTED = {
     "type": "object",
@@ -46,16 +47,6 @@ TOOL = {
                                  "required": ["city"], "additionalProperties": False}},
     "required": ["name", "arguments"], "additionalProperties": False,
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -290,12 +281,12 @@ def main() -> None:
             results.append(run_side(name, tokenizer, args.steps))
         except ImportError as exc:
             print(f"{name}: not installed ({exc})")
-    print(f"CPU: {cpu_name()}; tokenizer: SmolLM2 ({len(tokenizer)} tokens); 8 constrained rows, {args.steps} steps")
+    print(f"CPU: {cpu_kind()}; tokenizer: SmolLM2 ({len(tokenizer)} tokens); 8 constrained rows, {args.steps} steps")
     print(f"{'library':<14} {'prepare s':>10} {'nested ms':>10} {'tool ms':>9} {'step ms p50':>12} {'p90':>7}")
     for r in results:
         print(f"{r['library']:<14} {r['prepare_s']:>10.2f} {r['compile_nested_ms']:>10.1f} {r['compile_tool_ms']:>9.1f} "
               f"{r['step_8_rows_ms_median']:>12.3f} {r['step_8_rows_ms_p90']:>7.3f}")
-    summary: dict[str, Any] = {"cpu": cpu_name(), "libraries": results}
+    summary: dict[str, Any] = {"cpu": cpu_kind(), "libraries": results}
     try:
         summary.update(apply_cost(len(tokenizer)))
         print(f"apply_bitmask, 8 of 16 rows, V={len(tokenizer)} ({'CPU operator' if summary['cpu_operator'] else 'torch ops'}): "

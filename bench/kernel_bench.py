@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bench.peer_bench import cpu_kind
+    from llama_lab.profiling import cpu_kind
     from llama_lab.model.quant import QuantLinear, require_kernels
 
     require_kernels()

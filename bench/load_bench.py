@@ -18,7 +18,7 @@ import time
 
 import psutil
 
-from bench.contention_bench import cpu_name
+from llama_lab.profiling import cpu_kind
 
 
 def _gib(n: float) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
               "peak_rss_gib": _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
               "rss_now_gib": _gib(psutil.Process().memory_info().rss), "decode": decode,
               "tok_s": round(len(out.token_ids) / seconds, 2), "tokens": len(out.token_ids), "prompt_tokens": len(ids),
-              "cpu": cpu_name(), "loadavg_1m": os.getloadavg()[0]}
+              "cpu": cpu_kind(), "loadavg_1m": os.getloadavg()[0]}
     print(f"{args.model} {result['mode']}: load {result['load_s']} s, weights {result['weights_gib']} GiB, "
           f"peak RSS {result['peak_rss_gib']} GiB, {result['tok_s']} tok/s one stream ({decode}); "
           f"{result['cpu']}, load average {result['loadavg_1m']:.2f}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.contention_bench import cpu_name
+from llama_lab.profiling import cpu_kind
 from llama_lab.web.launcher import ServerProcess
 
 SIDES = {"compiled": ["--compile", "--no-compile-in-background"], "eager": ["--no-compile"]}
@@ -60,7 +60,7 @@ def main() -> None:
         if gguf.suffix.lower() != ".gguf" or not gguf.is_file():
             ap.error(f"--model: {args.model!r} is not a .gguf file")
     file_mb = gguf.stat().st_size / 2**20
-    print(f"# {gguf.name}: {file_mb:.1f} MiB on disk; CPU: {cpu_name()}")
+    print(f"# {gguf.name}: {file_mb:.1f} MiB on disk; CPU: {cpu_kind()}")
     print(f"{'side':<10}{'RSS MB':>9}{'weights':>9}{'KV used':>9}{'adds':>8}{'bar':>8}{'adds/bar':>10}  decode")
     results = {}
     for side in sides:
@@ -71,7 +71,7 @@ def main() -> None:
         print(f"{side:<10}{r['rss_mb']:>9.0f}{r['weights_mb']:>9.1f}{r['kv_touched_mb']:>9.1f}{r['model_adds_mb']:>8.1f}"
               f"{bar:>8.1f}{r['ratio']:>10.2f}  {r['decode']}" + ("" if r["shares_weights"] is None
                                                                  else f" (package shares the weights: {r['shares_weights']})"))
-    print(json.dumps({"bench": "memory", "gguf": gguf.name, "file_mb": round(file_mb, 1), "cpu": cpu_name(),
+    print(json.dumps({"bench": "memory", "gguf": gguf.name, "file_mb": round(file_mb, 1), "cpu": cpu_kind(),
                       "results": results}))
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -41,6 +40,7 @@ from pathlib import Path
 import httpx
 
 from llama_lab.cache import cache_root
+from llama_lab.profiling import cpu_kind
 from llama_lab.web.launcher import ServerProcess, llama_lab_command
 
 logger = logging.getLogger("peer_bench")
@@ -50,15 +50,6 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 
 
 # ---------------------------------------------------------------- the peer
-
-def cpu_kind() -> str:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
-    kind = "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else \
-        "AVX2 (no AVX512)" if "avx2" in flags else "no AVX2"
-    return f"{name}, {os.cpu_count()} cores, {kind}"
-
 
 def build_llama_cpp(explicit: str | None) -> Path:
     """A directory holding ``llama-server`` and ``llama-perplexity``: given, cached, or built now."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 from llama_lab.lab import data_file, round_or_none
 from llama_lab.model.presets import ARCH_PRESETS, LoadMode
-from llama_lab.profiling import Monitor, cpu_name, peak_rss_bytes, reset_peak_rss
+from llama_lab.profiling import Monitor, cpu_kind, peak_rss_bytes, reset_peak_rss
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -346,7 +346,7 @@ def machine_info() -> dict[str, str]:
     except Exception:  # a broken CUDA install still gets a CPU table
         pass
     return {
-        "cpu": cpu_name(),
+        "cpu": cpu_kind(),
         "cpu_cores": str(os.cpu_count()),
         "gpu": gpu,
         "python": platform.python_version(),

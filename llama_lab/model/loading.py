@@ -167,13 +167,23 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def _parse_device(device: str) -> "torch.device":
+    """``"0"`` (the old demo's ``--gpus``), ``"cuda:1"``, ``"cpu"`` as a torch device; a LoadError otherwise."""
+    import torch
+
+    try:
+        return torch.device(f"cuda:{device}" if str(device).isdigit() else device)
+    except (RuntimeError, TypeError):
+        raise LoadError(f"unknown device {device!r}; use a GPU index ('0'), 'cuda:N' or 'cpu'") from None
+
+
 def _resolve_device(mode: LoadMode, device: str | None) -> "torch.device":
     import torch
 
-    if mode is LoadMode.CPU:
+    if mode.cpu_only:  # also on a GPU machine: these modes' kernels are CPU kernels
         return torch.device("cpu")
     if device:
-        dev = torch.device(device if not str(device).isdigit() else f"cuda:{device}")
+        dev = _parse_device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise LoadError(f"device {device!r} was requested but CUDA is not available on this machine; use --only_cpu / mode 'cpu'")
         return dev
@@ -409,7 +419,8 @@ def _resolve_mode(mode: LoadMode, gguf: Path | None, device: str | None) -> Load
     """``auto`` (and ``cpu`` for a GGUF) made concrete; modes that cannot apply are refused here."""
     import torch
 
-    on_cpu = mode is LoadMode.CPU or not (device or torch.cuda.is_available())
+    on_device = _parse_device(device).type != "cpu" if device else torch.cuda.is_available()
+    on_cpu = mode is LoadMode.CPU or not on_device
     if mode is LoadMode.AUTO:
         return LoadMode.GGUF if gguf is not None and on_cpu else LoadMode.FULL
     if mode is LoadMode.CPU and gguf is not None:
@@ -417,7 +428,7 @@ def _resolve_mode(mode: LoadMode, gguf: Path | None, device: str | None) -> Load
     if mode is LoadMode.GGUF and gguf is None:
         raise LoadError("load mode 'gguf' keeps a GGUF file's quantization, but this source is not a .gguf file; "
                         "use 'int8' or 'int4' to quantize a Hugging Face model for the CPU")
-    if (mode is LoadMode.GGUF or mode.cpu_kernel_format) and device:
+    if mode.cpu_only and device and on_device:
         raise LoadError(f"load mode '{mode.value}' runs on the CPU kernels; on a GPU use 'full', '8bit' or '4bit'")
     return mode
 

@@ -41,6 +41,11 @@ class LoadMode(str, enum.Enum):
         """The CPU kernels' format (``q8`` / ``q4``) this mode quantizes floats to, or None."""
         return {LoadMode.Q8: "q8", LoadMode.Q4: "q4"}.get(self)
 
+    @property
+    def cpu_only(self) -> bool:
+        """Whether this mode runs on the CPU whatever GPUs the machine has (``cpu`` and the CPU kernels' modes)."""
+        return self in (LoadMode.CPU, LoadMode.GGUF, LoadMode.Q8, LoadMode.Q4)
+
 
 # Architecture presets for random-weight models: real shapes, no download. Values follow the
 # published config.json of each model; vocab_size None means "use the tokenizer's size".

@@ -160,15 +160,45 @@ class NvmlReader:
             self._nvml.nvmlShutdown()
 
 
-def cpu_name() -> str:
-    """The CPU's marketing name (``model name`` in /proc/cpuinfo), else ``platform.processor()``."""
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The first ``model name`` and ``flags`` of /proc/cpuinfo (empty where there is none)."""
+    model, flags = "", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    return model, flags
+
+
+def cpu_name() -> str:
+    """The CPU's marketing name (``model name`` in /proc/cpuinfo), else ``platform.processor()``."""
+    model, _ = _cpuinfo()
+    if model:
+        return model
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def cpu_isa(flags: set[str] | None = None) -> str:
+    """The vector ISA that decides which kernels run: 'AVX512 + AVX512-BF16', 'AVX512', 'AVX2-only (no AVX512)'."""
+    if flags is None:
+        flags = _cpuinfo()[1]
+    if "avx512f" in flags:
+        return "AVX512" + (" + AVX512-BF16" if "avx512_bf16" in flags else "")
+    return "AVX2-only (no AVX512)" if "avx2" in flags else "no AVX2"
+
+
+def cpu_kind() -> str:
+    """'AMD EPYC 7B13, 2 CPUs, AVX2-only (no AVX512)': what a speed figure was measured on.
+
+    Speeds differ ~3x between the AVX2 and AVX512-BF16 machines this project runs on, so every
+    benchmark prints this beside its figures.
+    """
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} CPUs, {cpu_isa()}"
 
 
 def reset_peak_rss() -> bool:

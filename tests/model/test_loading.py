@@ -109,6 +109,31 @@ def test_cuda_requested_without_cuda():
         load_model("random:tiny", device="0")
 
 
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu-machine", "gpu-machine"])
+def test_cpu_kernel_modes_stay_on_the_cpu(monkeypatch, tmp_path, cuda):
+    """int8/int4/gguf run on CPU kernels: chosen on a GPU machine they load on the CPU, and a GPU device is refused."""
+    import torch
+
+    from llama_lab.model.loading import _resolve_device, _resolve_mode
+    from llama_lab.model.presets import LoadMode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    gguf = tmp_path / "m.gguf"
+    for mode in (LoadMode.Q8, LoadMode.Q4, LoadMode.GGUF):
+        source = gguf if mode is LoadMode.GGUF else None
+        assert _resolve_mode(mode, source, None) is mode
+        assert _resolve_mode(mode, source, "cpu") is mode
+        assert _resolve_device(mode, None).type == "cpu"
+        with pytest.raises(LoadError, match=f"load mode '{mode.value}' runs on the CPU kernels"):
+            _resolve_mode(mode, source, "0")
+    # auto keeps a GGUF's quantization only where it will run on the CPU
+    assert _resolve_mode(LoadMode.AUTO, gguf, None) is (LoadMode.FULL if cuda else LoadMode.GGUF)
+    assert _resolve_mode(LoadMode.AUTO, gguf, "cpu") is LoadMode.GGUF
+    assert _resolve_device(LoadMode.FULL, None).type == ("cuda" if cuda else "cpu")
+    with pytest.raises(LoadError, match="unknown device 'tpu:x'"):
+        _resolve_mode(LoadMode.AUTO, gguf, "tpu:x")
+
+
 def test_4bit_without_bitsandbytes_is_one_clear_error():
     code = textwrap.dedent("""
         import sys
