@@ -2,6 +2,7 @@
 
     python -m bench.kernel_bench                 # one thread (the kernels' own cost)
     python -m bench.kernel_bench --threads 2
+    LLAMA_LAB_KERNEL_CFLAGS=-mno-avx512f python -m bench.kernel_bench   # our AVX2 loops on an AVX512 CPU
 
 For each weight shape (SmolLM2's MLP and output head, Llama-3-8B's MLP) and 1 or 4 activation rows:
 fp32 ``F.linear``, torch's ``_weight_int8pack_mm`` (per-channel int8) and ``_weight_int4pack_mm_for_cpu``
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from llama_lab.profiling import cpu_kind
+    from llama_lab.kernels.build import kernel_path
     from llama_lab.model.quant import QuantLinear, require_kernels
 
     require_kernels()
@@ -64,14 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             times = {name: best_us(fn, calls) for name, fn in sides.items()}
             rows.append({"k": k, "n": n, "rows": m, "us": times})
     names = list(rows[0]["us"])
-    print(f"\n{cpu_kind()}, {args.threads} thread(s); microseconds per product (x fp32's speed)\n")
+    print(f"\n{cpu_kind()}, {args.threads} thread(s), our kernels' {kernel_path()} loops; "
+          "microseconds per product (x fp32's speed)\n")
     print("| K x N | rows | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for r in rows:
         base = r["us"]["fp32 F.linear"]
         cells = [f"{r['us'][n]:.0f} ({base / r['us'][n]:.2f}x)" for n in names]
         print(f"| {r['k']} x {r['n']} | {r['rows']} | " + " | ".join(cells) + " |")
-    print(json.dumps({"cpu": cpu_kind(), "threads": args.threads, "rows": rows}))
+    print(json.dumps({"cpu": cpu_kind(), "kernel_path": kernel_path(), "threads": args.threads, "rows": rows}))
     return 0
 
 

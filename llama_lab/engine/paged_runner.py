@@ -28,6 +28,7 @@ from llama_lab.engine.attention import cpu_kernel
 from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, plan_blocks
 from llama_lab.engine.llama import FastLlama, PrefillCancelled, Step, unsupported_reason
 from llama_lab.engine.runner import PrefillJob, SeqCache
+from llama_lab.kernels.build import kernel_path
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class PagedRunner:
         kernel = cpu_kernel() if self.device.type == "cpu" else None
         self.model = FastLlama(loaded.model, kernel)
         self.attention = "cpu-kernel" if kernel is not None else "torch-reference"
+        self.kernel_path = kernel_path() if kernel is not None else None
         m = self.model
         packed = 0
         if self.device.type == "cpu" and os.environ.get("LLAMA_LAB_CPU_PACK", "1") != "0":
@@ -171,6 +173,7 @@ class PagedRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"runner": type(self).__name__, "decode": self.mode, "attention": self.attention,
+                "cpu_kernels": self.kernel_path,
                 "eager_linears": self.eager_linears, "compile_error": self.compile_error,
                 "compiled_package": self.package, "kv_cache_tokens": self.cache.capacity_tokens,
                 "kv_cache_dtype": str(self.cache.shape.dtype).replace("torch.", ""),

@@ -43,9 +43,25 @@ def _source(name: str) -> Path:
     return Path(str(files("llama_lab.kernels") / "csrc" / name))
 
 
+def _extra_cflags() -> str:
+    """``LLAMA_LAB_KERNEL_CFLAGS``, appended to the build's flags: ``-mno-avx512f`` builds the AVX2 path on an
+    AVX512 CPU, so that the two can be measured on one machine (``bench/kernel_bench.py``)."""
+    return os.environ.get("LLAMA_LAB_KERNEL_CFLAGS", "").strip()
+
+
+def kernel_path() -> str:
+    """Which loops the quantized kernels run here: 'AVX512 + VNNI', 'AVX512', 'AVX2' or 'scalar'."""
+    flags, extra = set(cpu_flags().split()), _extra_cflags().split()
+    if "avx512bw" in flags and not {"-mno-avx512f", "-mno-avx512bw"} & set(extra):
+        return "AVX512" + (" + VNNI" if "avx512_vnni" in flags and "-mno-avx512vnni" not in extra else "")
+    if {"avx2", "fma", "f16c"} <= flags and "-mno-avx2" not in extra:
+        return "AVX2"
+    return "scalar"
+
+
 def build_dir() -> Path:
     """Where the library lives: keyed by the sources, torch and the CPU (it is built -march=native)."""
-    h = hashlib.sha256(torch.__version__.encode() + cpu_flags().encode())
+    h = hashlib.sha256(torch.__version__.encode() + cpu_flags().encode() + _extra_cflags().encode())
     for name in SOURCES:
         h.update(_source(name).read_bytes())
     return cache_root() / "kernels" / f"cpu_ops-{h.hexdigest()[:16]}"
@@ -95,6 +111,7 @@ def _build_and_load() -> None:
         flags = ["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"]
         if platform.machine() in ("x86_64", "AMD64"):
             flags.append("-march=native")
+        flags += _extra_cflags().split()
         target.parent.mkdir(parents=True, exist_ok=True)
         logger.info("building the CPU kernels (once per machine, into %s)", target.parent)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=target.parent) as tmp:

@@ -4,7 +4,7 @@
 // pairs per instruction, so a group costs about the same instructions as maddubs on int8, and the
 // activations' rounding error drops from 1/127 to 1/32767 of the group's largest value. The answers are
 // then those of the dequantized float weights (with int8 activations, SmolLM2's greedy answers changed).
-// An AVX2 path runs on every x86-64 CPU of the last decade, AVX512 ones included.
+// An AVX2 path runs on every x86-64 CPU of the last decade; CPUs with AVX512BW (and VNNI) get 512-bit loops.
 //
 // Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
 // fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
@@ -38,6 +38,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LLAMA_LAB_AVX2 1
+// AVX512BW (Skylake-X, Ice Lake, Sapphire Rapids, Zen 4): one group of 32 int16 products per instruction,
+// and with AVX512-VNNI the multiply and the add are one (vpdpwssd). The AVX2 code stays for the rest.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define LLAMA_LAB_AVX512 1
+#endif
 #endif
 
 namespace {
@@ -64,6 +69,7 @@ struct QuantizedRows {
   std::vector<int16_t> q;    // [M, K]
   std::vector<float> scale;  // [M, K/32]
   std::vector<float> sum;    // [M, K/32]
+  std::vector<int16_t> paired;  // [M, K]: q's groups two by two in the AVX512 q4 loop's order (pair_groups)
 };
 
 void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
@@ -107,13 +113,34 @@ void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
 #endif
 }
 
-QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K) {
+// The AVX512 q4 loop multiplies two groups (g, g+1) at once, so that one float conversion and one FMA serve
+// both: its int32 lanes alternate between them (even lanes g, odd lanes g+1), which takes the int16 pairs
+// interleaved: lanes 4k..4k+3 of the first 32 are g's elements 2k, 2k+1 and g+1's 2k, 2k+1 (k < 8), the
+// next 32 the same for elements 16 + 2k. An odd last group stays in q's order.
+void pair_groups(const int16_t* q, int16_t* out, int64_t groups) {
+  for (int64_t g = 0; g + 2 <= groups; g += 2) {
+    const int16_t *a = q + g * kGroup, *b = a + kGroup;
+    int16_t* o = out + g * kGroup;
+    for (int half = 0; half < 2; ++half)
+      for (int k = 0; k < 8; ++k) {
+        const int e = 16 * half + 2 * k;
+        int16_t* p = o + 32 * half + 4 * k;
+        p[0] = a[e], p[1] = a[e + 1], p[2] = b[e], p[3] = b[e + 1];
+      }
+  }
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool paired = false) {
   const int64_t groups = K / kGroup;
-  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  QuantizedRows r{std::vector<int16_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups), {}};
   at::parallel_for(0, M * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g)
       quantize_group(x + g * kGroup, r.q.data() + g * kGroup, r.scale.data() + g, r.sum.data() + g);
   });
+  if (paired) {
+    r.paired.resize(M * K);
+    for (int64_t i = 0; i < M; ++i) pair_groups(r.q.data() + i * K, r.paired.data() + i * K, groups);
+  }
   return r;
 }
 
@@ -147,6 +174,41 @@ inline float hsum(const __m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+#endif
+
+#ifdef LLAMA_LAB_AVX512
+// acc + w0 . x0 + w1 . x1 over int16 pairs, per int32 lane.
+inline __m512i dot2_512(const __m512i w0, const int16_t* x0, const __m512i w1, const int16_t* x1) {
+  const __m512i a = _mm512_loadu_si512(x0), b = _mm512_loadu_si512(x1);
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w0, a), w1, b);
+#else
+  return _mm512_add_epi32(_mm512_madd_epi16(w0, a), _mm512_madd_epi16(w1, b));
+#endif
+}
+
+// w . x over int16 pairs, per int32 lane: one group of 32.
+inline __m512i dot1_512(const __m512i w, const int16_t* x) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x));
+#else
+  return _mm512_madd_epi16(w, _mm512_loadu_si512(x));
+#endif
+}
+
+// Groups g and g+1 of a q4 row (32 bytes) as two vectors in pair_groups' order: the bytes widened to int16,
+// their 32-bit units interleaved (g's unit k, then g+1's), then the low nibbles and the high ones.
+inline void unpack_q4_pair(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  const __m512i order = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i b = _mm512_permutexvar_epi32(order, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  lo = _mm512_and_si512(b, _mm512_set1_epi16(0x0F));
+  hi = _mm512_srli_epi16(b, 4);
+}
+
+// [s[0], s[1]] repeated: the scales of the even (group g) and odd (group g+1) lanes.
+inline __m512 pair_scales(const float* s) {
+  return _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
 }
 #endif
 
@@ -199,7 +261,42 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     const at::Half* wd = d + n * groups;
     const at::Half* wm = m + n * groups;
     float mins[MT];
-#ifdef LLAMA_LAB_AVX2
+#ifdef LLAMA_LAB_AVX512
+    alignas(64) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    min_terms<MT>(wm, xs, groups, mins);
+    const int16_t* xp = a.paired.data() + m0 * K;
+    __m512 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) {  // two pairs per turn: two independent FMA chains
+      __m512i lo0, hi0, lo1, hi1;
+      unpack_q4_pair(wq + g * 16, lo0, hi0);
+      unpack_q4_pair(wq + g * 16 + 32, lo1, hi1);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xp + i * K + g * kGroup;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
+        acc2[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo1, x + 64, hi1, x + 96)), pair_scales(scale[i] + g + 2),
+                                  acc2[i]);
+      }
+    }
+    for (; g + 2 <= groups; g += 2) {
+      __m512i lo0, hi0;
+      unpack_q4_pair(wq + g * 16, lo0, hi0);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xp + i * K + g * kGroup;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
+      }
+    }
+    float tail[MT];
+    for (int i = 0; i < MT; ++i) tail[i] = 0.f;
+    if (g < groups) {  // an odd last group, in q's order
+      __m256i a0, b0;
+      unpack_q4(wq + g * 16, a0, b0);
+      for (int i = 0; i < MT; ++i) tail[i] = hsum(dot_group(a0, b0, xq + i * K + g * kGroup)) * scale[i][g];
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i])) + tail[i] + mins[i];
+#elif defined(LLAMA_LAB_AVX2)
     alignas(32) float scale[MT][kMaxGroups];
     group_scales<MT>(wd, xd, groups, scale);
     min_terms<MT>(wm, xs, groups, mins);
@@ -251,7 +348,29 @@ void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wq = qs + n * K;
     const at::Half* wd = d + n * groups;
-#ifdef LLAMA_LAB_AVX2
+#ifdef LLAMA_LAB_AVX512
+    alignas(64) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    __m512 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // one group of 32 per vector, two groups per turn: two FMA chains
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup)));
+      const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup + kGroup)));
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1_512(w0, x)), _mm512_set1_ps(scale[i][g]), acc[i]);
+        acc2[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1_512(w1, x + kGroup)), _mm512_set1_ps(scale[i][g + 1]), acc2[i]);
+      }
+    }
+    if (g < groups) {
+      const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup)));
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot1_512(w0, xq + i * K + g * kGroup)), _mm512_set1_ps(scale[i][g]),
+                                 acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i]));
+#elif defined(LLAMA_LAB_AVX2)
     alignas(32) float scale[MT][kMaxGroups];
     group_scales<MT>(wd, xd, groups, scale);
     __m256 acc[MT], acc2[MT];
@@ -394,7 +513,11 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const at::Half* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = mc.data_ptr<at::Half>();
   if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); });
+#ifdef LLAMA_LAB_AVX512
+  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
+#else
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
+#endif
   return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     dispatch_rows<Q4Tile>(mt, a, qp, dp, mp, K, N, n0, n1, m0, o);
   });
