@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 
 from llama_lab.cache import cache_root
+from llama_lab.kernels.build import cpu_flags
 from llama_lab.profiling import cpu_kind
 from llama_lab.web.launcher import ServerProcess, llama_lab_command
 
@@ -51,11 +52,18 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 
 # ---------------------------------------------------------------- the peer
 
-def build_llama_cpp(explicit: str | None) -> Path:
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def build_llama_cpp(explicit: str | None, amx: bool = False) -> Path:
     """A directory holding ``llama-server`` and ``llama-perplexity``: given, cached, or built now."""
     if explicit:
         return Path(explicit)
-    target = cache_root() / "peers" / "llama.cpp"
+    # ggml's AMX code (built by -march=native where the CPU lists amx_tile) faulted in this project's VMs: its
+    # first `tilezero` was an invalid opcode although the kernel granted the tile state. Without AMX the
+    # peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway.
+    no_amx = not amx and "amx_tile" in cpu_flags()
+    target = cache_root() / "peers" / ("llama.cpp-noamx" if no_amx else "llama.cpp")
     if (target / "llama-server").is_file() and (target / "llama-perplexity").is_file():
         return target
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-build-"))
@@ -67,7 +75,8 @@ def build_llama_cpp(explicit: str | None) -> Path:
         with tarfile.open(sdist) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-        subprocess.run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+        flags = ["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if no_amx else []
+        subprocess.run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", *flags],
                        cwd=src, check=True, capture_output=True)
         subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", "llama-server",
                         "llama-perplexity"], cwd=src, check=True, capture_output=True)
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="GGUF file (default: the embedded SmolLM2 Q4_1)")
     ap.add_argument("--llama-cpp-bin", help="directory with llama-server and llama-perplexity (default: build once)")
+    ap.add_argument("--llama-cpp-amx", action="store_true", help="build llama.cpp with its AMX code where the CPU has AMX")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-perplexity", action="store_true")
@@ -235,10 +245,12 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(ensure_packed(gguf))
-    bin_dir = build_llama_cpp(args.llama_cpp_bin)
+    bin_dir = build_llama_cpp(args.llama_cpp_bin, amx=args.llama_cpp_amx)
     ctx = LONG_TOKENS + 1024
     commands = {
-        "llama_lab": (llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning"), {}),
+        # the compiled step is built (once per model and machine) before serving: steady state is timed
+        "llama_lab": (llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning",
+                                        "--no-compile-in-background"), {}),
         "llama-server": ([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}", "--host", "127.0.0.1",
                           "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], {"LD_LIBRARY_PATH": str(bin_dir)}),
     }
