@@ -124,6 +124,8 @@ class PagedRunner:
         self.model = FastLlama(loaded.model, kernel)
         self.attention = "cpu-kernel" if kernel is not None else "torch-reference"
         self.kernel_path = kernel_path() if kernel is not None else None
+        # the quantized kernels' GEMM for prompt chunks (read here, so a bad LLAMA_LAB_GEMM_DTYPE stops the start)
+        self.prompt_gemm = torch.ops.llama_lab.gemm_dtype() if kernel is not None else None
         m = self.model
         packed = 0
         if self.device.type == "cpu" and os.environ.get("LLAMA_LAB_CPU_PACK", "1") != "0":
@@ -173,7 +175,7 @@ class PagedRunner:
 
     def describe(self) -> dict[str, Any]:
         return {"runner": type(self).__name__, "decode": self.mode, "attention": self.attention,
-                "cpu_kernels": self.kernel_path,
+                "cpu_kernels": self.kernel_path, "prompt_gemm": self.prompt_gemm,
                 "eager_linears": self.eager_linears, "compile_error": self.compile_error,
                 "compiled_package": self.package, "kv_cache_tokens": self.cache.capacity_tokens,
                 "kv_cache_dtype": str(self.cache.shape.dtype).replace("torch.", ""),

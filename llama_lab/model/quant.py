@@ -47,6 +47,18 @@ def require_kernels() -> None:
         raise RuntimeError(f"the quantized CPU kernels are not available: {error}")
 
 
+# From this many activation rows on, the kernels dequantize the weights and use a GEMM (a prompt chunk);
+# below, integer dot products with int16 activations (decode).
+GEMM_ROWS = 32
+
+
+def gemm_dtype() -> str:
+    """The precision of the kernels' GEMM for many rows: ``bf16`` where the CPU multiplies bf16 natively
+    (AVX512-BF16, AMX), else ``fp32``; ``LLAMA_LAB_GEMM_DTYPE=fp32|bf16`` chooses, read once per process."""
+    require_kernels()
+    return torch.ops.llama_lab.gemm_dtype()
+
+
 # ---------------------------------------------------------------- packing
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,13 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,7 +51,12 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kRowTile = 4;    // activation rows that share one unpacked weight group
+// Activation rows that share one unpacked weight group: eight where 32 vector registers hold their sums.
+#ifdef LLAMA_LAB_AVX512
+constexpr int64_t kRowTile = 8;
+#else
+constexpr int64_t kRowTile = 4;
+#endif
 constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
 constexpr int64_t kGemmRows = 32;  // from this many activation rows on, dequantize and use a float GEMM
 constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
@@ -418,7 +426,15 @@ void dispatch_rows(int64_t mt, Args&&... args) {
     case 1: Tile<1>::run(args...); break;
     case 2: Tile<2>::run(args...); break;
     case 3: Tile<3>::run(args...); break;
+#ifdef LLAMA_LAB_AVX512
+    case 4: Tile<4>::run(args...); break;
+    case 5: Tile<5>::run(args...); break;
+    case 6: Tile<6>::run(args...); break;
+    case 7: Tile<7>::run(args...); break;
+    default: Tile<8>::run(args...); break;
+#else
     default: Tile<4>::run(args...); break;
+#endif
   }
 }
 
@@ -459,17 +475,29 @@ at::Tensor run_tiles(int64_t M, int64_t N, Tile&& tile) {
   return out;
 }
 
-// One dequantized weight row (float32, K values).
+// One dequantized weight row (float32, K values): a prompt's GEMM dequantizes every weight once per chunk,
+// so this runs N*K times per product and is vectorized where the CPU has AVX2.
 void q4_row(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, int64_t n, float* o) {
   const int64_t groups = K / kGroup;
   const uint8_t* wq = qs + n * (K / 2);
   for (int64_t g = 0; g < groups; ++g) {
     const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
-    for (int j = 0; j < 16; ++j) {
-      const uint8_t b = wq[g * 16 + j];
-      o[g * kGroup + j] = dw * static_cast<float>(b & 0x0F) + mw;
-      o[g * kGroup + j + 16] = dw * static_cast<float>(b >> 4) + mw;
+    const uint8_t* b = wq + g * 16;
+    float* out = o + g * kGroup;
+#ifdef LLAMA_LAB_AVX2
+    const __m256 vd = _mm256_set1_ps(dw), vm = _mm256_set1_ps(mw);
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    for (int h = 0; h < 2; ++h) {  // bytes 0..7, then 8..15: elements j (low nibble) and j+16 (high)
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
+      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), vm));
+      _mm256_storeu_ps(out + 16 + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), vm));
     }
+#else
+    for (int j = 0; j < 16; ++j) {
+      out[j] = dw * static_cast<float>(b[j] & 0x0F) + mw;
+      out[j + 16] = dw * static_cast<float>(b[j] >> 4) + mw;
+    }
+#endif
   }
 }
 
@@ -478,8 +506,51 @@ void q8_row(const int8_t* qs, const at::Half* d, int64_t K, int64_t n, float* o)
   const int8_t* wq = qs + n * K;
   for (int64_t g = 0; g < groups; ++g) {
     const float dw = half_to_float(d[n * groups + g]);
-    for (int j = 0; j < kGroup; ++j) o[g * kGroup + j] = dw * static_cast<float>(wq[g * kGroup + j]);
+    const int8_t* b = wq + g * kGroup;
+    float* out = o + g * kGroup;
+#ifdef LLAMA_LAB_AVX2
+    const __m256 vd = _mm256_set1_ps(dw);
+    for (int h = 0; h < 4; ++h)
+      _mm256_storeu_ps(out + 8 * h, _mm256_mul_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h))))));
+#else
+    for (int j = 0; j < kGroup; ++j) out[j] = dw * static_cast<float>(b[j]);
+#endif
   }
+}
+
+// The GEMM's precision for many rows. bf16 (activations and dequantized weights rounded to bf16, float
+// accumulation) where the CPU multiplies bf16 natively (AVX512-BF16, AMX): oneDNN's bf16 GEMM is 4-6x its
+// fp32 one there, and bf16 keeps 8 bits of each value, as llama.cpp's int8 activations do. fp32 elsewhere,
+// or everywhere with LLAMA_LAB_GEMM_DTYPE=fp32 (read once per process; bf16 forces it on any CPU).
+bool gemm_in_bf16() {
+  static const bool bf16 = [] {
+    const char* env = std::getenv("LLAMA_LAB_GEMM_DTYPE");
+    const std::string chosen = env ? env : "auto";
+    if (chosen == "fp32") return false;
+    if (chosen == "bf16") return true;
+    TORCH_CHECK(chosen == "auto" || chosen.empty(), "LLAMA_LAB_GEMM_DTYPE must be auto, fp32 or bf16, not '", chosen, "'");
+#ifdef __AVX512BF16__
+    return true;
+#else
+    return false;
+#endif
+  }();
+  return bf16;
+}
+
+std::string gemm_dtype() { return gemm_in_bf16() ? "bf16" : "fp32"; }
+
+// n floats to bf16, rounded to nearest even as torch's .to(bfloat16) rounds.
+void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512BF16__
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = at::BFloat16(src[i]);
 }
 
 // Many activation rows (a prompt chunk) make the product compute-bound, where a float GEMM beats integer
@@ -490,6 +561,26 @@ at::Tensor dequant_gemm(const at::Tensor& x, int64_t N, int64_t K, Row&& row) {
   const int64_t M = x.size(0);
   auto out = at::empty({M, N}, x.options());
   const int64_t tile = std::min(N, kGemmTile);
+  if (gemm_in_bf16()) {
+    auto xb = at::empty({M, K}, x.options().dtype(at::kBFloat16));
+    const float* xp = x.data_ptr<float>();
+    at::BFloat16* xbp = xb.data_ptr<at::BFloat16>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) { to_bf16(xp + begin * K, xbp + begin * K, (end - begin) * K); });
+    auto w = at::empty({tile, K}, xb.options());
+    at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+    for (int64_t n0 = 0; n0 < N; n0 += tile) {
+      const int64_t len = std::min(tile, N - n0);
+      at::parallel_for(0, len, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(K);
+        for (int64_t i = begin; i < end; ++i) {
+          row(n0 + i, scratch.data());
+          to_bf16(scratch.data(), wp + i * K, K);
+        }
+      });
+      out.narrow(1, n0, len).copy_(at::mm(xb, w.narrow(0, 0, len).t()));
+    }
+    return out;
+  }
   auto w = at::empty({tile, K}, x.options());
   float* wp = w.data_ptr<float>();
   for (int64_t n0 = 0; n0 < N; n0 += tile) {
@@ -578,6 +669,7 @@ TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
   m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor m) -> Tensor");
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
+  m.def("gemm_dtype() -> str", &gemm_dtype);
 }
 
 TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
