@@ -12,7 +12,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -25,11 +25,13 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
     event,
     func,
+    insert,
     inspect,
     or_,
     select,
@@ -293,20 +295,96 @@ def create_tables(engine: Engine) -> None:
             time.sleep(0.1)
 
 
+@lru_cache(maxsize=None)
+def _window_upsert(table: type[RateWindowRow] | type[ModelWindowRow], dialect: str, rpm: bool, tpm: bool) -> Any:
+    """The conditional upsert of a minute's row, built once per shape with bind parameters: building the
+    expression per request cost more Python time than the database spent running it."""
+    t = table.__table__
+    keys = [c.name for c in t.primary_key.columns if c.name != "minute"]
+    room = [t.c.requests < bindparam("w_rpm")] if rpm else []
+    if tpm:
+        room.append(t.c.tokens + bindparam("w_add") <= bindparam("w_tpm"))
+    upsert = (sqlite_insert if dialect == "sqlite" else pg_insert)(t)
+    return (
+        upsert.values(**{k: bindparam(f"w_{k}") for k in keys}, minute=bindparam("w_minute"), requests=1,
+                      tokens=bindparam("w_add"))
+        .on_conflict_do_update(index_elements=[*keys, "minute"],
+                               set_={"requests": t.c.requests + 1, "tokens": t.c.tokens + bindparam("w_add")},
+                               where=and_(*room))
+        .returning(t.c.requests, t.c.tokens)
+    )
+
+
 def _count_in_window(s: Any, table: type[RateWindowRow] | type[ModelWindowRow], key: dict[str, Any], minute: int,
                      rpm: int | None, tpm: int | None, add: int) -> tuple[int, int] | None:
     """Count one request and ``add`` tokens in a minute's row if both fit: its new (requests, tokens), or None."""
-    room = [table.requests < rpm] if rpm is not None else []
+    stmt = _window_upsert(table, s.get_bind().dialect.name, rpm is not None, tpm is not None)
+    params = {**{f"w_{k}": v for k, v in key.items()}, "w_minute": minute, "w_add": add}
+    if rpm is not None:
+        params["w_rpm"] = rpm
     if tpm is not None:
-        room.append(table.tokens + add <= tpm)
-    upsert = (sqlite_insert if s.get_bind().dialect.name == "sqlite" else pg_insert)(table)
-    return s.execute(
-        upsert.values(**key, minute=minute, requests=1, tokens=add)
-        .on_conflict_do_update(index_elements=[*key, "minute"],
-                               set_={"requests": table.requests + 1, "tokens": table.tokens + add},
-                               where=and_(*room))
-        .returning(table.requests, table.tokens)
-    ).first()
+        params["w_tpm"] = tpm
+    return s.connection().execute(stmt, params).first()
+
+
+@lru_cache(maxsize=None)
+def _admit_update() -> Any:
+    """The conditional UPDATE that admits a request on its token's row (``Store.admit``), built once.
+
+    A request in a new budget period sees used as 0 and moves period_start, in the same statement, so the
+    reset happens once however many gateways admit requests at the turn of the period.
+    """
+    t = TokenRow.__table__
+    amount = bindparam("t_amount")
+    current = case(*((t.c.budget_period == p, bindparam(f"t_{p}")) for p in PERIODS), else_=None)
+    new_period = and_(t.c.budget_period.is_not(None), or_(t.c.period_start.is_(None), t.c.period_start < current))
+    used = case((new_period, 0), else_=t.c.used)
+    return (
+        update(t)
+        .where(
+            t.c.id == bindparam("t_id"),
+            or_(t.c.quota.is_(None), used + t.c.reserved + amount <= t.c.quota),
+            or_(t.c.lifetime_cap.is_(None), t.c.used_total + t.c.reserved + amount <= t.c.lifetime_cap),
+            or_(t.c.max_parallel.is_(None), t.c.in_flight < t.c.max_parallel),
+        )
+        .values(used=used, period_start=case((new_period, current), else_=t.c.period_start),
+                reserved=t.c.reserved + amount, in_flight=t.c.in_flight + 1)
+        .returning(t.c.rpm_limit, t.c.tpm_limit, t.c.model_limits)
+    )
+
+
+@lru_cache(maxsize=None)
+def _reservation_insert() -> Any:
+    return insert(ReservationRow.__table__).returning(ReservationRow.__table__.c.id)
+
+
+@dataclass(frozen=True)
+class _SettleStatements:
+    release: Any
+    charge: Any
+    token_window: Any
+    model_window: Any
+    log: Any
+
+
+@lru_cache(maxsize=None)
+def _settle_statements() -> _SettleStatements:
+    """``Store.settle``'s statements, built once with bind parameters (see ``_window_upsert``)."""
+    r, t, w, m = (ReservationRow.__table__, TokenRow.__table__, RateWindowRow.__table__, ModelWindowRow.__table__)
+    total, held = bindparam("c_total"), bindparam("c_held")
+    return _SettleStatements(
+        release=delete(r).where(r.c.id == bindparam("r_id"))
+        .returning(r.c.amount, r.c.token_id, r.c.created_at, r.c.token_window, r.c.model_window),
+        charge=update(t).where(t.c.id == bindparam("c_id"))
+        .values(used=t.c.used + total, used_total=t.c.used_total + total, reserved=t.c.reserved - held,
+                in_flight=t.c.in_flight - bindparam("c_released")),
+        token_window=update(w).where(w.c.token_id == bindparam("c_token"), w.c.minute == bindparam("c_minute"))
+        .values(tokens=w.c.tokens + bindparam("c_delta")),
+        model_window=update(m).where(m.c.token_id == bindparam("c_token"), m.c.model == bindparam("c_model"),
+                                     m.c.minute == bindparam("c_minute"))
+        .values(tokens=m.c.tokens + bindparam("c_delta")),
+        log=insert(LogRow.__table__),
+    )
 
 
 def _window_state(s: Any, table: type[RateWindowRow] | type[ModelWindowRow], key: dict[str, Any],
@@ -467,26 +545,9 @@ class Store:
 
     @staticmethod
     def _admit(s: Any, token_id: int, amount: int, ttl: float, now: float, model: str | None) -> Admission:
-        # A request in a new budget period sees used as 0 and moves period_start, in the same conditional
-        # UPDATE, so the reset happens once however many gateways admit requests at the turn of the period.
-        current = case(*((TokenRow.budget_period == p, period_bounds(p, now)[0]) for p in PERIODS), else_=None)
-        new_period = and_(TokenRow.budget_period.is_not(None),
-                          or_(TokenRow.period_start.is_(None), TokenRow.period_start < current))
-        used = case((new_period, 0), else_=TokenRow.used)
-        fits = s.execute(
-            update(TokenRow)
-            .where(
-                TokenRow.id == token_id,
-                or_(TokenRow.quota.is_(None), used + TokenRow.reserved + amount <= TokenRow.quota),
-                or_(TokenRow.lifetime_cap.is_(None),
-                    TokenRow.used_total + TokenRow.reserved + amount <= TokenRow.lifetime_cap),
-                or_(TokenRow.max_parallel.is_(None), TokenRow.in_flight < TokenRow.max_parallel),
-            )
-            .values(used=used, period_start=case((new_period, current), else_=TokenRow.period_start),
-                    reserved=TokenRow.reserved + amount, in_flight=TokenRow.in_flight + 1)
-            .returning(TokenRow.rpm_limit, TokenRow.tpm_limit, TokenRow.model_limits)
-            .execution_options(synchronize_session=False)
-        ).first()
+        fits = s.connection().execute(
+            _admit_update(), {"t_id": token_id, "t_amount": amount,
+                              **{f"t_{p}": period_bounds(p, now)[0] for p in PERIODS}}).first()
         if fits is None:
             row = s.execute(select(TokenRow.max_parallel, TokenRow.in_flight, TokenRow.lifetime_cap,
                                    TokenRow.used_total, TokenRow.reserved).where(TokenRow.id == token_id)).first()
@@ -524,11 +585,12 @@ class Store:
                 requests.append(Window(w_rpm, max(w_rpm - counted[0], 0), reset))
             if w_tpm is not None:
                 tokens.append(Window(w_tpm, max(w_tpm - counted[1], 0), reset))
-        row = ReservationRow(token_id=token_id, amount=amount, expires_at=now + ttl, created_at=now,
-                             token_window=tpm is not None, model_window=model if model_tpm is not None else None)
-        s.add(row)
-        s.flush()
-        return Admission(row.id, None, requests=_tightest(requests), tokens=_tightest(tokens))
+        reservation = s.connection().execute(
+            _reservation_insert(),
+            {"token_id": token_id, "amount": amount, "expires_at": now + ttl, "created_at": now,
+             "token_window": tpm is not None, "model_window": model if model_tpm is not None else None},
+        ).scalar_one()
+        return Admission(reservation, None, requests=_tightest(requests), tokens=_tightest(tokens))
 
     def quota_state(self, token_id: int) -> tuple[int, int, int | None]:
         """``(used, reserved, quota)`` of a token, for the message that says why a request did not fit."""
@@ -625,38 +687,28 @@ class Store:
         total = int(log.get("prompt_tokens", 0)) + int(log.get("completion_tokens", 0))
         # Client-supplied text (a model name, an error quoting it) may hold NUL, which PostgreSQL refuses.
         log = {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in log.items()}
+        unknown = log.keys() - LogRow.__table__.c.keys()
+        if unknown:  # a Core insert would drop them silently
+            raise TypeError(f"not request-log fields: {sorted(unknown)}")
+        stmts = _settle_statements()
         with self._session.begin() as s:
+            conn = s.connection()
             gone = None
             if reservation_id is not None:
-                gone = s.execute(
-                    delete(ReservationRow).where(ReservationRow.id == reservation_id)
-                    .returning(ReservationRow.amount, ReservationRow.token_id, ReservationRow.created_at,
-                               ReservationRow.token_window, ReservationRow.model_window)
-                    .execution_options(synchronize_session=False)
-                ).first()
+                gone = conn.execute(stmts.release, {"r_id": reservation_id}).first()
             held, released = (int(gone[0]), 1) if gone is not None else (0, 0)
             if log.get("token_id") is not None and (total or released):
-                s.execute(
-                    update(TokenRow).where(TokenRow.id == log["token_id"])
-                    .values(used=TokenRow.used + total, used_total=TokenRow.used_total + total,
-                            reserved=TokenRow.reserved - held, in_flight=TokenRow.in_flight - released)
-                    .execution_options(synchronize_session=False)
-                )
+                conn.execute(stmts.charge, {"c_id": log["token_id"], "c_total": total, "c_held": held,
+                                            "c_released": released})
             if gone is not None and total != held and int(gone[2] // 60) == int(now // 60):
                 # after the token's row, as admit locks them: no deadlock between the two
                 _, token_id, created, in_token_window, model = gone
+                window = {"c_token": token_id, "c_minute": int(created // 60), "c_delta": total - held}
                 if in_token_window:
-                    s.execute(update(RateWindowRow)
-                              .where(RateWindowRow.token_id == token_id, RateWindowRow.minute == int(created // 60))
-                              .values(tokens=RateWindowRow.tokens + (total - held))
-                              .execution_options(synchronize_session=False))
+                    conn.execute(stmts.token_window, window)
                 if model is not None:
-                    s.execute(update(ModelWindowRow)
-                              .where(ModelWindowRow.token_id == token_id, ModelWindowRow.model == model,
-                                     ModelWindowRow.minute == int(created // 60))
-                              .values(tokens=ModelWindowRow.tokens + (total - held))
-                              .execution_options(synchronize_session=False))
-            s.add(LogRow(total_tokens=total, **log))
+                    conn.execute(stmts.model_window, {**window, "c_model": model})
+            conn.execute(stmts.log, {"total_tokens": total, **log})
 
     def logs(self, filters: LogFilter | None = None, **fields: Any) -> list[LogOut]:
         """Newest first, filtered (a ``LogFilter``, or its fields as keywords)."""
