@@ -43,6 +43,7 @@ import httpx
 import psutil
 
 from bench._servers import baseline_tree
+from bench.peer_bench import peer_dir, peer_env
 from llama_lab.profiling import cpu_kind
 from llama_lab.web.launcher import ServerProcess
 
@@ -62,10 +63,8 @@ def find_llama_server(given: str | None) -> tuple[Path | None, str]:
         return Path(found), ""
     from llama_lab.model.loading import cache_root
 
-    # peer_bench's builds first (the one without AMX, which runs where AMX faulted), then any other build
-    peers = cache_root() / "peers"
-    for candidate in [peers / "llama.cpp-noamx" / "llama-server", peers / "llama.cpp" / "llama-server",
-                      *sorted(cache_root().glob("**/bin/llama-server"))]:
+    # peer_bench's build for this CPU first, then any other build in the cache
+    for candidate in [peer_dir() / "llama-server", *sorted(cache_root().glob("**/bin/llama-server"))]:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate, ""
     return None, f"no llama-server on PATH or under {cache_root()} (pass --llama-server PATH)"
@@ -269,9 +268,7 @@ def main() -> int:
 
         gguf = args.gguf or str(embedded_gguf_path())
         sides[f"llama.cpp -t {cpus}"] = ([str(llama_server), "-m", gguf, "--host", "127.0.0.1", "--port", "{port}",
-                                          "-t", str(cpus)],
-                                         # a build's shared libraries lie beside it (peer_bench builds it so)
-                                         {"LD_LIBRARY_PATH": str(llama_server.parent)}, None, None)
+                                          "-t", str(cpus)], peer_env(llama_server.parent), None, None)
     else:
         print(f"llama.cpp llama-server: skipped ({why_not})")
 

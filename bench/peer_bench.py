@@ -55,15 +55,27 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
+def peer_dir(amx: bool = False) -> Path:
+    """Where ``build_llama_cpp`` keeps its build on this CPU (other benches look for the peer there).
+
+    ggml's AMX code (built by -march=native where the CPU lists amx_tile) faulted in this project's VMs: its
+    first `tilezero` was an invalid opcode although the kernel granted the tile state. Without AMX the
+    peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway.
+    """
+    no_amx = not amx and "amx_tile" in cpu_flags()
+    return cache_root() / "peers" / ("llama.cpp-noamx" if no_amx else "llama.cpp")
+
+
+def peer_env(bin_dir: Path) -> dict[str, str]:
+    """The environment a built llama.cpp binary needs: its shared libraries lie beside it."""
+    return {"LD_LIBRARY_PATH": str(bin_dir)}
+
+
 def build_llama_cpp(explicit: str | None, amx: bool = False) -> Path:
     """A directory holding ``llama-server`` and ``llama-perplexity``: given, cached, or built now."""
     if explicit:
         return Path(explicit)
-    # ggml's AMX code (built by -march=native where the CPU lists amx_tile) faulted in this project's VMs: its
-    # first `tilezero` was an invalid opcode although the kernel granted the tile state. Without AMX the
-    # peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway.
-    no_amx = not amx and "amx_tile" in cpu_flags()
-    target = cache_root() / "peers" / ("llama.cpp-noamx" if no_amx else "llama.cpp")
+    target = peer_dir(amx)
     if (target / "llama-server").is_file() and (target / "llama-perplexity").is_file():
         return target
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-build-"))
@@ -199,7 +211,7 @@ def peer_perplexity(bin_dir: Path, gguf: Path, threads: int, ctx: int = 512) -> 
     try:
         done = subprocess.run([str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", f.name, "-c", str(ctx),
                                "-t", str(threads), "-b", str(ctx)], capture_output=True, text=True, timeout=1800,
-                              env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
+                              env={**os.environ, **peer_env(bin_dir)})
     finally:
         os.unlink(f.name)
     match = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "llama_lab": (llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning",
                                         "--no-compile-in-background"), {}),
         "llama-server": ([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}", "--host", "127.0.0.1",
-                          "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], {"LD_LIBRARY_PATH": str(bin_dir)}),
+                          "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], peer_env(bin_dir)),
     }
     sides = {name: run_side(name, *commands[name], tokenizer, args.repeats) for name in args.sides.split(",")}
     if not args.skip_perplexity:
