@@ -6,7 +6,7 @@
 
 For each weight shape (SmolLM2's MLP and output head, Llama-3-8B's MLP) and 1 or 4 activation rows:
 fp32 ``F.linear``, torch's ``_weight_int8pack_mm`` (per-channel int8) and ``_weight_int4pack_mm_for_cpu``
-(group 32, bf16 activations: its fast input), and ours (``q4``, ``q8``: groups of 32). Best of 7 rounds,
+(group 32, bf16 activations: its fast input), and ours (``q4``, ``q5``, ``q8``: groups of 32). Best of 7 rounds,
 microseconds per product, and each one's speed relative to fp32. Last line: one JSON object.
 """
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k, n in SHAPES:
         linear = nn.Linear(k, n, bias=False)
-        q4, q8 = QuantLinear.from_linear(linear, "q4"), QuantLinear.from_linear(linear, "q8")
+        q4, q5, q8 = (QuantLinear.from_linear(linear, kind) for kind in ("q4", "q5", "q8"))
         w8 = torch.randint(-127, 127, (n, k), dtype=torch.int8)
         s8 = torch.rand(n)
         w4 = torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 1)
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch int4pack (bf16 x)": lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 32, sz4),
                 "ours q8": lambda: q8(x),
                 "ours q4": lambda: q4(x),
+                "ours q5": lambda: q5(x),
             }
             times = {name: best_us(fn, calls) for name, fn in sides.items()}
             rows.append({"k": k, "n": n, "rows": m, "us": times})

@@ -1,7 +1,7 @@
 """The engine's C++ CPU operators, built once per machine into one library and loaded on first use.
 
 Two sources, one build: ``csrc/paged_attention.cpp`` (``torch.ops.llama_lab.paged_attention``) and
-``csrc/quant_linear.cpp`` (``q4_linear``, ``q8_linear``, ``q4_rows``, ``q8_rows``, and the grammar bitmask's
+``csrc/quant_linear.cpp`` (``q4_linear``, ``q5_linear``, ``q8_linear``, their ``_rows`` lookups, and the grammar bitmask's
 ``apply_token_bitmask_``). They are compiled
 with the local C++ compiler and ``-march=native`` (so the AVX2 or AVX512-BF16 paths the CPU has are
 the ones built), in parallel by ninja, and cached beside the converted models under a key of the
@@ -134,6 +134,14 @@ def _register_fakes() -> None:
     @torch.library.register_fake("llama_lab::q4_linear")
     def _q4_linear(x, qs, d, m):
         return x.new_empty((x.shape[0], qs.shape[0]))
+
+    @torch.library.register_fake("llama_lab::q5_linear")
+    def _q5_linear(x, qs, qh, d, m):
+        return x.new_empty((x.shape[0], qs.shape[0]))
+
+    @torch.library.register_fake("llama_lab::q5_rows")
+    def _q5_rows(ids, qs, qh, d, m):
+        return d.new_empty((ids.shape[0], qs.shape[1] * 2), dtype=torch.float32)
 
     @torch.library.register_fake("llama_lab::q8_linear")
     def _q8_linear(x, qs, d):

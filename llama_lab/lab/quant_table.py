@@ -54,10 +54,10 @@ WEIGHTS_TOLERANCE = 0.15  # the bar: framework weights memory within 15% of the 
 # The modes run by the CPU kernels (model/quant.py): a GGUF's own blocks, and weight-only int8 / int4.
 KERNEL_MODES = ("gguf", "int8", "int4")
 # Bits one stored weight costs, by storage format. q4 and q8 are the CPU kernels' layouts: per group of
-# 32 weights, q4 holds 16 bytes of nibbles plus a float16 scale d and minimum m (160 bits), q8 32 bytes
-# plus a float16 d (272 bits). bitsandbytes' own scales are left out, as get_memory_footprint leaves them.
+# 32 weights, q4 holds 16 bytes of nibbles plus a float16 scale d and minimum m (160 bits), q5 that plus
+# 4 bytes of fifth bits (192 bits), q8 32 bytes plus a float16 d (272 bits). bitsandbytes' own scales are left out, as get_memory_footprint leaves them.
 FORMAT_BITS: dict[str, float] = {
-    "float32": 32, "bfloat16": 16, "float16": 16, "bnb-int8": 8, "bnb-nf4": 4, "q8": 8.5, "q4": 5,
+    "float32": 32, "bfloat16": 16, "float16": 16, "bnb-int8": 8, "bnb-nf4": 4, "q8": 8.5, "q5": 6, "q4": 5,
 }
 KERNEL_GROUP = 32  # a linear whose input width is not a whole number of groups stays float32
 
@@ -140,7 +140,7 @@ class WeightInventory:
     bitsandbytes quantizes every ``nn.Linear`` except the output head; the embedding, the head (tied to
     it in SmolLM2), norms and biases stay in the compute dtype. The CPU kernels' int8/int4 store the
     decoder's linears as q8/q4 and the embedding and head as q8 (one table when tied); gguf keeps each
-    tensor in the file's own type (Q4_0/Q4_1/Q4_K as q4, other quantized types as q8). Both keep
+    tensor in the file's own type (Q4_0/Q4_1/Q4_K as q4, Q5_0/Q5_1/Q5_K as q5, other quantized types as q8). Both keep
     norms and biases in float32.
     """
 
@@ -292,7 +292,9 @@ def gguf_kernel_format(qtype: str) -> str:
     """The format a GGUF tensor type is kept in for the CPU kernels (``model/quant.py``'s ``from_gguf_blocks``)."""
     if qtype in ("F32", "F16", "BF16"):
         return "float32"
-    return "q4" if qtype in ("Q4_0", "Q4_1", "Q4_K") else "q8"
+    if qtype in ("Q4_0", "Q4_1", "Q4_K"):
+        return "q4"
+    return "q5" if qtype in ("Q5_0", "Q5_1", "Q5_K") else "q8"
 
 
 def gguf_weight_types(gguf: Path) -> dict[str, str]:
@@ -813,7 +815,7 @@ def format_table(results: Sequence[ModeResult], seed_mib: dict[str, int] | None 
                      f"{first.decode_tokens} decode tokens; speeds: median of {first.repeats} runs after a warm-up "
                      f"of the same shapes (spread: min-max); energy: {first.energy_source}")
         lines.append(f"w/theory: framework weights / (params x bits/8 in the mode's layout: bitsandbytes keeps embeddings "
-                     f"and head in the compute dtype; the CPU kernels' q4 = 5 and q8 = 8.5 bits/weight with their float16 "
+                     f"and head in the compute dtype; the CPU kernels' q4 = 5, q5 = 6 and q8 = 8.5 bits/weight with their float16 "
                      f"scales, embedding and head q8, norms float32); ok = within {WEIGHTS_TOLERANCE:.0%}; "
                      f"decode: the engine's step (compiled<=N: compiled up to N rows, eager beyond)")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """GGUF files kept in their own quantization: repacked once into the CPU kernels' layout, then loaded.
 
 A GGUF's quantized blocks already are what a weight-only kernel wants, so they are never widened to
-floats for the matrix products: Q4_0 / Q4_1 / Q4_K become ``q4``, Q8_0 becomes ``q8`` (exactly; see
-``model/quant.py``), other quantized types are re-quantized to ``q8``, and float tensors (norms,
+floats for the matrix products: Q4_0 / Q4_1 / Q4_K become ``q4``, Q5_0 / Q5_1 / Q5_K become ``q5``,
+Q8_0 becomes ``q8`` (exactly; see ``model/quant.py``), other quantized types are re-quantized to ``q8``, and float tensors (norms,
 biases) stay floats. The first load of a file writes the packed tensors (safetensors), the config,
 the tokenizer and the generation config into the cache dir, published with an atomic rename; every
 later load reads that copy.
@@ -37,9 +37,10 @@ from llama_lab.model.quant import STACKS, QuantEmbedding, QuantLinear, from_gguf
 
 logger = logging.getLogger(__name__)
 
-PACK_FORMAT = 2  # bump when the packed layout changes
+PACK_FORMAT = 3  # bump when the packed layout changes
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
 
+PARTS = ("qs", "qh", "d", "m")  # a packed weight's tensors (``model/quant.py``); qh only for q5, m for q4/q5
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -153,7 +154,7 @@ def _repack(gguf: Path, target: Path, reader: Any) -> Path:
         if len(shape) == 2 and (packed := from_gguf_blocks(qtype, data.reshape(shape[0], -1), shape)) is not None:
             base = name.removesuffix(".weight")
             kinds[base] = packed.kind
-            for part in ("qs", "d", "m"):
+            for part in PARTS:
                 value = getattr(packed, part)
                 if value is not None:
                     tensors[f"{base}.{part}"] = (value[torch.from_numpy(order)] if order is not None else value).contiguous()
@@ -183,7 +184,7 @@ def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int)
                 continue  # mixed formats (a Q4_K_M's Q6_K v beside Q4_K q and k): kept apart
             target = f"model.layers.{i}.{parent}.{stacked}"
             stacks[target] = [[b, int(tensors[f"{b}.qs"].shape[0])] for b in bases]
-            for part in ("qs", "d", "m"):
+            for part in PARTS:
                 if f"{bases[0]}.{part}" in tensors:
                     tensors[f"{target}.{part}"] = torch.cat([tensors.pop(f"{b}.{part}") for b in bases])
             kinds[target] = kinds[bases[0]]
@@ -225,12 +226,14 @@ def load_packed(directory: Path) -> tuple[nn.Module, Any]:
             start = 0
             for part, rows in stacks[base]:
                 view = [tensors[f"{base}.{x}"][start:start + rows] if f"{base}.{x}" in tensors else None
-                        for x in ("qs", "d", "m")]
-                _set_module(model, part, QuantLinear(kind, view[0], view[1], view[2], tensors.get(f"{part}.bias")))
+                        for x in PARTS]
+                _set_module(model, part, QuantLinear(kind, view[0], view[2], view[3], tensors.get(f"{part}.bias"),
+                                                     qh=view[1]))
                 start += rows
             continue
         bias = tensors.get(f"{base}.bias")
-        linear = QuantLinear(kind, tensors[f"{base}.qs"], tensors[f"{base}.d"], tensors.get(f"{base}.m"), bias)
+        linear = QuantLinear(kind, tensors[f"{base}.qs"], tensors[f"{base}.d"], tensors.get(f"{base}.m"), bias,
+                             qh=tensors.get(f"{base}.qh"))
         if base == "model.embed_tokens":
             model.model.embed_tokens = QuantEmbedding(linear)
             if "lm_head" not in kinds and config.tie_word_embeddings:

@@ -436,6 +436,7 @@ def _resolve_mode(mode: LoadMode, gguf: Path | None, device: str | None) -> Load
 def _load_gguf_packed(gguf: Path) -> tuple[Any, Any, str]:
     from llama_lab import kernels
     from llama_lab.model.gguf_native import ensure_packed, load_packed
+    from llama_lab.model.quant import QuantLinear
 
     # A machine's first start builds the kernels (a C++ compile, ~20 s) and repacks the file (~15 s,
     # mostly Python): side by side they take the longer of the two. load() is idempotent and locked,
@@ -453,7 +454,8 @@ def _load_gguf_packed(gguf: Path) -> tuple[Any, Any, str]:
     for qtype in types.values():
         counts[qtype] = counts.get(qtype, 0) + 1
     listed = ", ".join(f"{t} x{n}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    return model, tokenizer, f"gguf {listed} -> q4/q8 CPU kernels"
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, QuantLinear)})
+    return model, tokenizer, f"gguf {listed} -> {'/'.join(kinds)} CPU kernels"
 
 
 def _parse_mode(mode: str | LoadMode) -> LoadMode:

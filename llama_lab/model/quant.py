@@ -1,14 +1,19 @@
-"""Weight-only quantized linears for the CPU: 4-bit and 8-bit weights in groups of 32.
+"""Weight-only quantized linears for the CPU: 4-, 5- and 8-bit weights in groups of 32.
 
-Two formats, the kernels' layouts (``csrc/quant_linear.cpp``):
+Three formats, the kernels' layouts (``csrc/quant_linear.cpp``):
 
 - ``q4``: ``qs`` uint8 ``[N, K/2]`` (a group's 32 values in 16 bytes: element j in the low nibble of
   byte j, element j+16 in the high one, as GGUF's Q4_0 / Q4_1 blocks), ``d`` and ``m`` float16
   ``[N, K/32]``: ``w = d * q + m``. GGUF's Q4_0 (``m = -8 d``), Q4_1 and Q4_K (each 256-block's eight
   sub-blocks carry their own scale and minimum) all map onto it without loss beyond rounding the
   Q4_K sub-block scale ``d * sc`` to float16.
+- ``q5``: q4's ``qs``, ``d`` and ``m`` hold the low four bits, and ``qh`` uint8 ``[N, K/8]`` the fifth
+  (a group's four bytes are one little-endian word, bit j for element j, as GGUF's Q5_0 / Q5_1 ``qh``):
+  ``w = d * q + m`` with q in 0..31. Q5_0 (``m = -16 d``), Q5_1 and Q5_K map onto it as Q4_* map onto
+  q4. 6 bits a weight where q8 takes 8.5: Q4_K_M files of models whose widths are not multiples of 256
+  are mostly Q5_0 (llama.cpp's fallback for Q4_K), so this is what keeps them near their file size.
 - ``q8``: ``qs`` int8 ``[N, K]``, ``d`` float16 ``[N, K/32]``: ``w = d * q``. GGUF's Q8_0 maps onto
-  it exactly; every other GGUF type (Q5_*, Q6_K, Q2_K..Q3_K, IQ*) is dequantized by the ``gguf``
+  it exactly; every other GGUF type (Q6_K, Q2_K..Q3_K, IQ*) is dequantized by the ``gguf``
   package and quantized again to q8, whose error is well below the source's.
 
 Activations are quantized per group inside the kernel, as llama.cpp does, but to int16 rather than int8
@@ -32,7 +37,8 @@ from llama_lab import kernels
 logger = logging.getLogger(__name__)
 
 GROUP = 32
-KINDS = ("q4", "q8")
+KINDS = ("q4", "q5", "q8")
+MINS = ("q4", "q5")  # the kinds with a per-group minimum
 
 
 # Projections the engine multiplies as one matrix, per layer: (parent module, parts in row order, the
@@ -75,6 +81,26 @@ def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([g & 0x0F, g >> 4], dim=2).reshape(n, half * 2)
 
 
+def pack_bits(high: torch.Tensor) -> torch.Tensor:
+    """0/1 values ``[N, K]`` -> ``[N, K/8]`` bytes, bit j of a group's little-endian 32-bit word for element j."""
+    n, k = high.shape
+    bits = high.to(torch.uint8).reshape(n, k // 8, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.uint8).contiguous()
+
+
+def unpack_bits(qh: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_bits``."""
+    n, b = qh.shape
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((qh[..., None] >> shifts) & 1).reshape(n, b * 8)
+
+
+def pack_q5(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 values 0..31 ``[N, K]`` -> (``qs`` the low nibbles as q4 packs them, ``qh`` the fifth bits)."""
+    return pack_nibbles(q & 0x0F), pack_bits(q >> 4)
+
+
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per group of 32 (absmax / 127), from any float weight ``[N, K]``."""
     n, k = w.shape
@@ -97,12 +123,29 @@ def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return pack_nibbles(q.reshape(n, k)), d.contiguous(), m.contiguous()
 
 
-def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_q5(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 5-bit per group of 32 (min..max in 31 steps): ``(qs, d, m, qh)``."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = ((hi - lo) / 31.0).to(torch.float16)
+    m = lo.to(torch.float16)
+    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(lo))
+    q = torch.round((g - m.float()[..., None]) * inv[..., None]).clamp(0, 31).to(torch.uint8)
+    qs, qh = pack_q5(q.reshape(n, k))
+    return qs, d.contiguous(), m.contiguous(), qh
+
+
+def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None,
+               qh: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 weight a packed one stands for (the tests' reference, and a fallback for other devices)."""
     if kind == "q8":
         n, k = qs.shape
         return (qs.float().reshape(n, k // GROUP, GROUP) * d.float()[..., None]).reshape(n, k)
     q = unpack_nibbles(qs).float()
+    if kind == "q5":
+        assert qh is not None
+        q = q + 16 * unpack_bits(qh).float()
     n, k = q.shape
     assert m is not None
     return (q.reshape(n, k // GROUP, GROUP) * d.float()[..., None] + m.float()[..., None]).reshape(n, k)
@@ -111,19 +154,22 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
 # ---------------------------------------------------------------- modules
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` packed as q4 or q8; float32 in the kernel, the caller's dtype out."""
+    """``y = x @ W.T + b`` with ``W`` packed as q4, q5 or q8; float32 in the kernel, the caller's dtype out."""
 
     def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, qh: torch.Tensor | None = None) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown quantized format {kind!r}")
         self.kind = kind
         self.out_features = qs.shape[0]
-        self.in_features = qs.shape[1] * (2 if kind == "q4" else 1)
+        if kind == "q5" and qh is None:
+            raise ValueError("a q5 weight needs its fifth bits (qh)")
+        self.in_features = qs.shape[1] * (1 if kind == "q8" else 2)
         self.register_buffer("qs", qs)
+        self.register_buffer("qh", qh if kind == "q5" else None)
         self.register_buffer("d", d)
-        self.register_buffer("m", m if kind == "q4" else None)
+        self.register_buffer("m", m if kind in MINS else None)
         self.register_buffer("bias", bias)
 
     @classmethod
@@ -131,12 +177,17 @@ class QuantLinear(nn.Module):
         bias = linear.bias.detach().float() if linear.bias is not None else None
         if kind == "q8":
             return cls(kind, *quantize_q8(linear.weight), bias=bias)
+        if kind == "q5":
+            qs, d, m, qh = quantize_q5(linear.weight)
+            return cls(kind, qs, d, m, bias=bias, qh=qh)
         return cls(kind, *quantize_q4(linear.weight), bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         if self.kind == "q4":
             y = torch.ops.llama_lab.q4_linear(flat, self.qs, self.d, self.m)
+        elif self.kind == "q5":
+            y = torch.ops.llama_lab.q5_linear(flat, self.qs, self.qh, self.d, self.m)
         else:
             y = torch.ops.llama_lab.q8_linear(flat, self.qs, self.d)
         if self.bias is not None:
@@ -144,7 +195,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def weight_float(self) -> torch.Tensor:
-        return dequantize(self.kind, self.qs, self.d, self.m)
+        return dequantize(self.kind, self.qs, self.d, self.m, self.qh)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -162,6 +213,7 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
         # the same tensor objects as the table's: module walks (memory footprint, digests) count them once
         self.register_buffer("qs", table.qs)
+        self.register_buffer("qh", table.qh)
         self.register_buffer("d", table.d)
         self.register_buffer("m", table.m)
 
@@ -169,6 +221,8 @@ class QuantEmbedding(nn.Module):
         flat = ids.reshape(-1)
         if self.kind == "q4":
             rows = torch.ops.llama_lab.q4_rows(flat, self.qs, self.d, self.m)
+        elif self.kind == "q5":
+            rows = torch.ops.llama_lab.q5_rows(flat, self.qs, self.qh, self.d, self.m)
         else:
             rows = torch.ops.llama_lab.q8_rows(flat, self.qs, self.d)
         return rows.reshape(*ids.shape, self.embedding_dim)
@@ -187,7 +241,8 @@ def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:
         return None
     qs = _stacked([m.qs for m in modules])
     d = _stacked([m.d for m in modules])
-    mins = _stacked([m.m for m in modules]) if first.kind == "q4" else None
+    mins = _stacked([m.m for m in modules]) if first.kind in MINS else None
+    highs = _stacked([m.qh for m in modules]) if first.kind == "q5" else None
     bias = None
     if any(m.bias is not None for m in modules):
         bias = torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules])
@@ -197,10 +252,12 @@ def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:
         m.qs, m.d = qs[rows], d[rows]
         if mins is not None:
             m.m = mins[rows]
+        if highs is not None:
+            m.qh = highs[rows]
         if bias is not None and m.bias is not None:
             m.bias = bias[rows]
         start += m.out_features
-    return QuantLinear(first.kind, qs, d, mins, bias)
+    return QuantLinear(first.kind, qs, d, mins, bias, qh=highs)
 
 
 def _stacked(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -258,9 +315,9 @@ def _f16(raw: np.ndarray) -> np.ndarray:
 def from_gguf_blocks(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantLinear | None:
     """A ``QuantLinear`` from a GGUF tensor's raw blocks (``data`` uint8 ``[N, bytes per row]``).
 
-    Returns None for float types (the caller keeps those as floats). Q4_0, Q4_1, Q4_K and Q8_0 are
-    repacked exactly; any other quantized type is dequantized with the ``gguf`` package and stored
-    as q8.
+    Returns None for float types (the caller keeps those as floats). Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
+    Q5_K and Q8_0 are repacked exactly; any other quantized type is dequantized with the ``gguf``
+    package and stored as q8.
     """
     n, k = shape
     if qtype_name in ("F32", "F16", "BF16"):
@@ -287,6 +344,20 @@ def from_gguf_blocks(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) 
         return QuantLinear("q8", torch.from_numpy(qs.copy()), torch.from_numpy(d.copy()))
     if qtype_name == "Q4_K":
         return _q4_k(raw, n, k)
+    if qtype_name in ("Q5_0", "Q5_1"):
+        size = 22 if qtype_name == "Q5_0" else 24
+        blocks = raw.reshape(n, k // 32, size)
+        d = _f16(blocks[..., 0:2]).reshape(n, k // 32)
+        if qtype_name == "Q5_0":
+            m = (d.astype(np.float32) * -16.0).astype(np.float16)
+            qh, qs = blocks[..., 2:6], blocks[..., 6:22]
+        else:
+            m = _f16(blocks[..., 2:4]).reshape(n, k // 32)
+            qh, qs = blocks[..., 4:8], blocks[..., 8:24]
+        return QuantLinear("q5", torch.from_numpy(qs.reshape(n, k // 2).copy()), torch.from_numpy(d.copy()),
+                           torch.from_numpy(m.copy()), qh=torch.from_numpy(qh.reshape(n, k // 8).copy()))
+    if qtype_name == "Q5_K":
+        return _q5_k(raw, n, k)
     import gguf
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
@@ -294,11 +365,10 @@ def from_gguf_blocks(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) 
     return QuantLinear("q8", *quantize_q8(weight))
 
 
-def _q4_k(raw: np.ndarray, n: int, k: int) -> QuantLinear:
-    """Q4_K: 256-element blocks (d, dmin float16; twelve bytes of 6-bit sub-block scales and minimums;
-    128 bytes of nibbles) -> eight q4 groups of 32, each with scale ``d*sc`` and minimum ``-dmin*m``."""
+def _k_scales(blocks: np.ndarray, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_K / Q5_K block's header (d, dmin float16; twelve bytes of 6-bit sub-block scales and minimums)
+    as each group of 32's float16 scale ``d*sc`` and minimum ``-dmin*m``, ``[N, K/32]`` each."""
     nb = k // 256
-    blocks = raw.reshape(n, nb, 144)
     d = _f16(blocks[..., 0:2]).reshape(n, nb).astype(np.float32)
     dmin = _f16(blocks[..., 2:4]).reshape(n, nb).astype(np.float32)
     s = blocks[..., 4:16].astype(np.uint8)  # [n, nb, 12]
@@ -308,9 +378,34 @@ def _q4_k(raw: np.ndarray, n: int, k: int) -> QuantLinear:
     mn[..., :4] = s[..., 4:8] & 63
     sc[..., 4:] = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
     mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    qs = blocks[..., 16:144].reshape(n, nb, 4, 32)  # 4 chunks of 64 elements: low nibbles, then high
-    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k)  # [n, nb, 4, 2, 32] in element order
     scale = (d[..., None] * sc).reshape(n, k // 32).astype(np.float16)
     minimum = (-dmin[..., None] * mn).reshape(n, k // 32).astype(np.float16)
+    return scale, minimum
+
+
+def _q4_k(raw: np.ndarray, n: int, k: int) -> QuantLinear:
+    """Q4_K: 256-element blocks (the header ``_k_scales`` reads; 128 bytes of nibbles) -> eight q4 groups
+    of 32."""
+    nb = k // 256
+    blocks = raw.reshape(n, nb, 144)
+    scale, minimum = _k_scales(blocks, n, k)
+    qs = blocks[..., 16:144].reshape(n, nb, 4, 32)  # 4 chunks of 64 elements: low nibbles, then high
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(n, k)  # [n, nb, 4, 2, 32] in element order
     return QuantLinear("q4", pack_nibbles(torch.from_numpy(np.ascontiguousarray(q))), torch.from_numpy(scale),
                        torch.from_numpy(minimum))
+
+
+def _q5_k(raw: np.ndarray, n: int, k: int) -> QuantLinear:
+    """Q5_K: Q4_K's header, then 32 bytes of fifth bits (bit 2c of byte l for element 64c + l, bit 2c+1 for
+    64c + 32 + l) and 128 bytes of nibbles as Q4_K's -> eight q5 groups of 32."""
+    nb = k // 256
+    blocks = raw.reshape(n, nb, 176)
+    scale, minimum = _k_scales(blocks, n, k)
+    qh = blocks[..., 16:48]  # [n, nb, 32]
+    qs = blocks[..., 48:176].reshape(n, nb, 4, 32)
+    low = np.stack([qs & 0x0F, qs >> 4], axis=3)  # [n, nb, 4 chunks, 2 halves, 32]
+    bit = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)  # chunk c, half h -> bit 2c + h
+    high = (qh[:, :, None, None, :] >> bit) & 1
+    q = (low | (high << 4)).reshape(n, k)
+    qs_packed, qh_packed = pack_q5(torch.from_numpy(np.ascontiguousarray(q)))
+    return QuantLinear("q5", qs_packed, torch.from_numpy(scale), torch.from_numpy(minimum), qh=qh_packed)

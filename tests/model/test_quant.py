@@ -43,12 +43,14 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         xq = torch.round(g * inv[..., None])
         if layer.kind == "q4":
             q = quant.unpack_nibbles(layer.qs).float()
+        elif layer.kind == "q5":
+            q = quant.unpack_nibbles(layer.qs).float() + 16 * quant.unpack_bits(layer.qh).float()
         else:
             q = layer.qs.float()
         q = q.reshape(layer.out_features, k // GROUP, GROUP)
         dot = torch.einsum("mgj,ngj->mng", xq.double(), q.double())
         y = torch.einsum("mng,mg,ng->mn", dot, dx.double(), layer.d.double())
-        if layer.kind == "q4":
+        if layer.kind in quant.MINS:
             y = y + g.double().sum(-1) @ layer.m.double().T
         y = y.float()
     return y + layer.bias if layer.bias is not None else y
@@ -78,11 +80,29 @@ def test_the_gemm_precision_is_chosen_once_per_process_by_the_environment():
     assert out.returncode != 0 and "LLAMA_LAB_GEMM_DTYPE must be auto, fp32 or bf16, not 'fp8'" in out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cflags", ["-mno-avx512f", "-mno-avx2"])
+def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
+    """The AVX2 loops (built without AVX512 on an AVX512 CPU) and the scalar ones (built without AVX2) run the
+    kernel and embedding tests of this file in a child process: CI's CPU only ever builds its own widest path."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2" not in flags:
+        pytest.skip("not an x86 CPU with AVX2: the native build already is the portable path")
+    if cflags == "-mno-avx512f" and " avx512bw" not in flags:
+        pytest.skip("no AVX512 here: the native build is the AVX2 path")
+    env = {**os.environ, "LLAMA_LAB_KERNEL_CFLAGS": cflags}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "kernel_matches or embedding_rows or q5_k_blocks"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
+
+
 SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (31, 64, 100), (32, 64, 100),
           (70, 160, 1030)]
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8"])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_kernel_matches_torch_reference(kind, m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
@@ -96,7 +116,7 @@ def test_kernel_matches_torch_reference(kind, m, k, n):
     # and close to the float product it stands for (4-bit weights: a few percent of the output's scale)
     want = nn.functional.linear(x, linear.weight, linear.bias)
     err = (got - want).norm() / want.norm()
-    assert err < (0.15 if kind == "q4" else 0.02), err
+    assert err < {"q4": 0.15, "q5": 0.07, "q8": 0.02}[kind], err
 
 
 def test_leading_dims_and_dtype_follow_the_input():
@@ -106,7 +126,7 @@ def test_leading_dims_and_dtype_follow_the_input():
     assert y.shape == (2, 3, 16) and y.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8"])
 def test_embedding_rows_are_the_dequantized_table(kind):
     table = QuantLinear.from_linear(nn.Linear(96, 50, bias=False), kind)
     ids = torch.tensor([[0, 49], [7, 7]])
@@ -128,9 +148,26 @@ def test_nibble_packing_round_trips():
     assert torch.equal(quant.unpack_nibbles(quant.pack_nibbles(q)), q)
 
 
+def test_fifth_bits_pack_as_gguf_q5_words():
+    high = torch.randint(0, 2, (3, 64), dtype=torch.uint8)
+    qh = quant.pack_bits(high)
+    assert torch.equal(quant.unpack_bits(qh), high)
+    words = qh.numpy().view("<u4")  # one little-endian word per group: bit j is element j
+    assert all(((int(words[r, g]) >> j) & 1) == high[r, 32 * g + j] for r in range(3) for g in range(2) for j in range(32))
+
+
+def test_q5_without_its_fifth_bits_is_refused():
+    qs, d, m, _ = quant.quantize_q5(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="fifth bits"):
+        QuantLinear("q5", qs, d, m)
+    layer = QuantLinear("q5", qs, d, m, qh=torch.zeros(4, 8, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="qh must be"):
+        torch.ops.llama_lab.q5_linear(torch.randn(1, 64), layer.qs, layer.qh[:, :4], layer.d, layer.m)
+
+
 # ---------------------------------------------------------------- GGUF blocks
 
-@pytest.mark.parametrize("qtype,kind", [("Q4_0", "q4"), ("Q4_1", "q4"), ("Q8_0", "q8")])
+@pytest.mark.parametrize("qtype,kind", [("Q4_0", "q4"), ("Q4_1", "q4"), ("Q5_0", "q5"), ("Q5_1", "q5"), ("Q8_0", "q8")])
 def test_gguf_blocks_repack_exactly(qtype, kind):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((6, 256)).astype(np.float32)
@@ -149,7 +186,7 @@ def _random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     scales = rng.uniform(0.001, 0.05, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
-    if qtype == "Q4_K":  # d, dmin lead the block
+    if qtype in ("Q4_K", "Q5_K"):  # d, dmin lead the block
         raw[..., 0:2] = scales
         raw[..., 2:4] = scales[:, ::-1]
     else:  # Q6_K: d trails it
@@ -164,6 +201,16 @@ def test_q4_k_blocks_repack_to_q4_groups():
     assert layer.kind == "q4"
     # the sub-block scale d*sc is rounded to float16: relative error at most 2^-11 of a group's range
     np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_q5_k_blocks_repack_to_q5_groups():
+    raw = _random_blocks("Q5_K", 4, 512, seed=3)
+    layer = from_gguf_blocks("Q5_K", raw, (4, 512))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q5_K).reshape(4, 512)
+    assert layer.kind == "q5"
+    np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    x = torch.randn(3, 512)  # and the kernel reads the fifth bits where the dequantizer does
+    torch.testing.assert_close(layer(x), x @ torch.from_numpy(want).T, rtol=2e-3, atol=2e-3 * float(np.abs(want).max()) * 20)
 
 
 def test_other_types_become_q8_close_to_the_source():
@@ -198,14 +245,28 @@ def test_modes_resolve_and_refuse_clearly():
         load_model("random:tiny", "int4", device="cuda:0")
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "q5"])
 def test_engine_greedy_tokens_match_a_torch_reference(mode, monkeypatch):
-    """The engine (fused packed linears, paged cache, kernels) decodes what plain torch computes."""
+    """The engine (fused packed linears, paged cache, kernels) decodes what plain torch computes.
+
+    ``q5`` (a GGUF's Q5_* tensors; no HF load mode makes it) is the int4 model with each decoder linear
+    re-quantized to q5 from its dequantized weight."""
     from llama_lab import load_model
     from llama_lab.engine import Engine
     from llama_lab.engine.sampling import SamplingParams
 
-    loaded = load_model("random:tiny", mode)
+    loaded = load_model("random:tiny", "int4" if mode == "q5" else mode)
+    if mode == "q5":
+        for name, module in list(loaded.model.model.layers.named_modules()):
+            if isinstance(module, QuantLinear):
+                float_linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                float_linear.weight.data = module.weight_float()
+                if module.bias is not None:
+                    float_linear.bias.data = module.bias
+                parent, _, attr = name.rpartition(".")
+                setattr(loaded.model.model.layers.get_submodule(parent), attr, QuantLinear.from_linear(float_linear, "q5"))
+        assert loaded.model.model.layers[0].mlp.down_proj.kind == "q5"
+        mode = "int4"
     assert loaded.mode.value == mode and "groups of 32" in loaded.weights_format
     assert isinstance(loaded.model.model.layers[0].mlp.down_proj, QuantLinear)
     prompt = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog, again and again")

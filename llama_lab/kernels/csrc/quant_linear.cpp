@@ -16,6 +16,9 @@
 //   q4: qs uint8 [N, K/2]: group g of row n is 16 bytes; byte j holds element j (low nibble) and element
 //       j+16 (high nibble), as GGUF's Q4_0/Q4_1 blocks; d, m float16 [N, K/32]: w = d * q + m.
 //   q8: qs int8 [N, K]; d float16 [N, K/32]: w = d * q.
+//   q5: q4's qs, d and m for the low four bits, and qh uint8 [N, K/8]: a group's four bytes are one
+//       little-endian 32-bit word whose bit j is element j's fifth bit (GGUF's Q5_0/Q5_1 qh): w = d * q + m,
+//       q in 0..31.
 // x is float32 [M, K]; the result is float32 [M, N]. K must be a multiple of 32.
 // Per-operator headers, not <ATen/ATen.h>: the kernels build on a machine's first start, and the
 // whole operator set takes that compile from ~20 s to ~10 s.
@@ -43,7 +46,7 @@
 #define LLAMA_LAB_AVX2 1
 // AVX512BW (Skylake-X, Ice Lake, Sapphire Rapids, Zen 4): one group of 32 int16 products per instruction,
 // and with AVX512-VNNI the multiply and the add are one (vpdpwssd). The AVX2 code stays for the rest.
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
 #define LLAMA_LAB_AVX512 1
 #endif
 #endif
@@ -169,6 +172,25 @@ inline void unpack_q8(const int8_t* p, __m256i& lo, __m256i& hi) {
   hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
 }
 
+inline uint32_t high_bits(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  return bits;
+}
+
+// q4's unpacking plus the fifth bits: 16 in each int16 lane whose bit is set (a broadcast, an and and a
+// compare give the lanes of one 16-bit half of the word).
+inline void unpack_q5(const uint8_t* p, uint32_t bits, __m256i& lo, __m256i& hi) {
+  unpack_q4(p, lo, hi);
+  const __m256i lanes = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                          static_cast<int16_t>(0x8000));
+  const __m256i sixteen = _mm256_set1_epi16(16);
+  const __m256i b0 = _mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits & 0xFFFF)), lanes);
+  const __m256i b1 = _mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits >> 16)), lanes);
+  lo = _mm256_add_epi16(lo, _mm256_and_si256(_mm256_cmpeq_epi16(b0, lanes), sixteen));
+  hi = _mm256_add_epi16(hi, _mm256_and_si256(_mm256_cmpeq_epi16(b1, lanes), sixteen));
+}
+
 // 8 partial sums of a group's 32 int16 products, as floats. |w| <= 128, |x| <= 32767: each int32 lane
 // adds four products, far from overflow.
 inline __m256 dot_group(const __m256i wlo, const __m256i whi, const int16_t* x) {
@@ -217,6 +239,21 @@ inline void unpack_q4_pair(const uint8_t* p, __m512i& lo, __m512i& hi) {
 // [s[0], s[1]] repeated: the scales of the even (group g) and odd (group g+1) lanes.
 inline __m512 pair_scales(const float* s) {
   return _mm512_castpd_ps(_mm512_broadcastsd_pd(_mm_castsi128_pd(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
+}
+
+// Groups g and g+1 of a q5 row in pair_groups' order: q4's pair unpacking, then 16 added to the lanes whose
+// fifth bit is set. The lane masks are the two groups' 32-bit words with their bits dealt out as the lanes
+// are (two of g's, then two of g+1's): pdep does that in a scalar port, off the vector ports the loop is
+// bound by. (One group per vector in element order, with a masked add of the word as it stands, was
+// 1.3x q4's time per product; this is q4's loop plus two masked adds.)
+inline void unpack_q5_pair(const uint8_t* p, const uint8_t* qh, __m512i& lo, __m512i& hi) {
+  unpack_q4_pair(p, lo, hi);
+  const uint32_t a = high_bits(qh), b = high_bits(qh + 4);
+  const __mmask32 mlo = _pdep_u32(a & 0xFFFF, 0x33333333u) | _pdep_u32(b & 0xFFFF, 0xCCCCCCCCu);
+  const __mmask32 mhi = _pdep_u32(a >> 16, 0x33333333u) | _pdep_u32(b >> 16, 0xCCCCCCCCu);
+  const __m512i sixteen = _mm512_set1_epi16(16);
+  lo = _mm512_mask_add_epi16(lo, mlo, lo, sixteen);
+  hi = _mm512_mask_add_epi16(hi, mhi, hi, sixteen);
 }
 #endif
 
@@ -419,6 +456,101 @@ void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_
   }
 }
 
+// q5: q4's loops with the fifth bits added to the unpacked weights.
+template <int MT>
+void q5_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
+             int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int16_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const float* xs = a.sum.data() + m0 * groups;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = qs + n * (K / 2);
+    const uint8_t* wh = qh + n * (K / 8);
+    const at::Half* wd = d + n * groups;
+    const at::Half* wm = m + n * groups;
+    float mins[MT];
+#ifdef LLAMA_LAB_AVX512
+    alignas(64) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    min_terms<MT>(wm, xs, groups, mins);
+    const int16_t* xp = a.paired.data() + m0 * K;
+    __m512 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 4 <= groups; g += 4) {  // q4's loop: two pairs per turn, two FMA chains
+      __m512i lo0, hi0, lo1, hi1;
+      unpack_q5_pair(wq + g * 16, wh + g * 4, lo0, hi0);
+      unpack_q5_pair(wq + g * 16 + 32, wh + g * 4 + 8, lo1, hi1);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xp + i * K + g * kGroup;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
+        acc2[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo1, x + 64, hi1, x + 96)), pair_scales(scale[i] + g + 2),
+                                  acc2[i]);
+      }
+    }
+    for (; g + 2 <= groups; g += 2) {
+      __m512i lo0, hi0;
+      unpack_q5_pair(wq + g * 16, wh + g * 4, lo0, hi0);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xp + i * K + g * kGroup;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
+      }
+    }
+    float tail[MT];
+    for (int i = 0; i < MT; ++i) tail[i] = 0.f;
+    if (g < groups) {  // an odd last group, in q's order
+      __m256i a0, b0;
+      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
+      for (int i = 0; i < MT; ++i) tail[i] = hsum(dot_group(a0, b0, xq + i * K + g * kGroup)) * scale[i][g];
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i])) + tail[i] + mins[i];
+#elif defined(LLAMA_LAB_AVX2)
+    alignas(32) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    min_terms<MT>(wm, xs, groups, mins);
+    __m256 acc[MT], acc2[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      __m256i a0, b0, a1, b1;
+      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
+      unpack_q5(wq + g * 16 + 16, high_bits(wh + g * 4 + 4), a1, b1);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+        acc2[i] = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), acc2[i]);
+      }
+    }
+    for (; g < groups; ++g) {
+      __m256i a0, b0;
+      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc[i], acc2[i])) + mins[i];
+#else
+    float acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = 0.f, mins[i] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* b = wq + g * 16;
+      uint32_t bits;
+      std::memcpy(&bits, wh + g * 4, 4);
+      const float dw = half_to_float(wd[g]), mw = half_to_float(wm[g]);
+      for (int i = 0; i < MT; ++i) {
+        const int16_t* x = xq + i * K + g * kGroup;
+        int32_t dot = 0;
+        for (int j = 0; j < 16; ++j)
+          dot += ((b[j] & 0x0F) | (((bits >> j) & 1) << 4)) * x[j] + ((b[j] >> 4) | (((bits >> (j + 16)) & 1) << 4)) * x[j + 16];
+        acc[i] += dw * xd[i * groups + g] * static_cast<float>(dot);
+        mins[i] += mw * xs[i * groups + g];
+      }
+    }
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = acc[i] + mins[i];
+#endif
+  }
+}
+
 // Calls tile<MT>(n0, n1, m0) for a run-time row count 1..kRowTile.
 template <template <int> class Tile, typename... Args>
 void dispatch_rows(int64_t mt, Args&&... args) {
@@ -442,6 +574,12 @@ template <int MT>
 struct Q4Tile {
   template <typename... Args>
   static void run(Args&&... args) { q4_tile<MT>(args...); }
+};
+
+template <int MT>
+struct Q5Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { q5_tile<MT>(args...); }
 };
 
 template <int MT>
@@ -496,6 +634,38 @@ void q4_row(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, 
     for (int j = 0; j < 16; ++j) {
       out[j] = dw * static_cast<float>(b[j] & 0x0F) + mw;
       out[j + 16] = dw * static_cast<float>(b[j] >> 4) + mw;
+    }
+#endif
+  }
+}
+
+void q5_row(const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m, int64_t K, int64_t n, float* o) {
+  const int64_t groups = K / kGroup;
+  const uint8_t* wq = qs + n * (K / 2);
+  const uint8_t* wh = qh + n * (K / 8);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
+    const uint8_t* b = wq + g * 16;
+    uint32_t bits;
+    std::memcpy(&bits, wh + g * 4, 4);
+    float* out = o + g * kGroup;
+#ifdef LLAMA_LAB_AVX2
+    const __m256 vd = _mm256_set1_ps(dw), vm = _mm256_set1_ps(mw);
+    const __m256i mask = _mm256_set1_epi32(0x0F), lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i sixteen = _mm256_set1_epi32(16);
+    for (int h = 0; h < 2; ++h) {  // bytes 0..7, then 8..15: elements j (low nibble) and j+16 (high)
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
+      const __m256i l = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (8 * h)) & 0xFF)), lanes);
+      const __m256i u = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (16 + 8 * h)) & 0xFF)), lanes);
+      const __m256i ql = _mm256_add_epi32(_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_cmpeq_epi32(l, lanes), sixteen));
+      const __m256i qu = _mm256_add_epi32(_mm256_srli_epi32(v, 4), _mm256_and_si256(_mm256_cmpeq_epi32(u, lanes), sixteen));
+      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(ql), vm));
+      _mm256_storeu_ps(out + 16 + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(qu), vm));
+    }
+#else
+    for (int j = 0; j < 16; ++j) {
+      out[j] = dw * static_cast<float>((b[j] & 0x0F) | (((bits >> j) & 1) << 4)) + mw;
+      out[j + 16] = dw * static_cast<float>((b[j] >> 4) | (((bits >> (j + 16)) & 1) << 4)) + mw;
     }
 #endif
   }
@@ -614,6 +784,31 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   });
 }
 
+at::Tensor q5_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
+                     const at::Tensor& m) {
+  const int64_t K = qs.size(1) * 2, N = qs.size(0);
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, "q5_linear: qs must be uint8 [N, K/2]");
+  TORCH_CHECK(qh.scalar_type() == at::kByte && qh.dim() == 2 && qh.size(0) == N && qh.size(1) == K / 8,
+              "q5_linear: qh must be uint8 [N, K/8]");
+  check_common(x, qs, d, K, "q5_linear");
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, "q5_linear: mins must match the scales");
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), hc = qh.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const int64_t M = xc.size(0);
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const uint8_t* hp = hc.data_ptr<uint8_t>();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  const at::Half* mp = mc.data_ptr<at::Half>();
+  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q5_row(qp, hp, dp, mp, K, n, o); });
+#ifdef LLAMA_LAB_AVX512
+  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
+#else
+  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
+#endif
+  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    dispatch_rows<Q5Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+  });
+}
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
   const int64_t K = qs.size(1), N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kChar && qs.dim() == 2, "q8_linear: qs must be int8 [N, K]");
@@ -654,6 +849,15 @@ at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor
   return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); }, "q4_rows");
 }
 
+at::Tensor q5_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
+                   const at::Tensor& m) {
+  const int64_t K = qs.size(1) * 2;
+  const at::Tensor qc = qs.contiguous(), hc = qh.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const uint8_t *qp = qc.data_ptr<uint8_t>(), *hp = hc.data_ptr<uint8_t>();
+  const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
+  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q5_row(qp, hp, dp, mp, K, n, o); }, "q5_rows");
+}
+
 at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d) {
   const int64_t K = qs.size(1);
   const at::Tensor qc = qs.contiguous(), dc = d.contiguous();
@@ -667,6 +871,8 @@ at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor
 TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
   m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
+  m.def("q5_linear(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
+  m.def("q5_rows(Tensor ids, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
   m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor m) -> Tensor");
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
   m.def("gemm_dtype() -> str", &gemm_dtype);
@@ -675,6 +881,8 @@ TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
 TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
   m.impl("q4_linear", &q4_linear);
   m.impl("q8_linear", &q8_linear);
+  m.impl("q5_linear", &q5_linear);
+  m.impl("q5_rows", &q5_rows);
   m.impl("q4_rows", &q4_rows);
   m.impl("q8_rows", &q8_rows);
 }
