@@ -1,8 +1,8 @@
 """The engine's C++ CPU operators, built once per machine into one library and loaded on first use.
 
 Two sources, one build: ``csrc/paged_attention.cpp`` (``torch.ops.llama_lab.paged_attention``) and
-``csrc/quant_linear.cpp`` (``q4_linear``, ``q5_linear``, ``q8_linear``, their ``_rows`` lookups, and the grammar bitmask's
-``apply_token_bitmask_``). They are compiled
+``csrc/quant_linear.cpp`` (``q4_linear``, ``q5_linear``, ``q8_linear``, their ``_rows`` lookups, and the
+grammar bitmask's ``apply_token_bitmask_``). They are compiled
 with the local C++ compiler and ``-march=native`` (so the AVX2 or AVX512-BF16 paths the CPU has are
 the ones built), in parallel by ninja, and cached beside the converted models under a key of the
 sources, torch and the CPU's flags. Without a compiler the engine keeps torch's own operators.

@@ -53,9 +53,10 @@ WEIGHTS_TOLERANCE = 0.15  # the bar: framework weights memory within 15% of the 
 
 # The modes run by the CPU kernels (model/quant.py): a GGUF's own blocks, and weight-only int8 / int4.
 KERNEL_MODES = ("gguf", "int8", "int4")
-# Bits one stored weight costs, by storage format. q4 and q8 are the CPU kernels' layouts: per group of
+# Bits one stored weight costs, by storage format. q4, q5 and q8 are the CPU kernels' layouts: per group of
 # 32 weights, q4 holds 16 bytes of nibbles plus a float16 scale d and minimum m (160 bits), q5 that plus
-# 4 bytes of fifth bits (192 bits), q8 32 bytes plus a float16 d (272 bits). bitsandbytes' own scales are left out, as get_memory_footprint leaves them.
+# 4 bytes of fifth bits (192 bits), q8 32 bytes plus a float16 d (272 bits). bitsandbytes' own scales are
+# left out, as get_memory_footprint leaves them.
 FORMAT_BITS: dict[str, float] = {
     "float32": 32, "bfloat16": 16, "float16": 16, "bnb-int8": 8, "bnb-nf4": 4, "q8": 8.5, "q5": 6, "q4": 5,
 }
@@ -140,8 +141,8 @@ class WeightInventory:
     bitsandbytes quantizes every ``nn.Linear`` except the output head; the embedding, the head (tied to
     it in SmolLM2), norms and biases stay in the compute dtype. The CPU kernels' int8/int4 store the
     decoder's linears as q8/q4 and the embedding and head as q8 (one table when tied); gguf keeps each
-    tensor in the file's own type (Q4_0/Q4_1/Q4_K as q4, Q5_0/Q5_1/Q5_K as q5, other quantized types as q8). Both keep
-    norms and biases in float32.
+    tensor in the file's own type (Q4_0/Q4_1/Q4_K as q4, Q5_0/Q5_1/Q5_K as q5, other quantized types as
+    q8). Both keep norms and biases in float32.
     """
 
     params_by_format: Mapping[str, int]

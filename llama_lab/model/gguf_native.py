@@ -2,8 +2,8 @@
 
 A GGUF's quantized blocks already are what a weight-only kernel wants, so they are never widened to
 floats for the matrix products: Q4_0 / Q4_1 / Q4_K become ``q4``, Q5_0 / Q5_1 / Q5_K become ``q5``,
-Q8_0 becomes ``q8`` (exactly; see ``model/quant.py``), other quantized types are re-quantized to ``q8``, and float tensors (norms,
-biases) stay floats. The first load of a file writes the packed tensors (safetensors), the config,
+Q8_0 becomes ``q8`` (exactly; see ``model/quant.py``), other quantized types are re-quantized to ``q8``,
+and float tensors (norms, biases) stay floats. The first load of a file writes the packed tensors (safetensors), the config,
 the tokenizer and the generation config into the cache dir, published with an atomic rename; every
 later load reads that copy.
 
