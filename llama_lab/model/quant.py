@@ -111,29 +111,29 @@ def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(n, k).contiguous(), d.contiguous()
 
 
-def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit per group of 32 (min..max in 15 steps), from any float weight ``[N, K]``."""
+def _quantize_asymmetric(w: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of 32, min..max in ``top`` steps: (q uint8 0..top ``[N, K]``, d, m float16 ``[N, K/32]``)."""
     n, k = w.shape
     g = w.detach().float().reshape(n, k // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
-    d = ((hi - lo) / 15.0).to(torch.float16)
+    d = ((hi - lo) / float(top)).to(torch.float16)
     m = lo.to(torch.float16)
     inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(lo))
-    q = torch.round((g - m.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
-    return pack_nibbles(q.reshape(n, k)), d.contiguous(), m.contiguous()
+    q = torch.round((g - m.float()[..., None]) * inv[..., None]).clamp(0, top).to(torch.uint8)
+    return q.reshape(n, k), d.contiguous(), m.contiguous()
+
+
+def quantize_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit per group of 32 (min..max in 15 steps), from any float weight ``[N, K]``."""
+    q, d, m = _quantize_asymmetric(w, 15)
+    return pack_nibbles(q), d, m
 
 
 def quantize_q5(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 5-bit per group of 32 (min..max in 31 steps): ``(qs, d, m, qh)``."""
-    n, k = w.shape
-    g = w.detach().float().reshape(n, k // GROUP, GROUP)
-    lo, hi = g.amin(-1), g.amax(-1)
-    d = ((hi - lo) / 31.0).to(torch.float16)
-    m = lo.to(torch.float16)
-    inv = torch.where(d.float() > 0, 1.0 / d.float(), torch.zeros_like(lo))
-    q = torch.round((g - m.float()[..., None]) * inv[..., None]).clamp(0, 31).to(torch.uint8)
-    qs, qh = pack_q5(q.reshape(n, k))
-    return qs, d.contiguous(), m.contiguous(), qh
+    q, d, m = _quantize_asymmetric(w, 31)
+    qs, qh = pack_q5(q)
+    return qs, d, m, qh
 
 
 def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None,

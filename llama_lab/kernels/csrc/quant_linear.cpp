@@ -65,6 +65,13 @@ constexpr int64_t kGemmRows = 32;  // from this many activation rows on, dequant
 constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
 constexpr int64_t kMaxGroups = 1024;  // K up to 32768 (an 8B model's widest is 14336)
 
+// A q5 group's fifth bits: its four qh bytes as one little-endian word, bit j for element j.
+inline uint32_t high_bits(const uint8_t* qh) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  return bits;
+}
+
 inline float half_to_float(const at::Half h) {
 #ifdef LLAMA_LAB_AVX2
   return _cvtsh_ss(h.x);
@@ -172,12 +179,6 @@ inline void unpack_q8(const int8_t* p, __m256i& lo, __m256i& hi) {
   hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
 }
 
-inline uint32_t high_bits(const uint8_t* qh) {
-  uint32_t bits;
-  std::memcpy(&bits, qh, 4);
-  return bits;
-}
-
 // q4's unpacking plus the fifth bits: 16 in each int16 lane whose bit is set (a broadcast, an and and a
 // compare give the lanes of one 16-bit half of the word).
 inline void unpack_q5(const uint8_t* p, uint32_t bits, __m256i& lo, __m256i& hi) {
@@ -257,6 +258,23 @@ inline void unpack_q5_pair(const uint8_t* p, const uint8_t* qh, __m512i& lo, __m
 }
 #endif
 
+#ifdef LLAMA_LAB_AVX2
+// Group g of a q4 (kHigh false) or q5 row, as two vectors of 16 int16; qh is the row's fifth bits (q5 only).
+template <bool kHigh>
+inline void unpack_group(const uint8_t* p, const uint8_t* qh, int64_t g, __m256i& lo, __m256i& hi) {
+  if constexpr (kHigh) unpack_q5(p, high_bits(qh + g * 4), lo, hi);
+  else unpack_q4(p, lo, hi);
+}
+#endif
+#ifdef LLAMA_LAB_AVX512
+// Groups g and g+1 of a q4 or q5 row, in pair_groups' order.
+template <bool kHigh>
+inline void unpack_pair(const uint8_t* p, const uint8_t* qh, int64_t g, __m512i& lo, __m512i& hi) {
+  if constexpr (kHigh) unpack_q5_pair(p, qh + g * 4, lo, hi);
+  else unpack_q4_pair(p, lo, hi);
+}
+#endif
+
 // Per weight row, the float part of each group's product is computed 8 groups at a time before the integer
 // loop: scale[i][g] = d[g] * x_scale[i][g] (and, for q4, the minimum term sum_g m[g] * x_sum[i][g]), so the
 // inner loop is integer work plus one broadcast load and one FMA per group. Scalar float16 conversions and
@@ -294,15 +312,18 @@ inline void min_terms(const at::Half* wm, const float* xs, int64_t groups, float
 
 // One tile: weight rows [n0, n1) against MT activation rows from m0. MT is a template parameter so
 // the accumulators live in registers (indexed by a run-time count they spill to the stack: 3x slower).
-template <int MT>
-void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, int64_t N,
-             int64_t n0, int64_t n1, int64_t m0, float* out) {
+// q4 and q5 share it: kHigh (q5) adds each group's fifth bits (qh) to the unpacked nibbles, at compile time,
+// so q4's loops are the same instructions as without it.
+template <int MT, bool kHigh>
+void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
+                 int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
   const int64_t groups = K / kGroup;
   const int16_t* xq = a.q.data() + m0 * K;
   const float* xd = a.scale.data() + m0 * groups;
   const float* xs = a.sum.data() + m0 * groups;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wq = qs + n * (K / 2);
+    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
     const at::Half* wd = d + n * groups;
     const at::Half* wm = m + n * groups;
     float mins[MT];
@@ -316,8 +337,8 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) {  // two pairs per turn: two independent FMA chains
       __m512i lo0, hi0, lo1, hi1;
-      unpack_q4_pair(wq + g * 16, lo0, hi0);
-      unpack_q4_pair(wq + g * 16 + 32, lo1, hi1);
+      unpack_pair<kHigh>(wq + g * 16, wh, g, lo0, hi0);
+      unpack_pair<kHigh>(wq + g * 16 + 32, wh, g + 2, lo1, hi1);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xp + i * K + g * kGroup;
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
@@ -327,7 +348,7 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     }
     for (; g + 2 <= groups; g += 2) {
       __m512i lo0, hi0;
-      unpack_q4_pair(wq + g * 16, lo0, hi0);
+      unpack_pair<kHigh>(wq + g * 16, wh, g, lo0, hi0);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xp + i * K + g * kGroup;
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
@@ -337,7 +358,7 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     for (int i = 0; i < MT; ++i) tail[i] = 0.f;
     if (g < groups) {  // an odd last group, in q's order
       __m256i a0, b0;
-      unpack_q4(wq + g * 16, a0, b0);
+      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
       for (int i = 0; i < MT; ++i) tail[i] = hsum(dot_group(a0, b0, xq + i * K + g * kGroup)) * scale[i][g];
     }
     for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i])) + tail[i] + mins[i];
@@ -350,8 +371,8 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {  // two groups per turn: two independent FMA chains
       __m256i a0, b0, a1, b1;
-      unpack_q4(wq + g * 16, a0, b0);
-      unpack_q4(wq + g * 16 + 16, a1, b1);
+      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
+      unpack_group<kHigh>(wq + g * 16 + 16, wh, g + 1, a1, b1);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
@@ -360,7 +381,7 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     }
     for (; g < groups; ++g) {
       __m256i a0, b0;
-      unpack_q4(wq + g * 16, a0, b0);
+      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
       for (int i = 0; i < MT; ++i)
         acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
     }
@@ -370,11 +391,14 @@ void q4_tile(const QuantizedRows& a, const uint8_t* qs, const at::Half* d, const
     for (int i = 0; i < MT; ++i) acc[i] = 0.f, mins[i] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       const uint8_t* b = wq + g * 16;
+      uint32_t bits = 0;
+      if constexpr (kHigh) bits = high_bits(wh + g * 4);
       const float dw = half_to_float(wd[g]), mw = half_to_float(wm[g]);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         int32_t dot = 0;
-        for (int j = 0; j < 16; ++j) dot += (b[j] & 0x0F) * x[j] + (b[j] >> 4) * x[j + 16];
+        for (int j = 0; j < 16; ++j)
+          dot += ((b[j] & 0x0F) | (((bits >> j) & 1) << 4)) * x[j] + ((b[j] >> 4) | (((bits >> (j + 16)) & 1) << 4)) * x[j + 16];
         acc[i] += dw * xd[i * groups + g] * static_cast<float>(dot);
         mins[i] += mw * xs[i * groups + g];
       }
@@ -456,100 +480,6 @@ void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_
   }
 }
 
-// q5: q4's loops with the fifth bits added to the unpacked weights.
-template <int MT>
-void q5_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
-             int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
-  const int64_t groups = K / kGroup;
-  const int16_t* xq = a.q.data() + m0 * K;
-  const float* xd = a.scale.data() + m0 * groups;
-  const float* xs = a.sum.data() + m0 * groups;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const uint8_t* wh = qh + n * (K / 8);
-    const at::Half* wd = d + n * groups;
-    const at::Half* wm = m + n * groups;
-    float mins[MT];
-#ifdef LLAMA_LAB_AVX512
-    alignas(64) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, xs, groups, mins);
-    const int16_t* xp = a.paired.data() + m0 * K;
-    __m512 acc[MT], acc2[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 4 <= groups; g += 4) {  // q4's loop: two pairs per turn, two FMA chains
-      __m512i lo0, hi0, lo1, hi1;
-      unpack_q5_pair(wq + g * 16, wh + g * 4, lo0, hi0);
-      unpack_q5_pair(wq + g * 16 + 32, wh + g * 4 + 8, lo1, hi1);
-      for (int i = 0; i < MT; ++i) {
-        const int16_t* x = xp + i * K + g * kGroup;
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
-        acc2[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo1, x + 64, hi1, x + 96)), pair_scales(scale[i] + g + 2),
-                                  acc2[i]);
-      }
-    }
-    for (; g + 2 <= groups; g += 2) {
-      __m512i lo0, hi0;
-      unpack_q5_pair(wq + g * 16, wh + g * 4, lo0, hi0);
-      for (int i = 0; i < MT; ++i) {
-        const int16_t* x = xp + i * K + g * kGroup;
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
-      }
-    }
-    float tail[MT];
-    for (int i = 0; i < MT; ++i) tail[i] = 0.f;
-    if (g < groups) {  // an odd last group, in q's order
-      __m256i a0, b0;
-      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
-      for (int i = 0; i < MT; ++i) tail[i] = hsum(dot_group(a0, b0, xq + i * K + g * kGroup)) * scale[i][g];
-    }
-    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i])) + tail[i] + mins[i];
-#elif defined(LLAMA_LAB_AVX2)
-    alignas(32) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, xs, groups, mins);
-    __m256 acc[MT], acc2[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      __m256i a0, b0, a1, b1;
-      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
-      unpack_q5(wq + g * 16 + 16, high_bits(wh + g * 4 + 4), a1, b1);
-      for (int i = 0; i < MT; ++i) {
-        const int16_t* x = xq + i * K + g * kGroup;
-        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
-        acc2[i] = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), acc2[i]);
-      }
-    }
-    for (; g < groups; ++g) {
-      __m256i a0, b0;
-      unpack_q5(wq + g * 16, high_bits(wh + g * 4), a0, b0);
-      for (int i = 0; i < MT; ++i)
-        acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
-    }
-    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(_mm256_add_ps(acc[i], acc2[i])) + mins[i];
-#else
-    float acc[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = 0.f, mins[i] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* b = wq + g * 16;
-      uint32_t bits;
-      std::memcpy(&bits, wh + g * 4, 4);
-      const float dw = half_to_float(wd[g]), mw = half_to_float(wm[g]);
-      for (int i = 0; i < MT; ++i) {
-        const int16_t* x = xq + i * K + g * kGroup;
-        int32_t dot = 0;
-        for (int j = 0; j < 16; ++j)
-          dot += ((b[j] & 0x0F) | (((bits >> j) & 1) << 4)) * x[j] + ((b[j] >> 4) | (((bits >> (j + 16)) & 1) << 4)) * x[j + 16];
-        acc[i] += dw * xd[i * groups + g] * static_cast<float>(dot);
-        mins[i] += mw * xs[i * groups + g];
-      }
-    }
-    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = acc[i] + mins[i];
-#endif
-  }
-}
 
 // Calls tile<MT>(n0, n1, m0) for a run-time row count 1..kRowTile.
 template <template <int> class Tile, typename... Args>
@@ -573,13 +503,13 @@ void dispatch_rows(int64_t mt, Args&&... args) {
 template <int MT>
 struct Q4Tile {
   template <typename... Args>
-  static void run(Args&&... args) { q4_tile<MT>(args...); }
+  static void run(Args&&... args) { nibble_tile<MT, false>(args...); }
 };
 
 template <int MT>
 struct Q5Tile {
   template <typename... Args>
-  static void run(Args&&... args) { q5_tile<MT>(args...); }
+  static void run(Args&&... args) { nibble_tile<MT, true>(args...); }
 };
 
 template <int MT>
@@ -615,50 +545,31 @@ at::Tensor run_tiles(int64_t M, int64_t N, Tile&& tile) {
 
 // One dequantized weight row (float32, K values): a prompt's GEMM dequantizes every weight once per chunk,
 // so this runs N*K times per product and is vectorized where the CPU has AVX2.
-void q4_row(const uint8_t* qs, const at::Half* d, const at::Half* m, int64_t K, int64_t n, float* o) {
+// q4 (kHigh false) and q5 share it, as the tiles do.
+template <bool kHigh>
+void nibble_row(const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m, int64_t K, int64_t n,
+                float* o) {
   const int64_t groups = K / kGroup;
   const uint8_t* wq = qs + n * (K / 2);
   for (int64_t g = 0; g < groups; ++g) {
     const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
     const uint8_t* b = wq + g * 16;
+    uint32_t bits = 0;
+    if constexpr (kHigh) bits = high_bits(qh + n * (K / 8) + g * 4);
     float* out = o + g * kGroup;
 #ifdef LLAMA_LAB_AVX2
     const __m256 vd = _mm256_set1_ps(dw), vm = _mm256_set1_ps(mw);
     const __m256i mask = _mm256_set1_epi32(0x0F);
     for (int h = 0; h < 2; ++h) {  // bytes 0..7, then 8..15: elements j (low nibble) and j+16 (high)
       const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
-      _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_and_si256(v, mask)), vm));
-      _mm256_storeu_ps(out + 16 + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), vm));
-    }
-#else
-    for (int j = 0; j < 16; ++j) {
-      out[j] = dw * static_cast<float>(b[j] & 0x0F) + mw;
-      out[j + 16] = dw * static_cast<float>(b[j] >> 4) + mw;
-    }
-#endif
-  }
-}
-
-void q5_row(const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m, int64_t K, int64_t n, float* o) {
-  const int64_t groups = K / kGroup;
-  const uint8_t* wq = qs + n * (K / 2);
-  const uint8_t* wh = qh + n * (K / 8);
-  for (int64_t g = 0; g < groups; ++g) {
-    const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
-    const uint8_t* b = wq + g * 16;
-    uint32_t bits;
-    std::memcpy(&bits, wh + g * 4, 4);
-    float* out = o + g * kGroup;
-#ifdef LLAMA_LAB_AVX2
-    const __m256 vd = _mm256_set1_ps(dw), vm = _mm256_set1_ps(mw);
-    const __m256i mask = _mm256_set1_epi32(0x0F), lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256i sixteen = _mm256_set1_epi32(16);
-    for (int h = 0; h < 2; ++h) {  // bytes 0..7, then 8..15: elements j (low nibble) and j+16 (high)
-      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * h)));
-      const __m256i l = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (8 * h)) & 0xFF)), lanes);
-      const __m256i u = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (16 + 8 * h)) & 0xFF)), lanes);
-      const __m256i ql = _mm256_add_epi32(_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_cmpeq_epi32(l, lanes), sixteen));
-      const __m256i qu = _mm256_add_epi32(_mm256_srli_epi32(v, 4), _mm256_and_si256(_mm256_cmpeq_epi32(u, lanes), sixteen));
+      __m256i ql = _mm256_and_si256(v, mask), qu = _mm256_srli_epi32(v, 4);
+      if constexpr (kHigh) {  // 16 where the element's bit is set: broadcast its byte of the word, and, compare
+        const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), sixteen = _mm256_set1_epi32(16);
+        const __m256i l = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (8 * h)) & 0xFF)), lanes);
+        const __m256i u = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((bits >> (16 + 8 * h)) & 0xFF)), lanes);
+        ql = _mm256_add_epi32(ql, _mm256_and_si256(_mm256_cmpeq_epi32(l, lanes), sixteen));
+        qu = _mm256_add_epi32(qu, _mm256_and_si256(_mm256_cmpeq_epi32(u, lanes), sixteen));
+      }
       _mm256_storeu_ps(out + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(ql), vm));
       _mm256_storeu_ps(out + 16 + 8 * h, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(qu), vm));
     }
@@ -763,50 +674,44 @@ at::Tensor dequant_gemm(const at::Tensor& x, int64_t N, int64_t K, Row&& row) {
   return out;
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+// q4_linear and q5_linear: qh is the q5 weight's fifth bits, or nullptr for q4.
+template <bool kHigh>
+at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
+                         const at::Tensor& m, const char* op) {
   const int64_t K = qs.size(1) * 2, N = qs.size(0);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, "q4_linear: qs must be uint8 [N, K/2]");
-  check_common(x, qs, d, K, "q4_linear");
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, "q4_linear: mins must match the scales");
+  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, op, ": qs must be uint8 [N, K/2]");
+  if constexpr (kHigh)
+    TORCH_CHECK(qh->scalar_type() == at::kByte && qh->dim() == 2 && qh->size(0) == N && qh->size(1) == K / 8, op,
+                ": qh must be uint8 [N, K/8]");
+  check_common(x, qs, d, K, op);
+  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, op, ": mins must match the scales");
   const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
   const int64_t M = xc.size(0);
   const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
   const at::Half* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = mc.data_ptr<at::Half>();
-  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); });
+  if (M >= kGemmRows)
+    return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); });
 #ifdef LLAMA_LAB_AVX512
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
 #else
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
 #endif
   return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    dispatch_rows<Q4Tile>(mt, a, qp, dp, mp, K, N, n0, n1, m0, o);
+    if constexpr (kHigh) dispatch_rows<Q5Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+    else dispatch_rows<Q4Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
   });
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+  return nibble_linear<false>(x, qs, nullptr, d, m, "q4_linear");
 }
 
 at::Tensor q5_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
                      const at::Tensor& m) {
-  const int64_t K = qs.size(1) * 2, N = qs.size(0);
-  TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, "q5_linear: qs must be uint8 [N, K/2]");
-  TORCH_CHECK(qh.scalar_type() == at::kByte && qh.dim() == 2 && qh.size(0) == N && qh.size(1) == K / 8,
-              "q5_linear: qh must be uint8 [N, K/8]");
-  check_common(x, qs, d, K, "q5_linear");
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, "q5_linear: mins must match the scales");
-  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), hc = qh.contiguous(), dc = d.contiguous(), mc = m.contiguous();
-  const int64_t M = xc.size(0);
-  const uint8_t* qp = qc.data_ptr<uint8_t>();
-  const uint8_t* hp = hc.data_ptr<uint8_t>();
-  const at::Half* dp = dc.data_ptr<at::Half>();
-  const at::Half* mp = mc.data_ptr<at::Half>();
-  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q5_row(qp, hp, dp, mp, K, n, o); });
-#ifdef LLAMA_LAB_AVX512
-  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
-#else
-  const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
-#endif
-  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    dispatch_rows<Q5Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-  });
+  return nibble_linear<true>(x, qs, &qh, d, m, "q5_linear");
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
@@ -841,21 +746,25 @@ at::Tensor gather_rows(const at::Tensor& ids, int64_t N, int64_t K, Row&& row, c
   return out;
 }
 
-at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+template <bool kHigh>
+at::Tensor nibble_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
+                       const at::Tensor& m, const char* op) {
   const int64_t K = qs.size(1) * 2;
   const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
   const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
-  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q4_row(qp, dp, mp, K, n, o); }, "q4_rows");
+  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); }, op);
+}
+
+at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+  return nibble_rows<false>(ids, qs, nullptr, d, m, "q4_rows");
 }
 
 at::Tensor q5_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
                    const at::Tensor& m) {
-  const int64_t K = qs.size(1) * 2;
-  const at::Tensor qc = qs.contiguous(), hc = qh.contiguous(), dc = d.contiguous(), mc = m.contiguous();
-  const uint8_t *qp = qc.data_ptr<uint8_t>(), *hp = hc.data_ptr<uint8_t>();
-  const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
-  return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { q5_row(qp, hp, dp, mp, K, n, o); }, "q5_rows");
+  return nibble_rows<true>(ids, qs, &qh, d, m, "q5_rows");
 }
 
 at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d) {
