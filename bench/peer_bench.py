@@ -76,6 +76,7 @@ def build_llama_cpp(explicit: str | None, amx: bool = False) -> Path:
     if explicit:
         return Path(explicit)
     target = peer_dir(amx)
+    no_amx = target.name.endswith("-noamx")
     if (target / "llama-server").is_file() and (target / "llama-perplexity").is_file():
         return target
     work = Path(tempfile.mkdtemp(prefix="llama-cpp-build-"))

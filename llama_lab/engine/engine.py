@@ -41,6 +41,7 @@ from llama_lab.engine.sampling import (RowState, SamplingParams, advance_grammar
                                        record_tokens)
 from llama_lab.engine.threads import engine_policy, name_current_thread
 from llama_lab.model.loading import LoadedModel
+from llama_lab.profiling import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -529,16 +530,6 @@ class Engine:
             self.stats.requests_cancelled += 1
         else:
             self.stats.requests_finished += 1
-
-
-def release_freed_memory() -> None:
-    """Hand freed memory back to the OS when the batch empties (glibc keeps it otherwise)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def collect(deltas: Iterator[Delta], started: float) -> Completion:

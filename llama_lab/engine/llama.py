@@ -3,6 +3,8 @@
 ``FastLlama`` takes its weights from a loaded Hugging Face model without copying them twice: q/k/v
 and gate/up are fused into one matrix each (one matrix product instead of three, and two), and
 the Hugging Face modules are pointed at slices of the fused tensors, so both views share memory.
+Where their formats differ (a Q4_K_M file's Q5_0 q and k beside a Q8_0 v), each run of neighbours
+that share one is fused: q+k and v, so a mixed layer costs one product more, not three.
 One forward handles any set of tokens: each token carries its position and its sequence's row in
 the block table, which covers a decode step (one token per sequence) and a prefill chunk alike.
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from llama_lab.engine import cpu_linear
 from llama_lab.engine.attention import AttentionFn, reference_attention, reference_prefill
-from llama_lab.model.quant import QuantEmbedding, QuantLinear
+from llama_lab.model.quant import QuantEmbedding, QuantLinear, can_fuse
 from llama_lab.model.quant import fuse as fuse_quantized
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,34 @@ def _fuse(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | No
             m.bias.data = bias[start:start + m.out_features]
         start += m.out_features
     return weight, bias
+
+
+def _fusable(a: nn.Module, b: nn.Module) -> bool:
+    """Whether one matrix product can take ``a`` and ``b`` together (their outputs side by side)."""
+    if _is_plain_linear(a) and _is_plain_linear(b):
+        return (a.in_features == b.in_features and a.weight.dtype == b.weight.dtype
+                and a.weight.device == b.weight.device)
+    return isinstance(a, QuantLinear) and isinstance(b, QuantLinear) and can_fuse(a, b)
+
+
+def _fused_runs(modules: Sequence[nn.Module]) -> tuple[nn.ModuleList, list[list[int]]]:
+    """The modules as runs of fusable neighbours, each run one module (fused where it has several), and
+    each run's output widths: q/k/v of one format become one product, a mixed layer's q+k and v two."""
+    runs = [[modules[0]]]
+    for module in modules[1:]:
+        if _fusable(runs[-1][-1], module):
+            runs[-1].append(module)
+        else:
+            runs.append([module])
+    fused = []
+    for run in runs:
+        if len(run) == 1:
+            fused.append(run[0])
+        elif _is_plain_linear(run[0]):
+            fused.append(_linear(*_fuse(run)))
+        else:
+            fused.append(fuse_quantized(run))
+    return nn.ModuleList(fused), [[m.out_features for m in run] for run in runs]
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -149,22 +179,9 @@ class FastLlama(nn.Module):
             layer = nn.Module()
             layer.ln1, layer.ln2 = hf_layer.input_layernorm.weight, hf_layer.post_attention_layernorm.weight
             projections = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj, attn.o_proj, mlp.down_proj)
-            qkv_gate_up = None
-            if all(_is_plain_linear(m) for m in projections):
-                qkv_gate_up = (_linear(*_fuse([attn.q_proj, attn.k_proj, attn.v_proj])),
-                               _linear(*_fuse([mlp.gate_proj, mlp.up_proj])))
-            elif all(isinstance(m, QuantLinear) for m in projections):
-                qkv = fuse_quantized([attn.q_proj, attn.k_proj, attn.v_proj])
-                gate_up = fuse_quantized([mlp.gate_proj, mlp.up_proj])
-                if qkv is not None and gate_up is not None:  # else: mixed formats (a GGUF's Q4_K with Q6_K)
-                    qkv_gate_up = (qkv, gate_up)
-            if qkv_gate_up is not None:
-                layer.qkv, layer.gate_up = qkv_gate_up
-                layer.fused = True
-            else:  # call the modules as they are
-                layer.q, layer.k, layer.v, layer.gate, layer.up = (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                   mlp.gate_proj, mlp.up_proj)
-                layer.fused = False
+            # one module per run of same-format neighbours, and the widths its output splits into
+            layer.qkv, layer.qkv_widths = _fused_runs([attn.q_proj, attn.k_proj, attn.v_proj])
+            layer.gate_up, layer.gate_up_widths = _fused_runs([mlp.gate_proj, mlp.up_proj])
             if not all(_traceable(m) for m in projections):
                 self.quantized = True
             if any(isinstance(m, QuantLinear) for m in projections):
@@ -201,21 +218,18 @@ class FastLlama(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
+    def _runs(self, modules: nn.ModuleList, widths: list[list[int]], h: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of fused runs (``_fused_runs``), split back into one tensor per projection."""
+        return [part for module, sizes in zip(modules, widths) for part in self._lin(module, h).split(sizes, dim=-1)]
+
     def _qkv(self, layer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = h.shape[0]
-        if layer.fused:
-            q, k, v = self._lin(layer.qkv, h).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                          self.num_kv_heads * self.head_dim], dim=-1)
-        else:
-            q, k, v = layer.q(h), layer.k(h), layer.v(h)
+        q, k, v = self._runs(layer.qkv, layer.qkv_widths, h)
         return (q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim),
                 v.reshape(n, self.num_kv_heads, self.head_dim))
 
     def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        if layer.fused:
-            gate, up = self._lin(layer.gate_up, h).chunk(2, dim=-1)
-        else:
-            gate, up = layer.gate(h), layer.up(h)
+        gate, up = self._runs(layer.gate_up, layer.gate_up_widths, h)
         return self._lin(layer.down, self.act(gate) * up)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

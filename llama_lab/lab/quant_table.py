@@ -502,7 +502,7 @@ def _measure(settings: BenchSettings, mode: LoadMode, r: ModeResult) -> None:
     import torch
 
     from llama_lab.engine import Engine, SamplingParams
-    from llama_lab.engine.engine import release_freed_memory
+    from llama_lab.profiling import release_freed_memory
     from llama_lab.model.loading import load_model
 
     _import_heavy(mode)

@@ -37,10 +37,11 @@ from llama_lab.model.quant import STACKS, QuantEmbedding, QuantLinear, from_gguf
 
 logger = logging.getLogger(__name__)
 
-PACK_FORMAT = 3  # bump when the packed layout changes
+PACK_FORMAT = 4  # bump when the packed layout changes
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
 
-PARTS = ("qs", "qh", "d", "m")  # a packed weight's tensors (``model/quant.py``); qh only for q5, m for q4/q5
+PARTS = ("qs", "qh", "d", "m")  # a packed weight's tensors (``model/quant.py``); qh only for q5; m for q4/q5
+# whose minimums are stored (not Q4_0's or Q5_0's)
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -182,6 +183,8 @@ def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int)
             bases = [f"model.layers.{i}.{parent}.{part}" for part in parts]
             if kinds.get(bases[0]) is None or any(kinds.get(b) != kinds[bases[0]] for b in bases):
                 continue  # mixed formats (a Q4_K_M's Q6_K v beside Q4_K q and k): kept apart
+            if len({f"{b}.m" in tensors for b in bases}) > 1:
+                continue  # stored minimums beside implicit ones (Q5_1 beside Q5_0): kept apart, as fuse() does
             target = f"model.layers.{i}.{parent}.{stacked}"
             stacks[target] = [[b, int(tensors[f"{b}.qs"].shape[0])] for b in bases]
             for part in PARTS:

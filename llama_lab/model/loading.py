@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 from llama_lab.cache import MARKER, cache_root, is_complete, published_dir
 from llama_lab.model.chat import normalize_messages, render_chat, resolve_stop_ids
 from llama_lab.model.presets import ARCH_PRESETS, RANDOM_PREFIX, LoadMode
+from llama_lab.profiling import release_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -355,6 +356,7 @@ def _load_model(source: str | os.PathLike, mode: str | LoadMode, *, device: str 
     if not stop_ids:
         raise LoadError(f"{display}: no end-of-sequence token could be found in the tokenizer or generation config")
     ctx = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    release_freed_memory()  # the load's parsing garbage: kept by glibc, and later allocations fragment it
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, stop_token_ids=stop_ids, device=dev, dtype=compute, mode=mode,
         source=src, name=display, random_weights=random_weights, load_seconds=time.perf_counter() - started,

@@ -4,13 +4,14 @@ Three formats, the kernels' layouts (``csrc/quant_linear.cpp``):
 
 - ``q4``: ``qs`` uint8 ``[N, K/2]`` (a group's 32 values in 16 bytes: element j in the low nibble of
   byte j, element j+16 in the high one, as GGUF's Q4_0 / Q4_1 blocks), ``d`` and ``m`` float16
-  ``[N, K/32]``: ``w = d * q + m``. GGUF's Q4_0 (``m = -8 d``), Q4_1 and Q4_K (each 256-block's eight
+  ``[N, K/32]``: ``w = d * q + m``. GGUF's Q4_0, Q4_1 and Q4_K (each 256-block's eight
   sub-blocks carry their own scale and minimum) all map onto it without loss beyond rounding the
-  Q4_K sub-block scale ``d * sc`` to float16.
+  Q4_K sub-block scale ``d * sc`` to float16. Q4_0's minimum is ``-8 d``: it is not stored (``m`` is
+  None), and the kernels compute it from ``d``.
 - ``q5``: q4's ``qs``, ``d`` and ``m`` hold the low four bits, and ``qh`` uint8 ``[N, K/8]`` the fifth
   (a group's four bytes are one little-endian word, bit j for element j, as GGUF's Q5_0 / Q5_1 ``qh``):
-  ``w = d * q + m`` with q in 0..31. Q5_0 (``m = -16 d``), Q5_1 and Q5_K map onto it as Q4_* map onto
-  q4. 6 bits a weight where q8 takes 8.5: Q4_K_M files of models whose widths are not multiples of 256
+  ``w = d * q + m`` with q in 0..31. Q5_0 (``m = -16 d``, not stored), Q5_1 and Q5_K map onto it as
+  Q4_* map onto q4. 6 bits a weight where q8 takes 8.5: Q4_K_M files of models whose widths are not multiples of 256
   are mostly Q5_0 (llama.cpp's fallback for Q4_K), so this is what keeps them near their file size.
 - ``q8``: ``qs`` int8 ``[N, K]``, ``d`` float16 ``[N, K/32]``: ``w = d * q``. GGUF's Q8_0 maps onto
   it exactly; every other GGUF type (Q6_K, Q2_K..Q3_K, IQ*) is dequantized by the ``gguf``
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 GROUP = 32
 KINDS = ("q4", "q5", "q8")
 MINS = ("q4", "q5")  # the kinds with a per-group minimum
+# A q4/q5 weight stored without minimums (GGUF's Q4_0, Q5_0) has m = -offset * d: half its range, centred.
+IMPLICIT_OFFSET = {"q4": 8.0, "q5": 16.0}
 
 
 # Projections the engine multiplies as one matrix, per layer: (parent module, parts in row order, the
@@ -147,14 +150,21 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
         assert qh is not None
         q = q + 16 * unpack_bits(qh).float()
     n, k = q.shape
-    assert m is not None
-    return (q.reshape(n, k // GROUP, GROUP) * d.float()[..., None] + m.float()[..., None]).reshape(n, k)
+    return (q.reshape(n, k // GROUP, GROUP) * d.float()[..., None] + minimums(kind, d, m).float()[..., None]).reshape(n, k)
+
+
+def minimums(kind: str, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """A q4/q5 weight's per-group minimums: ``m``, or ``-offset * d`` where they are implicit (None)."""
+    return m if m is not None else d.float() * -IMPLICIT_OFFSET[kind]
 
 
 # ---------------------------------------------------------------- modules
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + b`` with ``W`` packed as q4, q5 or q8; float32 in the kernel, the caller's dtype out."""
+    """``y = x @ W.T + b`` with ``W`` packed as q4, q5 or q8; float32 in the kernel, the caller's dtype out.
+
+    A q4 or q5 weight's ``m`` may be None: its minimums are then ``-8 d`` / ``-16 d`` (GGUF's Q4_0, Q5_0).
+    """
 
     def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, qh: torch.Tensor | None = None) -> None:
@@ -228,20 +238,24 @@ class QuantEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
+def can_fuse(a: QuantLinear, b: QuantLinear) -> bool:
+    """Whether one product can take both: the same format, width and kind of minimum."""
+    return a.kind == b.kind and a.in_features == b.in_features and (a.m is None) == (b.m is None)
+
+
 def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:
     """One QuantLinear for several of the same format and width (q/k/v, gate/up), or None.
 
     The originals are pointed at views of the fused buffers, so nothing is stored twice. Modules that
     already are consecutive row views of one tensor (a packed GGUF stores them stacked) are fused
-    without a copy.
+    without a copy. Stored and implicit minimums (Q4_1 beside Q4_0) are not fused: one product takes one.
     """
     first = modules[0]
-    if any(not isinstance(m, QuantLinear) or m.kind != first.kind or m.in_features != first.in_features
-           for m in modules):
+    if any(not isinstance(m, QuantLinear) or not can_fuse(first, m) for m in modules):
         return None
     qs = _stacked([m.qs for m in modules])
     d = _stacked([m.d for m in modules])
-    mins = _stacked([m.m for m in modules]) if first.kind in MINS else None
+    mins = _stacked([m.m for m in modules]) if first.m is not None else None
     highs = _stacked([m.qh for m in modules]) if first.kind == "q5" else None
     bias = None
     if any(m.bias is not None for m in modules):
@@ -329,8 +343,7 @@ def from_gguf_blocks(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) 
         blocks = raw.reshape(n, k // 32, 18)
         d = _f16(blocks[..., 0:2]).reshape(n, k // 32)
         qs = blocks[..., 2:18].reshape(n, k // 2)
-        return QuantLinear("q4", torch.from_numpy(qs.copy()), torch.from_numpy(d.copy()),
-                           torch.from_numpy((d.astype(np.float32) * -8.0).astype(np.float16)))
+        return QuantLinear("q4", torch.from_numpy(qs.copy()), torch.from_numpy(d.copy()))  # m = -8 d, implicit
     if qtype_name == "Q4_1":
         blocks = raw.reshape(n, k // 32, 20)
         d = _f16(blocks[..., 0:2]).reshape(n, k // 32)
@@ -349,13 +362,13 @@ def from_gguf_blocks(qtype_name: str, data: np.ndarray, shape: tuple[int, int]) 
         blocks = raw.reshape(n, k // 32, size)
         d = _f16(blocks[..., 0:2]).reshape(n, k // 32)
         if qtype_name == "Q5_0":
-            m = (d.astype(np.float32) * -16.0).astype(np.float16)
+            m = None  # -16 d, implicit
             qh, qs = blocks[..., 2:6], blocks[..., 6:22]
         else:
-            m = _f16(blocks[..., 2:4]).reshape(n, k // 32)
+            m = torch.from_numpy(_f16(blocks[..., 2:4]).reshape(n, k // 32).copy())
             qh, qs = blocks[..., 4:8], blocks[..., 8:24]
-        return QuantLinear("q5", torch.from_numpy(qs.reshape(n, k // 2).copy()), torch.from_numpy(d.copy()),
-                           torch.from_numpy(m.copy()), qh=torch.from_numpy(qh.reshape(n, k // 8).copy()))
+        return QuantLinear("q5", torch.from_numpy(qs.reshape(n, k // 2).copy()), torch.from_numpy(d.copy()), m,
+                           qh=torch.from_numpy(qh.reshape(n, k // 8).copy()))
     if qtype_name == "Q5_K":
         return _q5_k(raw, n, k)
     import gguf

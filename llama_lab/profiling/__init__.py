@@ -5,7 +5,8 @@ phases; ``readers`` holds the hardware readers it uses.
 """
 
 from llama_lab.profiling.monitor import Monitor, Phase, Sample, WindowStats
-from llama_lab.profiling.readers import NvmlReader, RaplReader, cpu_kind, cpu_name, peak_rss_bytes, reset_peak_rss
+from llama_lab.profiling.readers import (NvmlReader, RaplReader, cpu_kind, cpu_name, peak_rss_bytes,
+                                         release_freed_memory, reset_peak_rss)
 
 __all__ = ["Monitor", "NvmlReader", "Phase", "RaplReader", "Sample", "WindowStats", "cpu_kind", "cpu_name", "peak_rss_bytes",
-           "reset_peak_rss"]
+           "release_freed_memory", "reset_peak_rss"]

@@ -98,8 +98,9 @@ def test_weights_are_shared_not_copied(tiny32):
     """Fusing q/k/v and gate/up leaves the transformers modules as views of the fused tensors."""
     runner = PagedRunner(tiny32, max_batch_size=2, compile=False, kv_cache_tokens=2048)
     layer, hf = runner.model.layers[0], tiny32.model.model.layers[0]
-    assert hf.self_attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
-    assert hf.mlp.gate_proj.weight.untyped_storage().data_ptr() == layer.gate_up.weight.untyped_storage().data_ptr()
+    assert len(layer.qkv) == 1 and len(layer.gate_up) == 1  # one format: one product each
+    assert hf.self_attn.q_proj.weight.data_ptr() == layer.qkv[0].weight.data_ptr()
+    assert hf.mlp.gate_proj.weight.untyped_storage().data_ptr() == layer.gate_up[0].weight.untyped_storage().data_ptr()
 
 
 # ---------------------------------------------------------------- the compiled decode step

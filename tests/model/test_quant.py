@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llama_lab.model import quant
-from llama_lab.model.quant import GROUP, QuantEmbedding, QuantLinear, from_gguf_blocks
+from llama_lab.model.quant import GROUP, KINDS, QuantEmbedding, QuantLinear, from_gguf_blocks
 
 gguf = pytest.importorskip("gguf")
 
@@ -51,7 +51,7 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         dot = torch.einsum("mgj,ngj->mng", xq.double(), q.double())
         y = torch.einsum("mng,mg,ng->mn", dot, dx.double(), layer.d.double())
         if layer.kind in quant.MINS:
-            y = y + g.double().sum(-1) @ layer.m.double().T
+            y = y + g.double().sum(-1) @ quant.minimums(layer.kind, layer.d, layer.m).double().T
         y = y.float()
     return y + layer.bias if layer.bias is not None else y
 
@@ -102,21 +102,33 @@ SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33)
           (70, 160, 1030)]
 
 
-@pytest.mark.parametrize("kind", ["q4", "q5", "q8"])
+def quantized(linear: nn.Linear, kind: str) -> QuantLinear:
+    """``linear`` as a packed layer: a kernel kind from float weights, or a GGUF type's blocks (Q4_0 and
+    Q5_0 give q4/q5 with implicit minimums)."""
+    if kind in KINDS:
+        return QuantLinear.from_linear(linear, kind)
+    raw = gguf.quants.quantize(linear.weight.detach().numpy(), gguf.GGMLQuantizationType[kind])
+    layer = from_gguf_blocks(kind, raw, tuple(linear.weight.shape))
+    layer.bias = linear.bias.detach() if linear.bias is not None else None
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8", "Q4_0", "Q5_0"])
 @pytest.mark.parametrize("m,k,n", SHAPES)
 def test_kernel_matches_torch_reference(kind, m, k, n):
     gen = torch.Generator().manual_seed(m * 1000 + n)
     linear = nn.Linear(k, n, bias=n % 2 == 0)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(n, k, generator=gen))
-    layer = QuantLinear.from_linear(linear, kind)
+    layer = quantized(linear, kind)
+    assert (layer.m is None) == (kind not in quant.MINS)  # Q4_0, Q5_0: implicit minimums
     x = torch.randn(m, k, generator=gen) * 3
     got = layer(x)
     torch.testing.assert_close(got, reference_linear(layer, x), **reference_tolerance(m))
     # and close to the float product it stands for (4-bit weights: a few percent of the output's scale)
     want = nn.functional.linear(x, linear.weight, linear.bias)
     err = (got - want).norm() / want.norm()
-    assert err < {"q4": 0.15, "q5": 0.07, "q8": 0.02}[kind], err
+    assert err < {"q4": 0.15, "q5": 0.07, "q8": 0.02, "Q4_0": 0.15, "Q5_0": 0.07}[kind], err
 
 
 def test_leading_dims_and_dtype_follow_the_input():
@@ -126,9 +138,9 @@ def test_leading_dims_and_dtype_follow_the_input():
     assert y.shape == (2, 3, 16) and y.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kind", ["q4", "q5", "q8"])
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8", "Q4_0", "Q5_0"])
 def test_embedding_rows_are_the_dequantized_table(kind):
-    table = QuantLinear.from_linear(nn.Linear(96, 50, bias=False), kind)
+    table = quantized(nn.Linear(96, 50, bias=False), kind)
     ids = torch.tensor([[0, 49], [7, 7]])
     rows = QuantEmbedding(table)(ids)
     assert rows.shape == (2, 2, 96)
@@ -175,6 +187,7 @@ def test_gguf_blocks_repack_exactly(qtype, kind):
     raw = gguf.quants.quantize(w, t)
     layer = from_gguf_blocks(qtype, raw, (6, 256))
     assert layer.kind == kind
+    assert (layer.m is None) == (qtype in ("Q4_0", "Q5_0", "Q8_0"))  # Q4_0, Q5_0: -8 d / -16 d, not stored
     want = gguf.quants.dequantize(raw, t).reshape(6, 256)
     np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=0, atol=1e-6)
 
@@ -245,18 +258,25 @@ def test_modes_resolve_and_refuse_clearly():
         load_model("random:tiny", "int4", device="cuda:0")
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "q5"])
+# Per projection, the format of the "mixed" engine test: a Q4_K_M file's mix (Q5_0 q and k beside a Q8_0 v),
+# with Q4_0 gate/up: implicit minimums, and q+k / v / gate+up as the engine's fused runs.
+MIXED = {"q_proj": "Q5_0", "k_proj": "Q5_0", "v_proj": "q8", "o_proj": "q5", "gate_proj": "Q4_0", "up_proj": "Q4_0",
+         "down_proj": "q4"}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "q5", "mixed"])
 def test_engine_greedy_tokens_match_a_torch_reference(mode, monkeypatch):
     """The engine (fused packed linears, paged cache, kernels) decodes what plain torch computes.
 
     ``q5`` (a GGUF's Q5_* tensors; no HF load mode makes it) is the int4 model with each decoder linear
-    re-quantized to q5 from its dequantized weight."""
+    re-quantized to q5 from its dequantized weight; ``mixed`` re-quantizes each as ``MIXED`` says."""
     from llama_lab import load_model
     from llama_lab.engine import Engine
     from llama_lab.engine.sampling import SamplingParams
 
-    loaded = load_model("random:tiny", "int4" if mode == "q5" else mode)
-    if mode == "q5":
+    mixed = mode == "mixed"
+    loaded = load_model("random:tiny", mode if mode in ("int8", "int4") else "int4")
+    if mode in ("q5", "mixed"):
         for name, module in list(loaded.model.model.layers.named_modules()):
             if isinstance(module, QuantLinear):
                 float_linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
@@ -264,8 +284,9 @@ def test_engine_greedy_tokens_match_a_torch_reference(mode, monkeypatch):
                 if module.bias is not None:
                     float_linear.bias.data = module.bias
                 parent, _, attr = name.rpartition(".")
-                setattr(loaded.model.model.layers.get_submodule(parent), attr, QuantLinear.from_linear(float_linear, "q5"))
-        assert loaded.model.model.layers[0].mlp.down_proj.kind == "q5"
+                kind = "q5" if mode == "q5" else MIXED[attr]
+                setattr(loaded.model.model.layers.get_submodule(parent), attr, quantized(float_linear, kind))
+        assert loaded.model.model.layers[0].mlp.down_proj.kind == ("q5" if mode == "q5" else "q4")
         mode = "int4"
     assert loaded.mode.value == mode and "groups of 32" in loaded.weights_format
     assert isinstance(loaded.model.model.layers[0].mlp.down_proj, QuantLinear)
@@ -283,7 +304,11 @@ def test_engine_greedy_tokens_match_a_torch_reference(mode, monkeypatch):
     monkeypatch.setenv("LLAMA_LAB_KV_DTYPE", "fp32")  # the reference keeps fp32 keys and values
     with Engine(loaded, compile=False, max_batch_size=4) as engine:
         got = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)).token_ids
+        layer = engine.runner.model.layers[0]
     assert got == want
+    # one product per run of one format: q+k and v apart only where v's format differs
+    assert [len(sizes) for sizes in layer.qkv_widths] == ([2, 1] if mixed else [3])
+    assert [len(sizes) for sizes in layer.gate_up_widths] == [2]
 
 
 def test_packed_weights_get_a_16_bit_kv_cache(monkeypatch):
@@ -315,6 +340,9 @@ def test_consecutive_row_views_fuse_without_a_copy():
     assert apart[1].qs.data_ptr() == copied.qs[6:].data_ptr()
     swapped = quant.fuse([views[1], views[0], views[2]])  # views out of order are not one tensor: copied
     assert torch.equal(swapped.qs, torch.cat([qs[6:9], qs[:6], qs[9:]])) and swapped.qs.data_ptr() != qs.data_ptr()
+    implicit = [QuantLinear("q4", qs[a:b], d[a:b]) for a, b in rows]  # Q4_0's: no stored minimums
+    assert quant.fuse(implicit).m is None and quant.fuse(implicit).qs.data_ptr() == qs.data_ptr()
+    assert quant.fuse([views[0], *implicit[1:]]) is None  # one product takes one kind of minimum
 
 
 @pytest.mark.slow
@@ -329,7 +357,7 @@ def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model)
 
     attn = default_model.model.model.layers[5].self_attn
     assert attn.q_proj.qs.untyped_storage().data_ptr() == attn.v_proj.qs.untyped_storage().data_ptr()
-    assert FastLlama(default_model.model, None).layers[5].qkv.qs.data_ptr() == attn.q_proj.qs.data_ptr()
+    assert FastLlama(default_model.model, None).layers[5].qkv[0].qs.data_ptr() == attn.q_proj.qs.data_ptr()
     full = load_model("default", "full", dtype="fp32")  # the dequantized weights exactly (bf16 on AVX512-BF16 CPUs)
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
         packed = default_model.model.model.layers[5].get_submodule(name)
@@ -370,7 +398,7 @@ def test_int4_from_a_checkpoint_is_built_one_weight_at_a_time_with_the_same_pack
     table = loaded.model.model.embed_tokens
     assert torch.equal(table.qs, quant.quantize_q8(floats.model.embed_tokens.weight)[0])
     attn = loaded.model.model.layers[0].self_attn
-    assert FastLlama(loaded.model, None).layers[0].qkv.qs.data_ptr() == attn.q_proj.qs.data_ptr()
+    assert FastLlama(loaded.model, None).layers[0].qkv[0].qs.data_ptr() == attn.q_proj.qs.data_ptr()
 
 
 def test_random_int4_weights_follow_the_seed():

@@ -19,6 +19,8 @@
 //   q5: q4's qs, d and m for the low four bits, and qh uint8 [N, K/8]: a group's four bytes are one
 //       little-endian 32-bit word whose bit j is element j's fifth bit (GGUF's Q5_0/Q5_1 qh): w = d * q + m,
 //       q in 0..31.
+//   q4 and q5 without m (GGUF's Q4_0 and Q5_0, whose minimum is the scale times minus half the range):
+//       m = -8 d (q4) or -16 d (q5), so those files are not charged 2 bytes per group for a copy of d.
 // x is float32 [M, K]; the result is float32 [M, N]. K must be a multiple of 32.
 // Per-operator headers, not <ATen/ATen.h>: the kernels build on a machine's first start, and the
 // whole operator set takes that compile from ~20 s to ~10 s.
@@ -39,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -70,6 +73,12 @@ inline uint32_t high_bits(const uint8_t* qh) {
   uint32_t bits;
   std::memcpy(&bits, qh, 4);
   return bits;
+}
+
+// The minimum of a q4 or q5 group stored without one (GGUF's Q4_0, Q5_0), in units of its scale.
+template <bool kHigh>
+constexpr float implicit_offset() {
+  return kHigh ? 16.f : 8.f;
 }
 
 inline float half_to_float(const at::Half h) {
@@ -293,8 +302,9 @@ inline void group_scales(const at::Half* wd, const float* xd, int64_t groups, fl
   }
 }
 
+// sum_g factor * wm[g] * xs[i][g]: factor is 1 for stored minimums, and -8 or -16 with wm = d for implicit ones.
 template <int MT>
-inline void min_terms(const at::Half* wm, const float* xs, int64_t groups, float* mins) {
+inline void min_terms(const at::Half* wm, float factor, const float* xs, int64_t groups, float* mins) {
   __m256 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
   int64_t g = 0;
@@ -307,13 +317,14 @@ inline void min_terms(const at::Half* wm, const float* xs, int64_t groups, float
     const float mw = half_to_float(wm[g]);
     for (int i = 0; i < MT; ++i) mins[i] += mw * xs[i * groups + g];
   }
+  for (int i = 0; i < MT; ++i) mins[i] *= factor;
 }
 #endif
 
 // One tile: weight rows [n0, n1) against MT activation rows from m0. MT is a template parameter so
 // the accumulators live in registers (indexed by a run-time count they spill to the stack: 3x slower).
 // q4 and q5 share it: kHigh (q5) adds each group's fifth bits (qh) to the unpacked nibbles, at compile time,
-// so q4's loops are the same instructions as without it.
+// so q4's loops are the same instructions as without it. m is nullptr where the minimum is implicit.
 template <int MT, bool kHigh>
 void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
                  int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
@@ -325,12 +336,14 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     const uint8_t* wq = qs + n * (K / 2);
     const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
     const at::Half* wd = d + n * groups;
-    const at::Half* wm = m + n * groups;
+    // an implicit minimum is -offset * d: the min terms read the scales with that factor
+    const at::Half* wm = m ? m + n * groups : wd;
+    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
     float mins[MT];
 #ifdef LLAMA_LAB_AVX512
     alignas(64) float scale[MT][kMaxGroups];
     group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, xs, groups, mins);
+    min_terms<MT>(wm, mfactor, xs, groups, mins);
     const int16_t* xp = a.paired.data() + m0 * K;
     __m512 acc[MT], acc2[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
@@ -365,7 +378,7 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
 #elif defined(LLAMA_LAB_AVX2)
     alignas(32) float scale[MT][kMaxGroups];
     group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, xs, groups, mins);
+    min_terms<MT>(wm, mfactor, xs, groups, mins);
     __m256 acc[MT], acc2[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
     int64_t g = 0;
@@ -393,7 +406,7 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
       const uint8_t* b = wq + g * 16;
       uint32_t bits = 0;
       if constexpr (kHigh) bits = high_bits(wh + g * 4);
-      const float dw = half_to_float(wd[g]), mw = half_to_float(wm[g]);
+      const float dw = half_to_float(wd[g]), mw = mfactor * half_to_float(wm[g]);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         int32_t dot = 0;
@@ -552,7 +565,8 @@ void nibble_row(const uint8_t* qs, const uint8_t* qh, const at::Half* d, const a
   const int64_t groups = K / kGroup;
   const uint8_t* wq = qs + n * (K / 2);
   for (int64_t g = 0; g < groups; ++g) {
-    const float dw = half_to_float(d[n * groups + g]), mw = half_to_float(m[n * groups + g]);
+    const float dw = half_to_float(d[n * groups + g]);
+    const float mw = m ? half_to_float(m[n * groups + g]) : -implicit_offset<kHigh>() * dw;
     const uint8_t* b = wq + g * 16;
     uint32_t bits = 0;
     if constexpr (kHigh) bits = high_bits(qh + n * (K / 8) + g * 4);
@@ -674,24 +688,30 @@ at::Tensor dequant_gemm(const at::Tensor& x, int64_t N, int64_t K, Row&& row) {
   return out;
 }
 
+// A q4/q5 weight's minimums, contiguous, or an undefined tensor where they are implicit (absent).
+at::Tensor mins_of(const std::optional<at::Tensor>& m, const at::Tensor& d, const char* op) {
+  if (!m.has_value() || !m->defined()) return at::Tensor();
+  TORCH_CHECK(m->sizes() == d.sizes() && m->scalar_type() == at::kHalf, op, ": mins must match the scales");
+  return m->contiguous();
+}
+
 // q4_linear and q5_linear: qh is the q5 weight's fifth bits, or nullptr for q4.
 template <bool kHigh>
 at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
-                         const at::Tensor& m, const char* op) {
+                         const std::optional<at::Tensor>& m, const char* op) {
   const int64_t K = qs.size(1) * 2, N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, op, ": qs must be uint8 [N, K/2]");
   if constexpr (kHigh)
     TORCH_CHECK(qh->scalar_type() == at::kByte && qh->dim() == 2 && qh->size(0) == N && qh->size(1) == K / 8, op,
                 ": qh must be uint8 [N, K/8]");
   check_common(x, qs, d, K, op);
-  TORCH_CHECK(m.sizes() == d.sizes() && m.scalar_type() == at::kHalf, op, ": mins must match the scales");
-  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(), mc = mins_of(m, d, op);
   const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
   const int64_t M = xc.size(0);
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
   const at::Half* dp = dc.data_ptr<at::Half>();
-  const at::Half* mp = mc.data_ptr<at::Half>();
+  const at::Half* mp = mc.defined() ? mc.data_ptr<at::Half>() : nullptr;
   if (M >= kGemmRows)
     return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); });
 #ifdef LLAMA_LAB_AVX512
@@ -705,12 +725,13 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   });
 }
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                     const std::optional<at::Tensor>& m) {
   return nibble_linear<false>(x, qs, nullptr, d, m, "q4_linear");
 }
 
 at::Tensor q5_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
-                     const at::Tensor& m) {
+                     const std::optional<at::Tensor>& m) {
   return nibble_linear<true>(x, qs, &qh, d, m, "q5_linear");
 }
 
@@ -748,22 +769,24 @@ at::Tensor gather_rows(const at::Tensor& ids, int64_t N, int64_t K, Row&& row, c
 
 template <bool kHigh>
 at::Tensor nibble_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
-                       const at::Tensor& m, const char* op) {
+                       const std::optional<at::Tensor>& m, const char* op) {
   const int64_t K = qs.size(1) * 2;
-  const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = m.contiguous();
+  const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = mins_of(m, d, op);
   const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
-  const at::Half *dp = dc.data_ptr<at::Half>(), *mp = mc.data_ptr<at::Half>();
+  const at::Half* dp = dc.data_ptr<at::Half>();
+  const at::Half* mp = mc.defined() ? mc.data_ptr<at::Half>() : nullptr;
   return gather_rows(ids, qs.size(0), K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); }, op);
 }
 
-at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& m) {
+at::Tensor q4_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& d,
+                   const std::optional<at::Tensor>& m) {
   return nibble_rows<false>(ids, qs, nullptr, d, m, "q4_rows");
 }
 
 at::Tensor q5_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
-                   const at::Tensor& m) {
+                   const std::optional<at::Tensor>& m) {
   return nibble_rows<true>(ids, qs, &qh, d, m, "q5_rows");
 }
 
@@ -778,11 +801,11 @@ at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
-  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor? m) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
-  m.def("q5_linear(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
-  m.def("q5_rows(Tensor ids, Tensor qs, Tensor qh, Tensor d, Tensor m) -> Tensor");
-  m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor m) -> Tensor");
+  m.def("q5_linear(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor? m) -> Tensor");
+  m.def("q5_rows(Tensor ids, Tensor qs, Tensor qh, Tensor d, Tensor? m) -> Tensor");
+  m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor? m) -> Tensor");
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
   m.def("gemm_dtype() -> str", &gemm_dtype);
 }
