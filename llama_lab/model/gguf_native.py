@@ -12,7 +12,8 @@ its rotary layout; they are put back in Hugging Face's order (the permutation ``
 when it reads a GGUF), by moving whole packed rows.
 
 A layer's q/k/v projections, and its gate/up projections, are stored stacked in one tensor each when
-they share a format, which is how the engine multiplies them (one product instead of three). The
+they share a format (where they do not, each run of neighbours that does: a Q4_K_M's q+k), which is
+how the engine multiplies them (one product instead of three). The
 loaded modules are row views of that tensor, so the engine's fusion finds them adjacent and copies
 nothing: the weights stay in the file's memory map, in memory once.
 """
@@ -37,7 +38,7 @@ from llama_lab.model.quant import STACKS, QuantEmbedding, QuantLinear, from_gguf
 
 logger = logging.getLogger(__name__)
 
-PACK_FORMAT = 4  # bump when the packed layout changes
+PACK_FORMAT = 5  # bump when the packed layout changes
 SUPPORTED_ARCHS = {"llama", "mistral", "qwen2"}
 
 PARTS = ("qs", "qh", "d", "m")  # a packed weight's tensors (``model/quant.py``); qh only for q5; m for q4/q5
@@ -175,24 +176,38 @@ def _repack(gguf: Path, target: Path, reader: Any) -> Path:
 
 
 def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int) -> dict[str, list[list[Any]]]:
-    """Replace each layer's q/k/v (and gate/up) packed tensors by one stacked tensor, in place, where
-    they share a format; returns ``{stacked base: [[part base, rows], ...]}``, in row order."""
+    """Replace each layer's q/k/v (and gate/up) packed tensors by stacked ones, in place: each run of
+    neighbours that one product can take (one format, stored or implicit minimums alike) becomes one tensor,
+    as the engine fuses them (a Q4_K_M's Q5_0 q and k stacked, its Q8_0 v apart), so its fusion finds views
+    and copies nothing. Returns ``{stacked base: [[part base, rows], ...]}``, in row order."""
     stacks: dict[str, list[list[Any]]] = {}
     for i in range(layers):
         for parent, parts, stacked in STACKS:
             bases = [f"model.layers.{i}.{parent}.{part}" for part in parts]
-            if kinds.get(bases[0]) is None or any(kinds.get(b) != kinds[bases[0]] for b in bases):
-                continue  # mixed formats (a Q4_K_M's Q6_K v beside Q4_K q and k): kept apart
-            if len({f"{b}.m" in tensors for b in bases}) > 1:
-                continue  # stored minimums beside implicit ones (Q5_1 beside Q5_0): kept apart, as fuse() does
-            target = f"model.layers.{i}.{parent}.{stacked}"
-            stacks[target] = [[b, int(tensors[f"{b}.qs"].shape[0])] for b in bases]
-            for part in PARTS:
-                if f"{bases[0]}.{part}" in tensors:
-                    tensors[f"{target}.{part}"] = torch.cat([tensors.pop(f"{b}.{part}") for b in bases])
-            kinds[target] = kinds[bases[0]]
-            for b in bases:
-                del kinds[b]
+            if any(kinds.get(b) is None for b in bases):
+                continue  # a float projection: not packed
+            runs = [[0]]
+            for j in range(1, len(bases)):
+                same = kinds[bases[j]] == kinds[bases[j - 1]] and \
+                    (f"{bases[j]}.m" in tensors) == (f"{bases[j - 1]}.m" in tensors)
+                if same:
+                    runs[-1].append(j)
+                else:
+                    runs.append([j])
+            for run in runs:
+                if len(run) < 2:
+                    continue
+                members = [bases[j] for j in run]
+                name = stacked if len(run) == len(parts) else \
+                    "_".join(parts[j].removesuffix("_proj") for j in run) + "_proj"  # q_k_proj
+                target = f"model.layers.{i}.{parent}.{name}"
+                stacks[target] = [[b, int(tensors[f"{b}.qs"].shape[0])] for b in members]
+                for part in PARTS:
+                    if f"{members[0]}.{part}" in tensors:
+                        tensors[f"{target}.{part}"] = torch.cat([tensors.pop(f"{b}.{part}") for b in members])
+                kinds[target] = kinds[members[0]]
+                for b in members:
+                    del kinds[b]
     return stacks
 
 

@@ -150,7 +150,8 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
         assert qh is not None
         q = q + 16 * unpack_bits(qh).float()
     n, k = q.shape
-    return (q.reshape(n, k // GROUP, GROUP) * d.float()[..., None] + minimums(kind, d, m).float()[..., None]).reshape(n, k)
+    groups = q.reshape(n, k // GROUP, GROUP)
+    return (groups * d.float()[..., None] + minimums(kind, d, m).float()[..., None]).reshape(n, k)
 
 
 def minimums(kind: str, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:

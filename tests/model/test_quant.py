@@ -345,6 +345,36 @@ def test_consecutive_row_views_fuse_without_a_copy():
     assert quant.fuse([views[0], *implicit[1:]]) is None  # one product takes one kind of minimum
 
 
+def test_a_packed_file_stacks_each_run_of_one_format():
+    """A Q4_K_M layer (Q5_0 q and k, Q8_0 v) stores q+k as one tensor and v apart, as the engine fuses them;
+    a Q5_1 beside a Q5_0 (stored and implicit minimums) is not stacked."""
+    from llama_lab.model.gguf_native import _stack
+
+    def packed(kind: str, rows: int, mins: bool) -> dict[str, torch.Tensor]:
+        parts = {"qs": torch.randint(0, 255, (rows, 32 if kind == "q8" else 16), dtype=torch.uint8),
+                 "d": torch.rand(rows, 1).half()}
+        if kind == "q5":
+            parts["qh"] = torch.randint(0, 255, (rows, 4), dtype=torch.uint8)
+        if mins:
+            parts["m"] = torch.rand(rows, 1).half()
+        return parts
+
+    layer = {"self_attn.q_proj": ("q5", 6, False), "self_attn.k_proj": ("q5", 2, False),
+             "self_attn.v_proj": ("q8", 2, False), "mlp.gate_proj": ("q5", 4, True), "mlp.up_proj": ("q5", 4, False)}
+    tensors, kinds = {}, {}
+    for name, (kind, rows, mins) in layer.items():
+        base = f"model.layers.0.{name}"
+        kinds[base] = kind
+        tensors.update({f"{base}.{part}": value for part, value in packed(kind, rows, mins).items()})
+    want_qk = torch.cat([tensors["model.layers.0.self_attn.q_proj.qs"], tensors["model.layers.0.self_attn.k_proj.qs"]])
+    stacks = _stack(tensors, kinds, layers=1)
+    assert stacks == {"model.layers.0.self_attn.q_k_proj": [["model.layers.0.self_attn.q_proj", 6],
+                                                            ["model.layers.0.self_attn.k_proj", 2]]}
+    assert torch.equal(tensors["model.layers.0.self_attn.q_k_proj.qs"], want_qk)
+    assert "model.layers.0.self_attn.q_k_proj.m" not in tensors and kinds["model.layers.0.self_attn.q_k_proj"] == "q5"
+    assert {"model.layers.0.self_attn.v_proj", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"} <= set(kinds)
+
+
 @pytest.mark.slow
 def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model):
     """The default load keeps the file's Q4_1/Q8_0 blocks: the same weights transformers dequantizes."""
