@@ -2,6 +2,7 @@
 
     python -m bench.peer_bench                          # the embedded SmolLM2 Q4_1 GGUF
     python -m bench.peer_bench --gguf model.gguf --repeats 3
+    python -m bench.peer_bench --rounds 3 --repeats 1   # the servers take turns: ours, peer, ours, ...
     python -m bench.peer_bench --llama-cpp-bin DIR      # an existing llama.cpp build (DIR/llama-server)
 
 llama.cpp is built once into the llama_lab cache dir from the copy vendored in the ``llama-cpp-python``
@@ -14,6 +15,11 @@ minutes on 2 cores). Both servers get greedy streamed chat requests with the sam
 - 16 streams: aggregate tok/s of 16 concurrent 64-token answers (llama-server runs ``-np 16``);
 - perplexity of ``llama_lab/lab/data/perplexity.txt`` in 512-token windows scored on their second
   half, as ``llama-perplexity -c 512`` scores them, ours computed by the same rule.
+
+With ``--rounds R`` each server is started R times, in turns (ours, the peer, ours, ...), and each
+figure is the median over its rounds: on a shared VM whose speed drifts by a third within minutes
+(measured: one stream 66-107 tok/s for the same server in one hour), a slow spell then hits both
+sides instead of whichever ran during it. The table adds each round's one-stream and 16-stream ratios.
 
 It prints a table with our/peer ratios and the CPU kind, then one JSON line. A benchmark, not a test.
 """
@@ -47,6 +53,7 @@ from llama_lab.web.launcher import ServerProcess, llama_lab_command
 logger = logging.getLogger("peer_bench")
 
 LONG_TOKENS = 4000
+SIDES = ("llama_lab", "llama-server")
 STORY = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper and a storm."}]
 
 
@@ -245,10 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-cpp-bin", help="directory with llama-server and llama-perplexity (default: build once)")
     ap.add_argument("--llama-cpp-amx", action="store_true", help="build llama.cpp with its AMX code where the CPU has AMX")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="measurements of each kind per server start")
+    ap.add_argument("--rounds", type=int, default=1, help="server starts per side, in turns (medians over rounds)")
     ap.add_argument("--skip-perplexity", action="store_true")
     ap.add_argument("--sides", default="llama_lab,llama-server", help="comma-separated: llama_lab, llama-server")
     args = ap.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1:
+        ap.error("--rounds and --repeats must be at least 1")
+    names = [name.strip() for name in args.sides.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SIDES]
+    if unknown or not names:
+        ap.error(f"--sides: unknown side(s) {', '.join(unknown) or '(none)'} (choose from {', '.join(SIDES)})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from transformers import AutoTokenizer
@@ -267,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         "llama-server": ([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}", "--host", "127.0.0.1",
                           "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], peer_env(bin_dir)),
     }
-    sides = {name: run_side(name, *commands[name], tokenizer, args.repeats) for name in args.sides.split(",")}
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            rounds[name].append(run_side(name, *commands[name], tokenizer, args.repeats))
+    sides = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+             for name, results in rounds.items()}
     if not args.skip_perplexity:
         if "llama_lab" in sides:
             sides["llama_lab"]["perplexity"] = our_perplexity(gguf)[0]
@@ -276,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, peer = sides.get("llama_lab", {}), sides.get("llama-server", {})
     ratio = {k: ours[k] / peer[k] for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "ttft_4k_s", "next_turn_ttft_s",
                                            "perplexity") if ours.get(k) and peer.get(k)}
-    print(f"\n{gguf.name} on {cpu_kind()}; greedy, streamed over HTTP, {args.repeats} repeats (medians)\n")
+    print(f"\n{gguf.name} on {cpu_kind()}; greedy, streamed over HTTP, {args.repeats} repeats x {args.rounds} "
+          "round(s) (medians)\n")
     cols = [("single_tok_s", "one stream tok/s"), ("long_tok_s", "after 4k tok/s"), ("ttft_4k_s", "TTFT 4k s"),
             ("next_turn_ttft_s", "next turn TTFT s"), ("x16_tok_s", "16 streams tok/s"), ("perplexity", "perplexity"),
             ("ready_s", "start to ready s"), ("rss_mb", "RSS MB")]
@@ -285,7 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in sides.items():
         print(f"| {name} | " + " | ".join(f"{res[k]:.3g}" if isinstance(res.get(k), float) else "-" for k, _ in cols) + " |")
     print("| ratio (ours / peer) | " + " | ".join(f"{ratio[k]:.2f}" if k in ratio else "-" for k, _ in cols) + " |")
-    print(json.dumps({"gguf": gguf.name, "cpu": cpu_kind(), "sides": sides, "ratio": ratio}))
+    per_round = {}
+    if args.rounds > 1 and len(names) == 2:
+        per_round = {k: [a[k] / b[k] for a, b in zip(rounds["llama_lab"], rounds["llama-server"])]
+                     for k in ("single_tok_s", "x16_tok_s")}
+        print("\nratio per round (ours then the peer, in turns): " + "; ".join(
+            f"{label} {', '.join(f'{r:.2f}' for r in per_round[key])} (median {statistics.median(per_round[key]):.2f})"
+            for key, label in (("single_tok_s", "one stream"), ("x16_tok_s", "16 streams"))))
+    print(json.dumps({"gguf": gguf.name, "cpu": cpu_kind(), "rounds": args.rounds, "sides": sides, "ratio": ratio,
+                      "ratio_per_round": per_round}))
     return 0
 
 
