@@ -177,7 +177,7 @@ def _repack(gguf: Path, target: Path, reader: Any) -> Path:
 
 def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int) -> dict[str, list[list[Any]]]:
     """Replace each layer's q/k/v (and gate/up) packed tensors by stacked ones, in place: each run of
-    neighbours that one product can take (one format, stored or implicit minimums alike) becomes one tensor,
+    neighbours that one product can take (one format; minimums stored for all or for none) becomes one tensor,
     as the engine fuses them (a Q4_K_M's Q5_0 q and k stacked, its Q8_0 v apart), so its fusion finds views
     and copies nothing. Returns ``{stacked base: [[part base, rows], ...]}``, in row order."""
     stacks: dict[str, list[list[Any]]] = {}
