@@ -695,15 +695,19 @@ at::Tensor mins_of(const std::optional<at::Tensor>& m, const at::Tensor& d, cons
   return m->contiguous();
 }
 
+// A q5 weight's fifth bits: one 32-bit word per group of each of its N rows (read without bounds checks after).
+void check_high_bits(const at::Tensor& qh, int64_t N, int64_t K, const char* op) {
+  TORCH_CHECK(qh.scalar_type() == at::kByte && qh.dim() == 2 && qh.size(0) == N && qh.size(1) == K / 8, op,
+              ": qh must be uint8 [N, K/8]");
+}
+
 // q4_linear and q5_linear: qh is the q5 weight's fifth bits, or nullptr for q4.
 template <bool kHigh>
 at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
                          const std::optional<at::Tensor>& m, const char* op) {
   const int64_t K = qs.size(1) * 2, N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, op, ": qs must be uint8 [N, K/2]");
-  if constexpr (kHigh)
-    TORCH_CHECK(qh->scalar_type() == at::kByte && qh->dim() == 2 && qh->size(0) == N && qh->size(1) == K / 8, op,
-                ": qh must be uint8 [N, K/8]");
+  if constexpr (kHigh) check_high_bits(*qh, N, K, op);
   check_common(x, qs, d, K, op);
   const at::Tensor xc = x.contiguous(), qc = qs.contiguous(), dc = d.contiguous(), mc = mins_of(m, d, op);
   const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
@@ -771,6 +775,7 @@ template <bool kHigh>
 at::Tensor nibble_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
                        const std::optional<at::Tensor>& m, const char* op) {
   const int64_t K = qs.size(1) * 2;
+  if constexpr (kHigh) check_high_bits(*qh, qs.size(0), K, op);
   const at::Tensor qc = qs.contiguous(), dc = d.contiguous(), mc = mins_of(m, d, op);
   const at::Tensor hc = kHigh ? qh->contiguous() : at::Tensor();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
