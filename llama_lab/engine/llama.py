@@ -16,6 +16,7 @@ long prompt frees the machine within one layer.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from typing import Any, Callable, Sequence
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from llama_lab.engine import cpu_linear
 from llama_lab.engine.attention import AttentionFn, reference_attention, reference_prefill
-from llama_lab.model.quant import QuantEmbedding, QuantLinear, can_fuse
+from llama_lab.model.quant import QuantEmbedding, QuantLinear, fusion_key
 from llama_lab.model.quant import fuse as fuse_quantized
 
 logger = logging.getLogger(__name__)
@@ -85,23 +86,20 @@ def _fuse(modules: Sequence[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | No
     return weight, bias
 
 
-def _fusable(a: nn.Module, b: nn.Module) -> bool:
-    """Whether one matrix product can take ``a`` and ``b`` together (their outputs side by side)."""
-    if _is_plain_linear(a) and _is_plain_linear(b):
-        return (a.in_features == b.in_features and a.weight.dtype == b.weight.dtype
-                and a.weight.device == b.weight.device)
-    return isinstance(a, QuantLinear) and isinstance(b, QuantLinear) and can_fuse(a, b)
+def _fusion_key(module: nn.Module) -> tuple[Any, ...]:
+    """Neighbours with equal keys are one matrix product: plain linears of one width, dtype and device, or
+    packed ones of one width and ``fusion_key``; any other module (bitsandbytes) stands alone."""
+    if _is_plain_linear(module):
+        return "plain", module.in_features, module.weight.dtype, module.weight.device
+    if isinstance(module, QuantLinear):
+        return "packed", module.in_features, *fusion_key(module.kind, module.m is not None)
+    return "alone", id(module)
 
 
 def _fused_runs(modules: Sequence[nn.Module]) -> tuple[nn.ModuleList, list[list[int]]]:
     """The modules as runs of fusable neighbours, each run one module (fused where it has several), and
     each run's output widths: q/k/v of one format become one product, a mixed layer's q+k and v two."""
-    runs = [[modules[0]]]
-    for module in modules[1:]:
-        if _fusable(runs[-1][-1], module):
-            runs[-1].append(module)
-        else:
-            runs.append([module])
+    runs = [list(group) for _, group in itertools.groupby(modules, key=_fusion_key)]
     fused = []
     for run in runs:
         if len(run) == 1:

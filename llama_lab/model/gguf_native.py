@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -34,7 +35,8 @@ import torch
 from torch import nn
 
 from llama_lab.cache import MARKER, cache_root, is_complete, published_dir
-from llama_lab.model.quant import STACKS, QuantEmbedding, QuantLinear, from_gguf_blocks, require_kernels
+from llama_lab.model.quant import (STACKS, QuantEmbedding, QuantLinear, from_gguf_blocks, fusion_key,
+                                   require_kernels)
 
 logger = logging.getLogger(__name__)
 
@@ -186,15 +188,9 @@ def _stack(tensors: dict[str, torch.Tensor], kinds: dict[str, str], layers: int)
             bases = [f"model.layers.{i}.{parent}.{part}" for part in parts]
             if any(kinds.get(b) is None for b in bases):
                 continue  # a float projection: not packed
-            runs = [[0]]
-            for j in range(1, len(bases)):
-                same = kinds[bases[j]] == kinds[bases[j - 1]] and \
-                    (f"{bases[j]}.m" in tensors) == (f"{bases[j - 1]}.m" in tensors)
-                if same:
-                    runs[-1].append(j)
-                else:
-                    runs.append([j])
-            for run in runs:
+            for _, group in itertools.groupby(range(len(bases)),
+                                              key=lambda j: fusion_key(kinds[bases[j]], f"{bases[j]}.m" in tensors)):
+                run = list(group)
                 if len(run) < 2:
                     continue
                 members = [bases[j] for j in run]

@@ -239,9 +239,15 @@ class QuantEmbedding(nn.Module):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
+def fusion_key(kind: str, has_mins: bool) -> tuple[str, bool]:
+    """What the parts of one fused product share besides their width: the format, and minimums stored for
+    all of them or for none (one kernel call takes one kind). A packed file's stacking uses it too."""
+    return kind, has_mins
+
+
 def can_fuse(a: QuantLinear, b: QuantLinear) -> bool:
-    """Whether one product can take both: the same format, width and kind of minimum."""
-    return a.kind == b.kind and a.in_features == b.in_features and (a.m is None) == (b.m is None)
+    """Whether one product can take both: the same width and ``fusion_key``."""
+    return a.in_features == b.in_features and fusion_key(a.kind, a.m is not None) == fusion_key(b.kind, b.m is not None)
 
 
 def fuse(modules: Sequence[QuantLinear]) -> QuantLinear | None:

@@ -92,7 +92,7 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
         pytest.skip("no AVX512 here: the native build is the AVX2 path")
     env = {**os.environ, "LLAMA_LAB_KERNEL_CFLAGS": cflags}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "kernel_matches or embedding_rows or q5_k_blocks"],
+                          "-k", "kernel_matches or embedding_rows or k_quant_blocks"],
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
@@ -175,6 +175,8 @@ def test_q5_without_its_fifth_bits_is_refused():
     layer = QuantLinear("q5", qs, d, m, qh=torch.zeros(4, 8, dtype=torch.uint8))
     with pytest.raises(RuntimeError, match="qh must be"):
         torch.ops.llama_lab.q5_linear(torch.randn(1, 64), layer.qs, layer.qh[:, :4], layer.d, layer.m)
+    with pytest.raises(RuntimeError, match="qh must be"):  # the embedding lookup reads them unchecked too
+        torch.ops.llama_lab.q5_rows(torch.tensor([3]), layer.qs, layer.qh[:, :4], layer.d, layer.m)
 
 
 # ---------------------------------------------------------------- GGUF blocks
@@ -207,22 +209,15 @@ def _random_blocks(qtype: str, rows: int, cols: int, seed: int) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def test_q4_k_blocks_repack_to_q4_groups():
-    raw = _random_blocks("Q4_K", 4, 512, seed=1)
-    layer = from_gguf_blocks("Q4_K", raw, (4, 512))
-    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(4, 512)
-    assert layer.kind == "q4"
+@pytest.mark.parametrize("qtype,kind,seed", [("Q4_K", "q4", 1), ("Q5_K", "q5", 3)])
+def test_k_quant_blocks_repack_to_groups_of_32(qtype, kind, seed):
+    raw = _random_blocks(qtype, 4, 512, seed=seed)
+    layer = from_gguf_blocks(qtype, raw, (4, 512))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(4, 512)
+    assert layer.kind == kind
     # the sub-block scale d*sc is rounded to float16: relative error at most 2^-11 of a group's range
     np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
-
-
-def test_q5_k_blocks_repack_to_q5_groups():
-    raw = _random_blocks("Q5_K", 4, 512, seed=3)
-    layer = from_gguf_blocks("Q5_K", raw, (4, 512))
-    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q5_K).reshape(4, 512)
-    assert layer.kind == "q5"
-    np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
-    x = torch.randn(3, 512)  # and the kernel reads the fifth bits where the dequantizer does
+    x = torch.randn(3, 512)  # and the kernel reads the blocks (and q5's fifth bits) where the dequantizer does
     torch.testing.assert_close(layer(x), x @ torch.from_numpy(want).T, rtol=2e-3, atol=2e-3 * float(np.abs(want).max()) * 20)
 
 
