@@ -163,7 +163,7 @@ class FastLlama(nn.Module):
         self.embed_table = embed if isinstance(embed, QuantEmbedding) else None
         self.embed = None if self.embed_table is not None else embed.weight
         self.norm = decoder.norm.weight
-        self.dtype = self.norm.dtype  # activations, rotary tables and the KV cache
+        self.dtype = self.norm.dtype  # activations, rotary cos/sin and the KV cache
         self.lm_head = hf_model.lm_head
         # bitsandbytes (or other) layers that torch.compile does not trace: the step then runs eagerly
         self.quantized = False
@@ -187,13 +187,12 @@ class FastLlama(nn.Module):
             layer.o, layer.down = attn.o_proj, mlp.down_proj
             self.layers.append(layer)
         rotary = decoder.rotary_emb
-        positions = torch.arange(config.max_position_embeddings, device=rotary.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, rotary.inv_freq.float())
-        emb = torch.cat([freqs, freqs], dim=-1)
-        scaling = float(getattr(rotary, "attention_scaling", 1.0))
-        dtype = self.dtype
-        self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
+        # the rotary angles' frequencies (rope scaling such as Llama 3's is already in them); cos and sin are
+        # computed per step for the step's positions (``_rotary``), as the Hugging Face model does, rather
+        # than kept as tables for the whole context: those took 4 MiB for SmolLM2's 8k positions and 128 MiB
+        # for a 128k-context Llama 3.1, more than the KV cache a short conversation writes
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
 
     def pack_cpu_linears(self) -> int:
         """Pack the plain linears' weights for oneDNN (eager CPU steps); returns how many were packed.
@@ -230,6 +229,13 @@ class FastLlama(nn.Module):
         gate, up = self._runs(layer.gate_up, layer.gate_up_widths, h)
         return self._lin(layer.down, self.act(gate) * up)
 
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotary angles at ``positions``, [N, 1, head_dim] in the activations' dtype."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
+        return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -264,7 +270,7 @@ class FastLlama(nn.Module):
         """One decode step (any token count): the function ``torch.compile`` sees."""
         step = Step(tokens, positions, rows, blocks, offsets, block_tables, logit_rows)
         x = self._embed(tokens)
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        cos, sin = self._rotary(positions)
         kernel = self.kernel
 
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
@@ -281,7 +287,7 @@ class FastLlama(nn.Module):
         """Prompt chunks of one or more sequences, eagerly; ``segments`` lists (row, start, count,
         first_position) per sequence for the reference attention. Raises ``PrefillCancelled``."""
         x = self._embed(step.tokens)
-        cos, sin = self.cos[step.positions][:, None, :], self.sin[step.positions][:, None, :]
+        cos, sin = self._rotary(step.positions)
         kernel = self.kernel
 
         def attend(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,30 @@ def test_paged_forward_matches_transformers(tiny32, kernel, packed, monkeypatch)
     torch.testing.assert_close(step[1], ref_b2, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "default", "rope_theta": 100000.0},
+], ids=["llama3", "linear", "default"])
+def test_rotary_angles_are_the_models_at_any_position(rope):
+    """cos/sin computed per step (no tables) equal the Hugging Face model's, scaling included, up to 128k."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama_lab.engine.llama import FastLlama
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=131072, rope_parameters=rope)
+    hf = LlamaForCausalLM(config).eval()
+    fast = FastLlama(hf, None)
+    assert not any(b.numel() > 64 for b in fast.buffers())  # nothing sized by the context
+    positions = torch.tensor([0, 1, 17, 8191, 8192, 65000, 131071])
+    cos, sin = fast._rotary(positions)
+    want_cos, want_sin = hf.model.rotary_emb(torch.zeros(1, len(positions), 64), positions[None])
+    torch.testing.assert_close(cos[:, 0], want_cos[0])
+    torch.testing.assert_close(sin[:, 0], want_sin[0])
+
+
 def test_weights_are_shared_not_copied(tiny32):
     """Fusing q/k/v and gate/up leaves the transformers modules as views of the fused tensors."""
     runner = PagedRunner(tiny32, max_batch_size=2, compile=False, kv_cache_tokens=2048)
