@@ -64,7 +64,7 @@ def resident_by_kind(pid: int) -> dict[str, float]:
     for region in psutil.Process(pid).memory_maps(grouped=True):
         if ".so" in Path(region.path).name:
             libs += region.rss
-        elif not region.path.startswith("/") or region.path.startswith("[heap"):
+        elif not region.path.startswith("/"):  # [heap], [stack], [anon]: no file behind them
             anon += region.rss
     return {"libs_mb": round(libs / 2**20, 1), "anon_mb": round(anon / 2**20, 1)}
 
