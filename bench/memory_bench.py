@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -41,9 +41,11 @@ PROMPT = "Write three sentences about the sea."
 
 
 def drop_library_cache() -> int:
-    """Drop the page cache of the venv's shared libraries (torch's among them); returns how many files."""
+    """Drop the page cache of the installed packages' shared libraries (torch's among them); returns how
+    many files."""
     count = 0
-    for lib in Path(sys.prefix).rglob("*.so*"):
+    roots = {Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")}
+    for lib in (path for root in roots for path in root.rglob("*.so*")):
         try:
             fd = os.open(lib, os.O_RDONLY)
         except OSError:
@@ -114,7 +116,7 @@ def main() -> None:
     results = {}
     for side in sides:
         if args.drop_library_cache:
-            drop_library_cache()
+            print(f"# {side}: dropped the page cache of {drop_library_cache()} shared libraries")
         r = measure(args.model, SIDES[side], args.max_tokens)
         if r["built_package"]:
             print(f"# {side}: this start built the compiled package; measuring a second start that reuses it")
