@@ -4,6 +4,7 @@
     python -m bench.peer_bench --gguf model.gguf --repeats 3
     python -m bench.peer_bench --rounds 3 --repeats 1   # the servers take turns: ours, peer, ours, ...
     python -m bench.peer_bench --llama-cpp-bin DIR      # an existing llama.cpp build (DIR/llama-server)
+    python -m bench.peer_bench --isa avx2               # both sides on their AVX2 code, on an AVX512 CPU
 
 llama.cpp is built once into the llama_lab cache dir from the copy vendored in the ``llama-cpp-python``
 sdist (``pip download --no-binary :all:``, then cmake ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``; about 8
@@ -12,7 +13,9 @@ minutes on 2 cores). Both servers get greedy streamed chat requests with the sam
 - one stream: decode tok/s of a 128-token answer (first token to last), median of ``--repeats``;
 - after a 4k prompt: the same, right after a fresh ~4,000-token prompt;
 - TTFT of that 4k prompt, and of the next turn (the conversation so far plus one question);
-- 16 streams: aggregate tok/s of 16 concurrent 64-token answers (llama-server runs ``-np 16``);
+- 16 streams: aggregate tok/s of 16 concurrent 64-token answers (llama-server runs ``-np 16``), the same 16
+  prompts each repeat (both servers may reuse a prompt's cache: llama.cpp keeps each slot's last prompt, ours
+  its prefix cache); then "16 new": 16 prompts neither has seen, so only their shared chat template can be reused;
 - perplexity of ``llama_lab/lab/data/perplexity.txt`` in 512-token windows scored on their second
   half, as ``llama-perplexity -c 512`` scores them, ours computed by the same rule.
 
@@ -20,6 +23,12 @@ With ``--rounds R`` each server is started R times, in turns (ours, the peer, ou
 figure is the median over its rounds: on a shared VM whose speed drifts by a third within minutes
 (measured: one stream 66-107 tok/s for the same server in one hour), a slow spell then hits both
 sides instead of whichever ran during it. The table adds each round's one-stream and 16-stream ratios.
+
+With ``--isa avx2`` on an AVX512 CPU both sides run the code an AVX2-only CPU runs: llama.cpp is built
+with ``-DGGML_NATIVE=OFF`` and AVX2/FMA/F16C/BMI2 (no AVX512), ours with ``LLAMA_LAB_KERNEL_CFLAGS=-mno-avx512f``
+(the kernels' AVX2 loops), ``LLAMA_LAB_GEMM_DTYPE=fp32`` (no bf16 prompt GEMM) and ``ATEN_CPU_CAPABILITY=avx2``
+(torch's and inductor's AVX2 code). The same instructions, not the same chip: an AVX2-only CPU has its own
+caches and clocks, so this checks the AVX2 paths between real AVX2 runs, it does not replace them.
 
 It prints a table with our/peer ratios and the CPU kind, then one JSON line. A benchmark, not a test.
 """
@@ -60,15 +69,26 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 # ---------------------------------------------------------------- the peer
 
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+ISAS = ("native", "avx2")
+# ggml's options for a build that runs the AVX2 code whatever this CPU has
+AVX2_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
+              "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+              "-DGGML_AMX_BF16=OFF"]
+# ours on the same code: the kernels' AVX2 loops, the fp32 prompt GEMM, torch's and inductor's AVX2 code
+AVX2_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512f", "LLAMA_LAB_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-def peer_dir(amx: bool = False) -> Path:
+def peer_dir(amx: bool = False, isa: str = "native") -> Path:
     """Where ``build_llama_cpp`` keeps its build on this CPU (other benches look for the peer there).
 
     ggml's AMX code (built by -march=native where the CPU lists amx_tile) faulted in this project's VMs: its
     first `tilezero` was an invalid opcode although the kernel granted the tile state. Without AMX the
-    peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway.
+    peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway. isa="avx2"
+    is a separate build of the AVX2 code only.
     """
+    if isa == "avx2":
+        return cache_root() / "peers" / "llama.cpp-avx2"
     no_amx = not amx and "amx_tile" in cpu_flags()
     return cache_root() / "peers" / ("llama.cpp-noamx" if no_amx else "llama.cpp")
 
@@ -78,11 +98,11 @@ def peer_env(bin_dir: Path) -> dict[str, str]:
     return {"LD_LIBRARY_PATH": str(bin_dir)}
 
 
-def build_llama_cpp(explicit: str | None, amx: bool = False) -> Path:
+def build_llama_cpp(explicit: str | None, amx: bool = False, isa: str = "native") -> Path:
     """A directory holding ``llama-server`` and ``llama-perplexity``: given, cached, or built now."""
     if explicit:
         return Path(explicit)
-    target = peer_dir(amx)
+    target = peer_dir(amx, isa)
     no_amx = target.name.endswith("-noamx")
     if (target / "llama-server").is_file() and (target / "llama-perplexity").is_file():
         return target
@@ -95,8 +115,11 @@ def build_llama_cpp(explicit: str | None, amx: bool = False) -> Path:
         with tarfile.open(sdist) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-        flags = ["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if no_amx else []
-        subprocess.run(["cmake", "-B", "build", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", *flags],
+        if isa == "avx2":
+            flags = AVX2_CMAKE
+        else:
+            flags = ["-DGGML_NATIVE=ON"] + (["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if no_amx else [])
+        subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", *flags],
                        cwd=src, check=True, capture_output=True)
         subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count() or 2), "--target", "llama-server",
                         "llama-perplexity"], cwd=src, check=True, capture_output=True)
@@ -177,14 +200,17 @@ async def bench_server(url: str, tokenizer, repeats: int) -> dict:
         out["long_tok_s"], out["ttft_4k_s"], out["next_turn_ttft_s"] = (statistics.median(longs),
                                                                        statistics.median(ttfts),
                                                                        statistics.median(nexts))
-        aggs = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            results = await asyncio.gather(*[stream_chat(client, url, [{"role": "user", "content": f"Story {i}: "
-                                                                         + STORY[0]["content"]}], 64)
-                                             for i in range(16)])
-            aggs.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
-        out["x16_tok_s"] = statistics.median(aggs)
+        for key, fresh in (("x16_tok_s", False), ("x16_new_tok_s", True)):
+            aggs = []
+            for _ in range(repeats):
+                # the same 16 prompts every time (either server may keep them), or prompts never seen before
+                lead = [f"Story {i}" + (f", take {time.time_ns()}" if fresh else "") + ": " for i in range(16)]
+                started = time.perf_counter()
+                results = await asyncio.gather(*[stream_chat(client, url, [{"role": "user", "content": lead[i]
+                                                                             + STORY[0]["content"]}], 64)
+                                                 for i in range(16)])
+                aggs.append(sum(r["tokens"] for r in results) / (time.perf_counter() - started))
+            out[key] = statistics.median(aggs)
     return out
 
 
@@ -251,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", help="GGUF file (default: the embedded SmolLM2 Q4_1)")
     ap.add_argument("--llama-cpp-bin", help="directory with llama-server and llama-perplexity (default: build once)")
     ap.add_argument("--llama-cpp-amx", action="store_true", help="build llama.cpp with its AMX code where the CPU has AMX")
+    ap.add_argument("--isa", choices=ISAS, default="native",
+                    help="avx2: both sides run their AVX2 code (llama.cpp built without AVX512, ours told to)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each kind per server start")
     ap.add_argument("--rounds", type=int, default=1, help="server starts per side, in turns (medians over rounds)")
@@ -272,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
 
     gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(ensure_packed(gguf))
-    bin_dir = build_llama_cpp(args.llama_cpp_bin, amx=args.llama_cpp_amx)
+    bin_dir = build_llama_cpp(args.llama_cpp_bin, amx=args.llama_cpp_amx, isa=args.isa)
+    ours_env = AVX2_ENV if args.isa == "avx2" else {}
     ctx = LONG_TOKENS + 1024
     commands = {
         # the compiled step is built (once per model and machine) before serving: steady state is timed
         "llama_lab": (llama_lab_command("serve", "--model", str(gguf), "--log-level", "warning",
-                                        "--no-compile-in-background"), {}),
+                                        "--no-compile-in-background"), ours_env),
         "llama-server": ([str(bin_dir / "llama-server"), "-m", str(gguf), "--port", "{port}", "--host", "127.0.0.1",
                           "-t", str(args.threads), "-np", "16", "-c", str(16 * ctx)], peer_env(bin_dir)),
     }
@@ -288,17 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     sides = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
              for name, results in rounds.items()}
     if not args.skip_perplexity:
-        if "llama_lab" in sides:
+        if "llama_lab" in sides:  # the reference product, the same on every ISA
             sides["llama_lab"]["perplexity"] = our_perplexity(gguf)[0]
         if "llama-server" in sides:
             sides["llama-server"]["perplexity"] = peer_perplexity(bin_dir, gguf, args.threads)
     ours, peer = sides.get("llama_lab", {}), sides.get("llama-server", {})
-    ratio = {k: ours[k] / peer[k] for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "ttft_4k_s", "next_turn_ttft_s",
-                                           "perplexity") if ours.get(k) and peer.get(k)}
-    print(f"\n{gguf.name} on {cpu_kind()}; greedy, streamed over HTTP, {args.repeats} repeats x {args.rounds} "
+    ratio = {k: ours[k] / peer[k] for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "x16_new_tok_s", "ttft_4k_s",
+                                           "next_turn_ttft_s", "perplexity") if ours.get(k) and peer.get(k)}
+    isa = " running AVX2 code only (--isa avx2)" if args.isa == "avx2" else ""
+    print(f"\n{gguf.name} on {cpu_kind()}{isa}; greedy, streamed over HTTP, {args.repeats} repeats x {args.rounds} "
           "round(s) (medians)\n")
     cols = [("single_tok_s", "one stream tok/s"), ("long_tok_s", "after 4k tok/s"), ("ttft_4k_s", "TTFT 4k s"),
-            ("next_turn_ttft_s", "next turn TTFT s"), ("x16_tok_s", "16 streams tok/s"), ("perplexity", "perplexity"),
+            ("next_turn_ttft_s", "next turn TTFT s"), ("x16_tok_s", "16 streams tok/s"),
+            ("x16_new_tok_s", "16 new prompts tok/s"), ("perplexity", "perplexity"),
             ("ready_s", "start to ready s"), ("rss_mb", "RSS MB")]
     print("| side | " + " | ".join(c[1] for c in cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
@@ -308,11 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     per_round = {}
     if args.rounds > 1 and len(names) == 2:
         per_round = {k: [a[k] / b[k] for a, b in zip(rounds["llama_lab"], rounds["llama-server"])]
-                     for k in ("single_tok_s", "x16_tok_s")}
+                     for k in ("single_tok_s", "x16_tok_s", "x16_new_tok_s")}
         print("\nratio per round (ours then the peer, in turns): " + "; ".join(
             f"{label} {', '.join(f'{r:.2f}' for r in per_round[key])} (median {statistics.median(per_round[key]):.2f})"
-            for key, label in (("single_tok_s", "one stream"), ("x16_tok_s", "16 streams"))))
-    print(json.dumps({"gguf": gguf.name, "cpu": cpu_kind(), "rounds": args.rounds, "sides": sides, "ratio": ratio,
+            for key, label in (("single_tok_s", "one stream"), ("x16_tok_s", "16 streams"),
+                               ("x16_new_tok_s", "16 new prompts"))))
+    print(json.dumps({"gguf": gguf.name, "cpu": cpu_kind(), "isa": args.isa, "rounds": args.rounds, "sides": sides, "ratio": ratio,
                       "ratio_per_round": per_round}))
     return 0
 
