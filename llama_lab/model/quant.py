@@ -56,16 +56,19 @@ def require_kernels() -> None:
         raise RuntimeError(f"the quantized CPU kernels are not available: {error}")
 
 
-# From this many activation rows on, the kernels dequantize the weights and use a GEMM (a prompt chunk);
-# below, integer dot products with int16 activations (decode).
-GEMM_ROWS = 32
-
-
 def gemm_dtype() -> str:
     """The precision of the kernels' GEMM for many rows: ``bf16`` where the CPU multiplies bf16 natively
     (AVX512-BF16, AMX), else ``fp32``; ``LLAMA_LAB_GEMM_DTYPE=fp32|bf16`` chooses, read once per process."""
     require_kernels()
     return torch.ops.llama_lab.gemm_dtype()
+
+
+def gemm_rows() -> int:
+    """From this many activation rows on, the kernels dequantize the weights and use that GEMM (prompt chunks);
+    below, integer dot products with int16 activations (decode). 32 with a bf16 GEMM, 128 with an fp32 one,
+    which does not beat the integer tiles sooner."""
+    require_kernels()
+    return int(torch.ops.llama_lab.gemm_rows())
 
 
 # ---------------------------------------------------------------- packing

@@ -27,10 +27,10 @@ def kernels():
 
 
 def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in torch: int16 activations per group of 32 below 32 rows, else a GEMM
+    """What the kernel computes, in torch: int16 activations per group of 32 below ``gemm_rows()``, else a GEMM
     over the dequantized weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs and output rounded)."""
     w = layer.weight_float()
-    if x.shape[0] >= quant.GEMM_ROWS:
+    if x.shape[0] >= quant.gemm_rows():
         if quant.gemm_dtype() == "bf16":
             y = (x.bfloat16().double() @ w.bfloat16().double().T).bfloat16().float()
         else:
@@ -58,16 +58,19 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def reference_tolerance(m: int) -> dict:
     """fp32 products agree to float rounding; a bf16 GEMM's output is rounded to 8 bits, and its float sums
-    may be ordered otherwise than the reference's, so one bf16 step of the output apart is allowed."""
-    if m >= quant.GEMM_ROWS and quant.gemm_dtype() == "bf16":
-        return dict(rtol=2 ** -7, atol=1e-2)
-    return dict(rtol=1e-4, atol=1e-3)
+    may be ordered otherwise than the reference's, so one bf16 step of the output apart is allowed. The integer
+    tiles may round an activation that lies on a tie of its int16 grid the other way (x / d computed in another
+    order), which moves an output by d * |w|: ~1e-3 for these inputs."""
+    if m >= quant.gemm_rows():
+        return dict(rtol=2 ** -7, atol=1e-2) if quant.gemm_dtype() == "bf16" else dict(rtol=1e-4, atol=1e-3)
+    return dict(rtol=1e-4, atol=3e-3)
 
 
 def test_the_gemm_precision_is_chosen_once_per_process_by_the_environment():
-    """LLAMA_LAB_GEMM_DTYPE=fp32 gives the exact float product on any CPU; a bad value is refused by name."""
+    """LLAMA_LAB_GEMM_DTYPE=fp32 gives the exact float product on any CPU (from its threshold's rows on); a bad
+    value is refused by name."""
     code = ("import torch; from torch import nn; from llama_lab.model import quant;"
-            "layer = quant.QuantLinear.from_linear(nn.Linear(64, 40), 'q4'); x = torch.randn(40, 64);"
+            "layer = quant.QuantLinear.from_linear(nn.Linear(64, 40), 'q4'); x = torch.randn(quant.gemm_rows(), 64);"
             "want = x.double() @ layer.weight_float().double().T + layer.bias.double();"
             "print(quant.gemm_dtype(), float((layer(x).double() - want).abs().max() / want.abs().max()))")
     env = {**os.environ, "LLAMA_LAB_GEMM_DTYPE": "fp32"}
@@ -98,8 +101,9 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
 
 
+# rows on both sides of either GEMM threshold (32 with a bf16 GEMM, 128 with an fp32 one)
 SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (31, 64, 100), (32, 64, 100),
-          (70, 160, 1030)]
+          (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
 
 
 def quantized(linear: nn.Linear, kind: str) -> QuantLinear:
@@ -388,8 +392,9 @@ def test_embedded_gguf_is_kept_quantized_and_matches_transformers(default_model)
         packed = default_model.model.model.layers[5].get_submodule(name)
         torch.testing.assert_close(packed.weight_float(), full.model.model.layers[5].get_submodule(name).weight.float(),
                                    rtol=0, atol=0)
-    prompt = default_model.chat_prompt_ids([{"role": "user", "content": "Name three colours of the rainbow."}])
-    assert len(prompt) >= quant.GEMM_ROWS  # a prompt takes the GEMM path: the same math as transformers'
+    question = " ".join(["Name three colours of the rainbow."] * 20)
+    prompt = default_model.chat_prompt_ids([{"role": "user", "content": question}])
+    assert len(prompt) >= quant.gemm_rows()  # a prompt takes the GEMM path: the same math as transformers'
     with torch.inference_mode():
         a = default_model.model(torch.tensor([prompt])).logits[0, -1]
         b = full.model(torch.tensor([prompt])).logits[0, -1]

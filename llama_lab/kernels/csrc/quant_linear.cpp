@@ -64,7 +64,6 @@ constexpr int64_t kRowTile = 8;
 constexpr int64_t kRowTile = 4;
 #endif
 constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
-constexpr int64_t kGemmRows = 32;  // from this many activation rows on, dequantize and use a float GEMM
 constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
 constexpr int64_t kMaxGroups = 1024;  // K up to 32768 (an 8B model's widest is 14336)
 
@@ -636,6 +635,12 @@ bool gemm_in_bf16() {
 
 std::string gemm_dtype() { return gemm_in_bf16() ? "bf16" : "fp32"; }
 
+// From this many activation rows on, dequantize weight tiles and use the float GEMM; below, integer tiles.
+// A bf16 GEMM (AVX512-BF16, AMX) beats the tiles from ~32 rows. An fp32 one (AVX2 CPUs) does not before
+// ~128-256 rows at two threads: the tiles cost 22-27 us per row of SmolLM2's gate+up at any count, the GEMM
+// path 37 at 32 rows, 28 at 64, 23 at 128, 21 at 256 (bench/kernel_bench.py --rows, docs/engine.md).
+int64_t gemm_rows() { return gemm_in_bf16() ? 32 : 128; }
+
 // n floats to bf16, rounded to nearest even as torch's .to(bfloat16) rounds.
 void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   int64_t i = 0;
@@ -716,7 +721,7 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
   const at::Half* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = mc.defined() ? mc.data_ptr<at::Half>() : nullptr;
-  if (M >= kGemmRows)
+  if (M >= gemm_rows())
     return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); });
 #ifdef LLAMA_LAB_AVX512
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
@@ -747,7 +752,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int64_t M = xc.size(0);
   const int8_t* qp = qc.data_ptr<int8_t>();
   const at::Half* dp = dc.data_ptr<at::Half>();
-  if (M >= kGemmRows) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
+  if (M >= gemm_rows()) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
   return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     dispatch_rows<Q8Tile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
@@ -813,6 +818,7 @@ TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
   m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor? m) -> Tensor");
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
   m.def("gemm_dtype() -> str", &gemm_dtype);
+  m.def("gemm_rows() -> int", &gemm_rows);
 }
 
 TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
