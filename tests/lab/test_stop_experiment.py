@@ -44,7 +44,12 @@ def test_old_demo_pattern_keeps_generating_to_max_tokens(results):
     remaining = old.settings.max_tokens - old.tokens_at_leave
     assert not old.ended_before_leave
     assert old.tokens_after_leave >= 0.8 * remaining, old.summary()
-    assert old.seconds_to_idle is None or old.seconds_to_idle > ours.seconds_to_idle + 2, old.summary()
+    # busy until its last token, after ours went idle: how long after depends on the CPU (1.8 s for the 91
+    # tokens on a Zen 4, where this used to ask for more than 2 s)
+    final = old.token_curve[-1][1] if old.token_curve else 0
+    last_token_s = min((t for t, n in old.token_curve if n == final), default=0.0)  # the curve samples on after it
+    assert last_token_s > ours.seconds_to_idle + 0.5, (old.summary(), ours.summary())
+    assert old.seconds_to_idle is None or old.seconds_to_idle >= last_token_s - 0.3, old.summary()
     assert old.window_cpu_seconds > 5 * max(ours.window_cpu_seconds, 0.02), (old.summary(), ours.summary())
     # the user's fix is dead code: the except-CancelledError branch never runs
     assert "stop flag set" not in old.log
