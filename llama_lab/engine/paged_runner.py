@@ -32,10 +32,11 @@ from llama_lab.kernels.build import kernel_path
 
 logger = logging.getLogger(__name__)
 
-# Tokens per KV block, the prefix cache's grain: a prompt shares only whole blocks, so 16 (vLLM's default) lets a
-# short system prompt, a resent short prompt and a chat's next turn reuse up to 15 tokens short of their
-# length where 64 missed up to 63 (16 short chat prompts resent: 249 -> 294 tok/s, AVX2 code). The attention
-# kernel scores 64 keys per softmax update across blocks, so a 4k prompt and decoding at 4k cost the same.
+# Tokens per KV block, the prefix cache's grain: a prompt shares only whole blocks, so with 16 (vLLM's default) a
+# resent prompt, a shared system prompt or a chat's next turn recomputes at most 15 of its cached tokens where
+# 64 recomputed up to 63, and prompts under 64 tokens were never shared (16 short chat prompts resent: 249 ->
+# 294 tok/s, AVX2 code). The attention kernels score 64 keys per softmax update across blocks, so a 4k prompt
+# and decoding at 4k cost what they did with 64-token blocks.
 DEFAULT_BLOCK_SIZE = 16
 # Inductor's C++ GEMM template for bf16 on CPUs without AMX converts the weights to fp32 in registers:
 # unbeatable for a few rows (bandwidth-bound), compute-bound beyond, where eager steps over oneDNN-packed
