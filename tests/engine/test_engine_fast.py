@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import queue
-import subprocess
-import sys
 import threading
 import time
 
@@ -14,6 +12,7 @@ import httpx
 import pytest
 import torch
 from helpers.engine import cancel_after_tokens, steps_after_cancel, wait_until
+from helpers.kernels import NARROWER, pass_in_narrower_build
 
 from llama_lab import load_model
 from llama_lab.engine import Engine, SamplingParams, cpu_linear, sampling
@@ -61,21 +60,11 @@ def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cflags", ["-mno-avx512f", "-mno-avx2"])
+@pytest.mark.parametrize("cflags", NARROWER)
 def test_the_narrower_attention_paths_match_the_reference_too(cflags):
     """The AVX2 kernel (also bf16 caches, built without AVX512 on an AVX512 CPU) and the generic one (built
     without AVX2) pass the test above in a child process: each reads 64 keys across 16-token blocks."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx2" not in flags:
-        pytest.skip("not an x86 CPU with AVX2: the native build already is the portable path")
-    if cflags == "-mno-avx512f" and " avx512bw" not in flags:
-        pytest.skip("no AVX512 here: the native build is the AVX2 path")
-    env = {**os.environ, "LLAMA_LAB_KERNEL_CFLAGS": cflags}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "cpu_kernel_matches_the_torch_reference"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
+    pass_in_narrower_build(cflags, __file__, "cpu_kernel_matches_the_torch_reference")
 
 
 # ---------------------------------------------------------------- the model over the paged cache

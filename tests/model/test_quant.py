@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers.kernels import NARROWER, pass_in_narrower_build
 from torch import nn
 
 from llama_lab.model import quant
@@ -84,21 +85,11 @@ def test_the_gemm_precision_is_chosen_once_per_process_by_the_environment():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cflags", ["-mno-avx512f", "-mno-avx2"])
+@pytest.mark.parametrize("cflags", NARROWER)
 def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
     """The AVX2 loops (built without AVX512 on an AVX512 CPU) and the scalar ones (built without AVX2) run the
     kernel and embedding tests of this file in a child process: CI's CPU only ever builds its own widest path."""
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if " avx2" not in flags:
-        pytest.skip("not an x86 CPU with AVX2: the native build already is the portable path")
-    if cflags == "-mno-avx512f" and " avx512bw" not in flags:
-        pytest.skip("no AVX512 here: the native build is the AVX2 path")
-    env = {**os.environ, "LLAMA_LAB_KERNEL_CFLAGS": cflags}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "kernel_matches or embedding_rows or k_quant_blocks"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1], out.stdout[-500:]
+    pass_in_narrower_build(cflags, __file__, "kernel_matches or embedding_rows or k_quant_blocks")
 
 
 # rows on both sides of either GEMM threshold (32 with a bf16 GEMM, 128 with an fp32 one)
