@@ -29,6 +29,7 @@ from llama_lab.engine.kv_cache import SCRATCH_BLOCK, CacheShape, PagedKVCache, p
 from llama_lab.engine.llama import FastLlama, PrefillCancelled, Step, unsupported_reason
 from llama_lab.engine.runner import PrefillJob, SeqCache
 from llama_lab.kernels.build import kernel_path
+from llama_lab.model.quant import batch_products
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class PagedRunner:
         self.kernel_path = kernel_path() if kernel is not None else None
         # the quantized kernels' GEMM for prompt chunks (read here, so a bad LLAMA_LAB_GEMM_DTYPE stops the start)
         self.prompt_gemm = torch.ops.llama_lab.gemm_dtype() if kernel is not None else None
+        # and a decode batch's: bf16 tiles from a few rows where the CPU has AVX512-BF16, else int16 activations
+        self.batch_products = batch_products() if kernel is not None else None
         m = self.model
         packed = 0
         if self.device.type == "cpu" and os.environ.get("LLAMA_LAB_CPU_PACK", "1") != "0":
@@ -181,6 +184,7 @@ class PagedRunner:
     def describe(self) -> dict[str, Any]:
         return {"runner": type(self).__name__, "decode": self.mode, "attention": self.attention,
                 "cpu_kernels": self.kernel_path, "prompt_gemm": self.prompt_gemm,
+                "batch_products": self.batch_products,
                 "eager_linears": self.eager_linears, "compile_error": self.compile_error,
                 "compiled_package": self.package, "kv_cache_tokens": self.cache.capacity_tokens,
                 "kv_cache_dtype": str(self.cache.shape.dtype).replace("torch.", ""),

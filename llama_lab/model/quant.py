@@ -71,6 +71,22 @@ def gemm_rows() -> int:
     return int(torch.ops.llama_lab.gemm_rows())
 
 
+def bf16_tile_rows() -> int:
+    """From this many activation rows up to ``gemm_rows()``, bf16 tiles where the GEMM's precision is bf16 and the
+    CPU has AVX512-BF16 (each weight group dequantized in registers, the numbers of the bf16 GEMM); elsewhere
+    ``gemm_rows()``: int16 tiles up to the GEMM."""
+    require_kernels()
+    return int(torch.ops.llama_lab.bf16_tile_rows())
+
+
+def batch_products() -> str:
+    """How the kernels multiply a decode batch below the GEMM, by row count (``/health`` ``engine.batch_products``)."""
+    tiles, gemm = bf16_tile_rows(), gemm_rows()
+    if tiles < gemm:
+        return f"int16 (1-{tiles - 1} rows), bf16 ({tiles}-{gemm - 1} rows)"
+    return f"int16 (1-{gemm - 1} rows)"
+
+
 # ---------------------------------------------------------------- packing
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

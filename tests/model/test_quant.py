@@ -28,12 +28,13 @@ def kernels():
 
 
 def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in torch: int16 activations per group of 32 below ``gemm_rows()``, else a GEMM
-    over the dequantized weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs and output rounded)."""
+    """What the kernel computes, in torch: int16 activations per group of 32 below ``bf16_tile_rows()``, else the
+    product with the dequantized weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded; the
+    GEMM's output too, the bf16 tiles' not)."""
     w = layer.weight_float()
-    if x.shape[0] >= quant.gemm_rows():
+    if x.shape[0] >= min(quant.bf16_tile_rows(), quant.gemm_rows()):
         if quant.gemm_dtype() == "bf16":
-            y = (x.bfloat16().double() @ w.bfloat16().double().T).bfloat16().float()
+            y = (x.bfloat16().double() @ w.bfloat16().double().T).float()
         else:
             y = x @ w.T
     else:
@@ -62,7 +63,7 @@ def reference_tolerance(m: int) -> dict:
     may be ordered otherwise than the reference's, so one bf16 step of the output apart is allowed. The integer
     tiles may round an activation that lies on a tie of its int16 grid the other way (x / d computed in another
     order), which moves an output by d * |w|: ~1e-3 for these inputs."""
-    if m >= quant.gemm_rows():
+    if m >= min(quant.bf16_tile_rows(), quant.gemm_rows()):
         return dict(rtol=2 ** -7, atol=1e-2) if quant.gemm_dtype() == "bf16" else dict(rtol=1e-4, atol=1e-3)
     return dict(rtol=1e-4, atol=3e-3)
 
@@ -92,7 +93,8 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
     pass_in_narrower_build(cflags, __file__, "kernel_matches or embedding_rows or k_quant_blocks")
 
 
-# rows on both sides of either GEMM threshold (32 with a bf16 GEMM, 128 with an fp32 one)
+# rows on both sides of each threshold: the bf16 tiles (4, with AVX512-BF16), either GEMM (32 with a bf16 GEMM,
+# 128 with an fp32 one)
 SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (31, 64, 100), (32, 64, 100),
           (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
 

@@ -5,6 +5,8 @@
 // activations' rounding error drops from 1/127 to 1/32767 of the group's largest value. The answers are
 // then those of the dequantized float weights (with int8 activations, SmolLM2's greedy answers changed).
 // An AVX2 path runs on every x86-64 CPU of the last decade; CPUs with AVX512BW (and VNNI) get 512-bit loops.
+// A batch of 4 to 31 rows on a CPU with AVX512-BF16 takes bf16 tiles instead (bf16_tiles, below): the weights
+// dequantized in registers and multiplied in bf16, the numbers of the bf16 GEMM that prompt chunks use.
 //
 // Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
 // fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
@@ -37,6 +39,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -51,6 +54,10 @@
 // and with AVX512-VNNI the multiply and the add are one (vpdpwssd). The AVX2 code stays for the rest.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__BMI2__)
 #define LLAMA_LAB_AVX512 1
+// AVX512-BF16 (Zen 4 and 5, Cooper Lake, Sapphire Rapids): the bf16 tiles for batches (see bf16_tiles).
+#ifdef __AVX512BF16__
+#define LLAMA_LAB_BF16_TILES 1
+#endif
 #endif
 #endif
 
@@ -62,6 +69,11 @@ constexpr int64_t kGroup = 32;
 constexpr int64_t kRowTile = 8;
 #else
 constexpr int64_t kRowTile = 4;
+#endif
+#ifdef LLAMA_LAB_BF16_TILES
+// From this many activation rows on, the bf16 tiles beat the int16 ones (at 2 rows they are 10-20% slower, at 4
+// as fast or faster, at 16 1.5-1.6x faster: bench/kernel_bench.py --rows, docs/engine.md).
+constexpr int64_t kBf16TileRows = 4;
 #endif
 constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
 constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
@@ -641,6 +653,15 @@ std::string gemm_dtype() { return gemm_in_bf16() ? "bf16" : "fp32"; }
 // path 37 at 32 rows, 28 at 64, 23 at 128, 21 at 256 (bench/kernel_bench.py --rows, docs/engine.md).
 int64_t gemm_rows() { return gemm_in_bf16() ? 32 : 128; }
 
+// From this many rows up to gemm_rows(), the bf16 tiles where they are built and the GEMM's precision is bf16;
+// gemm_rows() where they are not (int16 tiles up to the GEMM).
+int64_t bf16_tile_rows() {
+#ifdef LLAMA_LAB_BF16_TILES
+  if (gemm_in_bf16()) return kBf16TileRows;
+#endif
+  return gemm_rows();
+}
+
 // n floats to bf16, rounded to nearest even as torch's .to(bfloat16) rounds.
 void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   int64_t i = 0;
@@ -693,6 +714,130 @@ at::Tensor dequant_gemm(const at::Tensor& x, int64_t N, int64_t K, Row&& row) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// bf16 tiles: from a few activation rows up to the GEMM's threshold, on CPUs that multiply bf16 natively
+// (AVX512-BF16: Zen 4 and 5, Cooper Lake, Sapphire Rapids). Each weight group is dequantized in registers to
+// 32 bf16 (scale and minimum applied, rounded as torch rounds) and multiplied with vdpbf16ps against the
+// activation rows in bf16: the numbers of the dequantize-then-bf16-GEMM path that takes over at gemm_rows(),
+// without writing the dequantized weights out and reading them back (at 16 rows that write cost the GEMM path
+// more than its products). Per row a group is one multiply-add instruction, where the int16 tiles spend two
+// products, a conversion and a float multiply-add on each pair of groups.
+#ifdef LLAMA_LAB_BF16_TILES
+constexpr int64_t kBf16RowTile = 16;  // 16 accumulators, a weight group and an activation load: 18 of 32 registers
+
+inline __m512bh as_bf16(const __m512i v) { return reinterpret_cast<const __m512bh&>(v); }
+
+// q4 / q5 group g of weight row n as 32 bf16 in element order: its 16 bytes widened to 16 int32 lanes give
+// elements j (low nibble) and j+16 (high nibble); a q5 group adds 16 where its word's bit is set.
+template <bool kHigh>
+struct NibbleGroup {
+  const uint8_t* qs;
+  const uint8_t* qh;
+  const at::Half* d;
+  const at::Half* m;
+  int64_t K;
+  __m512bh operator()(int64_t n, int64_t g) const {
+    const int64_t groups = K / kGroup;
+    const float dw = half_to_float(d[n * groups + g]);
+    const float mw = m ? half_to_float(m[n * groups + g]) : -implicit_offset<kHigh>() * dw;
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + n * (K / 2) + g * 16)));
+    __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0F)), hi = _mm512_srli_epi32(b, 4);
+    if constexpr (kHigh) {
+      const uint32_t bits = high_bits(qh + n * (K / 8) + g * 4);
+      const __m512i sixteen = _mm512_set1_epi32(16);
+      lo = _mm512_mask_add_epi32(lo, static_cast<__mmask16>(bits & 0xFFFF), lo, sixteen);
+      hi = _mm512_mask_add_epi32(hi, static_cast<__mmask16>(bits >> 16), hi, sixteen);
+    }
+    const __m512 vd = _mm512_set1_ps(dw), vm = _mm512_set1_ps(mw);
+    return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vm), _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vm));
+  }
+};
+
+struct Q8Group {
+  const int8_t* qs;
+  const at::Half* d;
+  int64_t K;
+  __m512bh operator()(int64_t n, int64_t g) const {
+    const __m512 vd = _mm512_set1_ps(half_to_float(d[n * (K / kGroup) + g]));
+    const int8_t* p = qs + n * K + g * kGroup;
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vd), _mm512_mul_ps(lo, vd));
+  }
+};
+
+// The 16 sums of v[0..15] (16 floats each) as one vector, r[k] = sum of v[k]: a transposing tree of adds,
+// 45 instructions for 16 outputs where a horizontal sum of each takes about 8.
+inline __m512 sum16(const float (*v)[16]) {
+  __m512 a[8], b[4];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [v2k 0+2, v2k+1 0+2, v2k 1+3, v2k+1 1+3]
+    const __m512 x = _mm512_load_ps(v[2 * k]), y = _mm512_load_ps(v[2 * k + 1]);
+    a[k] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  }
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: that lane's sums of v4k .. v4k+3
+    const __m512d x = _mm512_castps_pd(a[2 * k]), y = _mm512_castps_pd(a[2 * k + 1]);
+    b[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Weight rows [n0, n1) (at most kColTile) against MT bf16 activation rows from m0 (xb: [M, K]). Each row's
+// 16-lane sums wait in `sums` until the tile's weight rows are done, then sum16 turns them into 16 outputs.
+template <int MT, typename Group>
+void bf16_tile(const at::BFloat16* xb, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out,
+               const Group& group) {
+  static_assert(kColTile == 16, "sum16 reduces 16 weight rows");
+  const int64_t groups = K / kGroup;
+  const at::BFloat16* x = xb + m0 * K;
+  alignas(64) float sums[MT][kColTile][16];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512bh w = group(n, g);
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bf16(_mm512_loadu_si512(x + i * K + g * kGroup)));
+    }
+    for (int i = 0; i < MT; ++i) _mm512_store_ps(sums[i][n - n0], acc[i]);
+  }
+  for (int64_t n = n1 - n0; n < kColTile; ++n)  // a last, narrower tile: its missing rows sum to 0, not stored
+    for (int i = 0; i < MT; ++i) _mm512_store_ps(sums[i][n], _mm512_setzero_ps());
+  const __mmask16 cols = static_cast<__mmask16>((1u << (n1 - n0)) - 1);
+  for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * N + n0, cols, sum16(sums[i]));
+}
+
+template <typename Group, int... MT>
+void bf16_rows(int64_t mt, std::integer_sequence<int, MT...>, const at::BFloat16* xb, int64_t K, int64_t N,
+               int64_t n0, int64_t n1, int64_t m0, float* out, const Group& group) {
+  ((mt == MT + 1 ? bf16_tile<MT + 1>(xb, K, N, n0, n1, m0, out, group) : void()), ...);
+}
+
+// The product over all rows: x rounded to bf16 once, then column tiles of kColTile weight rows in parallel.
+template <typename Group>
+at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& group) {
+  const int64_t M = x.size(0);
+  auto xb = at::empty({M, K}, x.options().dtype(at::kBFloat16));
+  to_bf16(x.data_ptr<float>(), xb.data_ptr<at::BFloat16>(), M * K);
+  const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+  auto out = at::empty({M, N}, x.options());
+  float* o = out.data_ptr<float>();
+  const int64_t tiles = (N + kColTile - 1) / kColTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kColTile, n1 = std::min(N, n0 + kColTile);
+      for (int64_t m0 = 0; m0 < M; m0 += kBf16RowTile)
+        bf16_rows(std::min(kBf16RowTile, M - m0), std::make_integer_sequence<int, kBf16RowTile>(), xp, K, N, n0, n1,
+                  m0, o, group);
+    }
+  });
+  return out;
+}
+#endif
+
 // A q4/q5 weight's minimums, contiguous, or an undefined tensor where they are implicit (absent).
 at::Tensor mins_of(const std::optional<at::Tensor>& m, const at::Tensor& d, const char* op) {
   if (!m.has_value() || !m->defined()) return at::Tensor();
@@ -723,6 +868,9 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const at::Half* mp = mc.defined() ? mc.data_ptr<at::Half>() : nullptr;
   if (M >= gemm_rows())
     return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); });
+#ifdef LLAMA_LAB_BF16_TILES
+  if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
+#endif
 #ifdef LLAMA_LAB_AVX512
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
 #else
@@ -753,6 +901,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int8_t* qp = qc.data_ptr<int8_t>();
   const at::Half* dp = dc.data_ptr<at::Half>();
   if (M >= gemm_rows()) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
+#ifdef LLAMA_LAB_BF16_TILES
+  if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
+#endif
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
   return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     dispatch_rows<Q8Tile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
@@ -819,6 +970,7 @@ TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
   m.def("gemm_dtype() -> str", &gemm_dtype);
   m.def("gemm_rows() -> int", &gemm_rows);
+  m.def("bf16_tile_rows() -> int", &bf16_tile_rows);
 }
 
 TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
