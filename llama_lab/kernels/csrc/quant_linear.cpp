@@ -71,8 +71,8 @@ constexpr int64_t kRowTile = 8;
 constexpr int64_t kRowTile = 4;
 #endif
 #ifdef LLAMA_LAB_BF16_TILES
-// From this many activation rows on, the bf16 tiles beat the int16 ones (at 2 rows they are 10-20% slower, at 4
-// as fast or faster, at 16 1.5-1.6x faster: bench/kernel_bench.py --rows, docs/engine.md).
+// From this many activation rows on, the bf16 tiles beat the int16 ones (at 2 rows they were up to 30% slower, at
+// 4 as fast or faster, at 16 1.2-2x faster: bench/kernel_bench.py --rows, docs/engine.md).
 constexpr int64_t kBf16TileRows = 4;
 #endif
 constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
@@ -393,14 +393,17 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     __m256 acc[MT], acc2[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {  // two groups per turn: two independent FMA chains
+    for (; g + 2 <= groups; g += 2) {  // two groups per turn: two independent FMA chains (one for q5, below)
       __m256i a0, b0, a1, b1;
       unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
       unpack_group<kHigh>(wq + g * 16 + 16, wh, g + 1, a1, b1);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
-        acc2[i] = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), acc2[i]);
+        // q5's unpacking holds three more constants: with a second chain per row the 16 registers spilled
+        // sums to the stack in the inner loop (perf annotate); one chain was 2-4% faster (16 rows, one thread)
+        __m256& second = kHigh ? acc[i] : acc2[i];
+        second = _mm256_fmadd_ps(dot_group(a1, b1, x + kGroup), _mm256_broadcast_ss(scale[i] + g + 1), second);
       }
     }
     for (; g < groups; ++g) {
