@@ -754,6 +754,13 @@ struct NibbleGroup {
     const __m512 vd = _mm512_set1_ps(dw), vm = _mm512_set1_ps(mw);
     return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), vd, vm), _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), vd, vm));
   }
+  void prefetch(int64_t n, int64_t g) const {
+    const int64_t groups = K / kGroup;
+    _mm_prefetch(reinterpret_cast<const char*>(qs + n * (K / 2) + g * 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(d + n * groups + g), _MM_HINT_T0);
+    if (m) _mm_prefetch(reinterpret_cast<const char*>(m + n * groups + g), _MM_HINT_T0);
+    if constexpr (kHigh) _mm_prefetch(reinterpret_cast<const char*>(qh + n * (K / 8) + g * 4), _MM_HINT_T0);
+  }
 };
 
 struct Q8Group {
@@ -766,6 +773,10 @@ struct Q8Group {
     const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
     return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, vd), _mm512_mul_ps(lo, vd));
+  }
+  void prefetch(int64_t n, int64_t g) const {
+    _mm_prefetch(reinterpret_cast<const char*>(qs + n * K + g * kGroup), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup) + g), _MM_HINT_T0);
   }
 };
 
@@ -788,24 +799,37 @@ inline __m512 sum16(const float (*v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c0, c1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Weight rows [n0, n1) (at most kColTile) against MT bf16 activation rows from m0 (xb: [M, K]). Each row's
-// 16-lane sums wait in `sums` until the tile's weight rows are done, then sum16 turns them into 16 outputs.
+// Weight rows [n0, n1) (at most kColTile) against MT bf16 activation rows from m0, packed by bf16_tiles: x holds
+// the tile's rows group by group, group g of row i at (g * MT + i) * 32. Each row's 16-lane sums wait in `sums`
+// until the tile's weight rows are done, then sum16 turns them into 16 outputs. The groups are taken in blocks
+// whose activations fit in 16 KB, so that the 16 weight rows read them from L1. (Row by row, an 8B model's
+// K = 4096 put 16 rows 8 KB apart, all in the same L1 sets: 16 rows ran 1.3-1.5x slower than the int16 tiles.)
 template <int MT, typename Group>
-void bf16_tile(const at::BFloat16* xb, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out,
+void bf16_tile(const at::BFloat16* x, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out,
                const Group& group) {
   static_assert(kColTile == 16, "sum16 reduces 16 weight rows");
+  constexpr int64_t kBlock = std::max<int64_t>(4, 16384 / (MT * kGroup * 2));  // groups per block
   const int64_t groups = K / kGroup;
-  const at::BFloat16* x = xb + m0 * K;
   alignas(64) float sums[MT][kColTile][16];
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 acc[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512bh w = group(n, g);
-      for (int i = 0; i < MT; ++i)
-        acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bf16(_mm512_loadu_si512(x + i * K + g * kGroup)));
+  for (int64_t g0 = 0; g0 < groups;) {
+    // a remainder of less than half a block joins the last block (SmolLM2's 18 groups are one block)
+    const int64_t g1 = groups - g0 < kBlock + kBlock / 2 ? groups : g0 + kBlock;
+    for (int64_t n = n0; n < n1; ++n) {
+      __m512 acc[MT];
+      for (int i = 0; i < MT; ++i) acc[i] = g0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(sums[i][n - n0]);
+      // the next weight row's group g (or, after the last row, the first row's next block), so that the strided
+      // reads of a block's rows do not wait on memory
+      const bool last = n + 1 == n1;
+      const int64_t pn = last ? n0 : n + 1, shift = last ? g1 - g0 : 0;
+      for (int64_t g = g0; g < g1; ++g) {
+        if (g + shift < groups) group.prefetch(pn, g + shift);
+        const __m512bh w = group(n, g);
+        for (int i = 0; i < MT; ++i)
+          acc[i] = _mm512_dpbf16_ps(acc[i], w, as_bf16(_mm512_loadu_si512(x + (g * MT + i) * kGroup)));
+      }
+      for (int i = 0; i < MT; ++i) _mm512_store_ps(sums[i][n - n0], acc[i]);
     }
-    for (int i = 0; i < MT; ++i) _mm512_store_ps(sums[i][n - n0], acc[i]);
+    g0 = g1;
   }
   for (int64_t n = n1 - n0; n < kColTile; ++n)  // a last, narrower tile: its missing rows sum to 0, not stored
     for (int i = 0; i < MT; ++i) _mm512_store_ps(sums[i][n], _mm512_setzero_ps());
@@ -819,13 +843,21 @@ void bf16_rows(int64_t mt, std::integer_sequence<int, MT...>, const at::BFloat16
   ((mt == MT + 1 ? bf16_tile<MT + 1>(xb, K, N, n0, n1, m0, out, group) : void()), ...);
 }
 
-// The product over all rows: x rounded to bf16 once, then column tiles of kColTile weight rows in parallel.
+// The product over all rows: x rounded to bf16 once, each tile of kBf16RowTile rows packed group by group (the
+// tile's rows' group g side by side), then column tiles of kColTile weight rows in parallel.
 template <typename Group>
 at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& group) {
-  const int64_t M = x.size(0);
+  const int64_t M = x.size(0), groups = K / kGroup;
   auto xb = at::empty({M, K}, x.options().dtype(at::kBFloat16));
-  to_bf16(x.data_ptr<float>(), xb.data_ptr<at::BFloat16>(), M * K);
-  const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+  const float* xf = x.data_ptr<float>();
+  at::BFloat16* packed = xb.data_ptr<at::BFloat16>();
+  for (int64_t m0 = 0; m0 < M; m0 += kBf16RowTile) {
+    const int64_t mt = std::min(kBf16RowTile, M - m0);
+    for (int64_t i = 0; i < mt; ++i)
+      for (int64_t g = 0; g < groups; ++g)
+        to_bf16(xf + (m0 + i) * K + g * kGroup, packed + m0 * K + (g * mt + i) * kGroup, kGroup);
+  }
+  const at::BFloat16* xp = packed;
   auto out = at::empty({M, N}, x.options());
   float* o = out.data_ptr<float>();
   const int64_t tiles = (N + kColTile - 1) / kColTile;
@@ -833,8 +865,8 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kColTile, n1 = std::min(N, n0 + kColTile);
       for (int64_t m0 = 0; m0 < M; m0 += kBf16RowTile)
-        bf16_rows(std::min(kBf16RowTile, M - m0), std::make_integer_sequence<int, kBf16RowTile>(), xp, K, N, n0, n1,
-                  m0, o, group);
+        bf16_rows(std::min(kBf16RowTile, M - m0), std::make_integer_sequence<int, kBf16RowTile>(), xp + m0 * K, K, N,
+                  n0, n1, m0, o, group);
     }
   });
   return out;
