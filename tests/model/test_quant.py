@@ -35,6 +35,8 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] >= min(quant.bf16_tile_rows(), quant.gemm_rows()):
         if quant.gemm_dtype() == "bf16":
             y = (x.bfloat16().double() @ w.bfloat16().double().T).float()
+            if x.shape[0] >= quant.gemm_rows():
+                y = y.bfloat16().float()
         else:
             y = x @ w.T
     else:
@@ -94,9 +96,9 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
 
 
 # rows on both sides of each threshold: the bf16 tiles (4, with AVX512-BF16), either GEMM (32 with a bf16 GEMM,
-# 128 with an fp32 one)
-SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (31, 64, 100), (32, 64, 100),
-          (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
+# 128 with an fp32 one); 20 rows of K = 2048 take the bf16 tiles' blocks of groups (64 groups, 16 per block)
+SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (20, 2048, 40), (31, 64, 100),
+          (32, 64, 100), (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
 
 
 def quantized(linear: nn.Linear, kind: str) -> QuantLinear:
