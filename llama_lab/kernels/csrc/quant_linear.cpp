@@ -508,23 +508,16 @@ void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_
 }
 
 
-// Calls tile<MT>(n0, n1, m0) for a run-time row count 1..kRowTile.
-template <template <int> class Tile, typename... Args>
+template <template <int> class Tile, int... MT, typename... Args>
+void dispatch_rows_in(int64_t mt, std::integer_sequence<int, MT...>, Args&... args) {
+  ((mt == MT + 1 ? Tile<MT + 1>::run(args...) : void()), ...);
+}
+
+// Calls Tile<mt>::run(args...) for a run-time row count mt in 1..kMax (a tile's rows: kRowTile for the int16
+// tiles, kBf16RowTile for the bf16 ones), so each count gets accumulators sized at compile time.
+template <template <int> class Tile, int kMax, typename... Args>
 void dispatch_rows(int64_t mt, Args&&... args) {
-  switch (mt) {
-    case 1: Tile<1>::run(args...); break;
-    case 2: Tile<2>::run(args...); break;
-    case 3: Tile<3>::run(args...); break;
-#ifdef LLAMA_LAB_AVX512
-    case 4: Tile<4>::run(args...); break;
-    case 5: Tile<5>::run(args...); break;
-    case 6: Tile<6>::run(args...); break;
-    case 7: Tile<7>::run(args...); break;
-    default: Tile<8>::run(args...); break;
-#else
-    default: Tile<4>::run(args...); break;
-#endif
-  }
+  dispatch_rows_in<Tile>(mt, std::make_integer_sequence<int, kMax>(), args...);
 }
 
 template <int MT>
@@ -555,16 +548,16 @@ void check_common(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d
 }
 
 // Splits the output columns into tiles of kColTile weight rows, and within each tile walks the activation
-// rows kRowTile at a time, so a group unpacked once serves up to four rows and a tile's weights stay cached.
+// rows row_tile at a time, so a group unpacked once serves that many rows and a tile's weights stay cached.
 template <typename Tile>
-at::Tensor run_tiles(int64_t M, int64_t N, Tile&& tile) {
+at::Tensor run_tiles(int64_t M, int64_t N, int64_t row_tile, Tile&& tile) {
   auto out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const int64_t tiles = (N + kColTile - 1) / kColTile;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kColTile, n1 = std::min(N, n0 + kColTile);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) tile(n0, n1, m0, std::min(kRowTile, M - m0), o);
+      for (int64_t m0 = 0; m0 < M; m0 += row_tile) tile(n0, n1, m0, std::min(row_tile, M - m0), o);
     }
   });
   return out;
@@ -838,11 +831,11 @@ void bf16_tile(const at::BFloat16* x, int64_t K, int64_t N, int64_t n0, int64_t 
   for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * N + n0, cols, sum16(sums[i]));
 }
 
-template <typename Group, int... MT>
-void bf16_rows(int64_t mt, std::integer_sequence<int, MT...>, const at::BFloat16* xb, int64_t K, int64_t N,
-               int64_t n0, int64_t n1, int64_t m0, float* out, const Group& group) {
-  ((mt == MT + 1 ? bf16_tile<MT + 1>(xb, K, N, n0, n1, m0, out, group) : void()), ...);
-}
+template <int MT>
+struct Bf16Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { bf16_tile<MT>(args...); }
+};
 
 // The product over all rows: x rounded to bf16 once, each tile of kBf16RowTile rows packed group by group (the
 // tile's rows' group g side by side), then column tiles of kColTile weight rows in parallel.
@@ -858,19 +851,10 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
       for (int64_t g = 0; g < groups; ++g)
         to_bf16(xf + (m0 + i) * K + g * kGroup, packed + m0 * K + (g * mt + i) * kGroup, kGroup);
   }
-  const at::BFloat16* xp = packed;
-  auto out = at::empty({M, N}, x.options());
-  float* o = out.data_ptr<float>();
-  const int64_t tiles = (N + kColTile - 1) / kColTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kColTile, n1 = std::min(N, n0 + kColTile);
-      for (int64_t m0 = 0; m0 < M; m0 += kBf16RowTile)
-        bf16_rows(std::min(kBf16RowTile, M - m0), std::make_integer_sequence<int, kBf16RowTile>(), xp + m0 * K, K, N,
-                  n0, n1, m0, o, group);
-    }
+  return run_tiles(M, N, kBf16RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    const at::BFloat16* tile = packed + m0 * K;
+    dispatch_rows<Bf16Tile, kBf16RowTile>(mt, tile, K, N, n0, n1, m0, o, group);
   });
-  return out;
 }
 #endif
 
@@ -912,9 +896,9 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
 #else
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
 #endif
-  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    if constexpr (kHigh) dispatch_rows<Q5Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-    else dispatch_rows<Q4Tile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+  return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    if constexpr (kHigh) dispatch_rows<Q5Tile, kRowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+    else dispatch_rows<Q4Tile, kRowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
   });
 }
 
@@ -941,8 +925,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
 #endif
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
-  return run_tiles(M, N, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    dispatch_rows<Q8Tile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
+  return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    dispatch_rows<Q8Tile, kRowTile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
   });
 }
 
