@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -260,12 +261,31 @@ def make_engine(url: str) -> Engine:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
+        _use_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
     return engine
+
+
+def _use_wal(cursor: Any, deadline_s: float = 30.0) -> None:
+    """Switch a SQLite file to WAL (a setting the file keeps), retrying while another process holds it.
+
+    Two gateways opening a new file at once both ask for the exclusive lock the switch needs; SQLite
+    answers "database is locked" at once instead of waiting (its busy handler would deadlock them), so
+    the busy timeout does not cover it. The loser retries and, once the winner is done, finds WAL set.
+    """
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > end:
+                raise
+            time.sleep(0.05)
 
 
 _SCHEMA_LOCK = 0x6C6C616D  # a PostgreSQL advisory lock id: one gateway process creates the tables at a time
@@ -275,9 +295,12 @@ def create_tables(engine: Engine) -> None:
     """Create missing tables, and columns that older versions lacked (``_ADDED_COLUMNS``).
 
     Several gateway processes may start at once on one database: on PostgreSQL they take turns
-    (an advisory lock for the transaction); on SQLite a lost race shows as "already exists" and is retried.
+    (an advisory lock for the transaction); on SQLite a lost race shows as "already exists", or as
+    "database is locked" where a deferred transaction that read the schema cannot wait for the writer,
+    and is retried.
     """
-    for attempt in range(3):
+    attempts = 50
+    for attempt in range(attempts):
         try:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
@@ -290,7 +313,8 @@ def create_tables(engine: Engine) -> None:
                             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
             return
         except OperationalError as exc:
-            if "already exists" not in str(exc) and "duplicate column" not in str(exc) or attempt == 2:
+            lost_race = any(m in str(exc) for m in ("already exists", "duplicate column", "database is locked"))
+            if not lost_race or attempt == attempts - 1:
                 raise
             time.sleep(0.1)
 

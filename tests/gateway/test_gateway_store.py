@@ -151,3 +151,57 @@ def test_schema_rejects_bad_input():
         ChannelIn(name="x", base_url="127.0.0.1:19327")
     with pytest.raises(ValueError, match="subnet"):
         TokenIn(name="x", subnets=["not-a-net"])
+
+
+def _open_store_at_barrier(url: str, barrier) -> None:
+    barrier.wait(timeout=60)
+    Store(url).close()
+
+
+def test_gateways_opening_a_new_sqlite_file_at_once_all_start(tmp_path):
+    """Processes that open one new file together race for WAL and the tables; every one must start
+    (the switch to WAL answered "database is locked" at once to the loser, and CI saw a gateway exit on it).
+    A race, so 40 rounds: before the fix about half of the runs of this test failed on this 2-core machine."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(40):
+        url = f"sqlite:///{tmp_path / f'gw{round_}.db'}"
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_store_at_barrier, args=(url, barrier)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=90)
+        assert [p.exitcode for p in procs] == [0] * 6, f"round {round_}"
+
+
+class _LockedCursor:
+    """A DB-API cursor whose first ``busy`` journal-mode switches fail as a racing process makes them fail."""
+
+    def __init__(self, busy: int, error: str = "database is locked") -> None:
+        self.busy, self.error, self.statements = busy, error, []
+
+    def execute(self, sql: str):
+        import sqlite3
+
+        self.statements.append(sql)
+        if sql == "PRAGMA journal_mode=WAL" and self.busy:
+            self.busy -= 1
+            raise sqlite3.OperationalError(self.error)
+        return self
+
+    def fetchone(self):
+        return ("delete",)
+
+
+def test_wal_switch_retries_a_locked_file_and_raises_other_errors():
+    from llama_lab.gateway.store import _use_wal
+
+    cursor = _LockedCursor(busy=3)
+    _use_wal(cursor)
+    assert cursor.statements.count("PRAGMA journal_mode=WAL") == 4
+    with pytest.raises(Exception, match="disk I/O error"):
+        _use_wal(_LockedCursor(busy=1, error="disk I/O error"))
+    with pytest.raises(Exception, match="locked"):
+        _use_wal(_LockedCursor(busy=10**6), deadline_s=0.2)
