@@ -12,7 +12,11 @@ minutes on 2 cores). Both servers get greedy streamed chat requests with the sam
 
 - one stream: decode tok/s of a 128-token answer (first token to last), median of ``--repeats``;
 - after a 4k prompt: the same, right after a fresh ~4,000-token prompt;
-- TTFT of that 4k prompt, and of the next turn (the conversation so far plus one question);
+- TTFT of that 4k prompt, and of the next turn (the conversation so far plus one question): the conversation
+  holds the answer as the model ends it, as a chat client sends it back. The timed 128-token answers use
+  ``ignore_eos``, which the servers read differently (llama.cpp bans the end-of-turn token, we and vLLM generate
+  it and go on), so their text past that token differs: ours lost the special token and its prefix cache
+  matched only up to it, llama.cpp's matched to the end. A second, untimed request gets the natural answer;
 - 16 streams: aggregate tok/s of 16 concurrent 64-token answers (llama-server runs ``-np 16``), the same 16
   prompts each repeat (both servers may reuse a prompt's cache: llama.cpp keeps each slot's last prompt, ours
   its prefix cache); then "16 new": 16 prompts neither has seen, so only their shared chat template can be reused;
@@ -135,22 +139,24 @@ def build_llama_cpp(explicit: str | None, amx: bool = False, isa: str = "native"
 
 # ---------------------------------------------------------------- requests
 
-async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
+                      ignore_eos: bool = True) -> dict:
     """One greedy streamed chat: time to first token, decode tok/s after it, the text.
 
     A kept-alive connection that the server closed as the request went out (cpp-httplib, under
     llama-server, closes idle ones on its own clock) is retried once on a new connection.
     """
     try:
-        return await _stream_chat(client, url, messages, max_tokens)
+        return await _stream_chat(client, url, messages, max_tokens, ignore_eos)
     except httpx.RemoteProtocolError as exc:
         logger.warning("%s: %s; retrying once on a new connection", url, exc)
-        return await _stream_chat(client, url, messages, max_tokens)
+        return await _stream_chat(client, url, messages, max_tokens, ignore_eos)
 
 
-async def _stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> dict:
+async def _stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
+                       ignore_eos: bool) -> dict:
     body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": ignore_eos}
     started = time.perf_counter()
     first = last = None
     chunks = 0
@@ -194,7 +200,8 @@ async def bench_server(url: str, tokenizer, repeats: int) -> dict:
             first = await stream_chat(client, url, messages, 128)
             longs.append(first["tok_s"])
             ttfts.append(first["ttft"])
-            follow = messages + [{"role": "assistant", "content": first["text"]},
+            reply = await stream_chat(client, url, messages, 128, ignore_eos=False)  # untimed: see the module doc
+            follow = messages + [{"role": "assistant", "content": reply["text"]},
                                  {"role": "user", "content": "Now give it a title."}]
             nexts.append((await stream_chat(client, url, follow, 16))["ttft"])
         out["long_tok_s"], out["ttft_4k_s"], out["next_turn_ttft_s"] = (statistics.median(longs),

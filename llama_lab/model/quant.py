@@ -79,12 +79,24 @@ def bf16_tile_rows() -> int:
     return int(torch.ops.llama_lab.bf16_tile_rows())
 
 
+def int8_tile_rows() -> int:
+    """From this many activation rows up to ``gemm_rows()``, int8 tiles on CPUs with AVX2 but not AVX512 (the
+    activations quantized to int8 per group of 32, as llama.cpp's Q8_0; ``LLAMA_LAB_INT8_TILES=0`` turns them
+    off); elsewhere ``gemm_rows()``."""
+    require_kernels()
+    return int(torch.ops.llama_lab.int8_tile_rows())
+
+
 def batch_products() -> str:
     """How the kernels multiply a decode batch below the GEMM, by row count (``/health`` ``engine.batch_products``)."""
-    tiles, gemm = bf16_tile_rows(), gemm_rows()
-    if tiles < gemm:
-        return f"int16 (1-{tiles - 1} rows), bf16 ({tiles}-{gemm - 1} rows)"
-    return f"int16 (1-{gemm - 1} rows)"
+    def rows(first: int, last: int) -> str:
+        return f"{first} row" if first == last == 1 else f"{first}-{last} rows"
+
+    gemm = gemm_rows()
+    for tiles, name in ((bf16_tile_rows(), "bf16"), (int8_tile_rows(), "int8")):
+        if tiles < gemm:
+            return f"int16 ({rows(1, tiles - 1)}), {name} ({rows(tiles, gemm - 1)})"
+    return f"int16 ({rows(1, gemm - 1)})"
 
 
 # ---------------------------------------------------------------- packing

@@ -28,9 +28,10 @@ def kernels():
 
 
 def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in torch: int16 activations per group of 32 below ``bf16_tile_rows()``, else the
-    product with the dequantized weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded; the
-    GEMM's output too, the bf16 tiles' not)."""
+    """What the kernel computes, in torch: activations quantized per group of 32 to int16, or to int8 from
+    ``int8_tile_rows()`` (AVX2 without AVX512), below ``bf16_tile_rows()``; else the product with the dequantized
+    weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded; the GEMM's output too, the bf16
+    tiles' not)."""
     w = layer.weight_float()
     if x.shape[0] >= min(quant.bf16_tile_rows(), quant.gemm_rows()):
         if quant.gemm_dtype() == "bf16":
@@ -42,7 +43,7 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     else:
         m, k = x.shape
         g = x.reshape(m, k // GROUP, GROUP)
-        dx = g.abs().amax(-1) / 32767.0
+        dx = g.abs().amax(-1) / (127.0 if m >= quant.int8_tile_rows() else 32767.0)
         inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
         xq = torch.round(g * inv[..., None])
         if layer.kind == "q4":
@@ -95,9 +96,12 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
     pass_in_narrower_build(cflags, __file__, "kernel_matches or embedding_rows or k_quant_blocks")
 
 
-# rows on both sides of each threshold: the bf16 tiles (4, with AVX512-BF16), either GEMM (32 with a bf16 GEMM,
-# 128 with an fp32 one); 20 rows of K = 2048 take the bf16 tiles' blocks of groups (64 groups, 16 per block)
-SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (20, 2048, 40), (31, 64, 100),
+# rows on both sides of each threshold: the int8 tiles (2, AVX2 without AVX512), the bf16 tiles (4, with
+# AVX512-BF16), either GEMM (32 with a bf16 GEMM, 128 with an fp32 one); 20 rows of K = 2048 take the bf16 tiles'
+# blocks of groups (64 groups, 16 per block); odd group counts (K = 96, 160, 1030 / 32 rounded) the int8 tiles'
+# lone last group, 9 and 20 rows their tiles of 8 and a remainder
+SHAPES = [(1, 64, 32), (2, 96, 40), (3, 576, 1536), (4, 1536, 576), (7, 128, 33), (9, 160, 24), (20, 2048, 40),
+          (31, 64, 100),
           (32, 64, 100), (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
 
 
@@ -128,6 +132,20 @@ def test_kernel_matches_torch_reference(kind, m, k, n):
     want = nn.functional.linear(x, linear.weight, linear.bias)
     err = (got - want).norm() / want.norm()
     assert err < {"q4": 0.15, "q5": 0.07, "q8": 0.02, "Q4_0": 0.15, "Q5_0": 0.07}[kind], err
+
+
+def test_kernel_matches_its_row_ranges_in_health():
+    """``/health``'s ``batch_products`` names the rows each tile kind takes, from the thresholds the build has:
+    int8 tiles from 2 rows on AVX2 without AVX512, bf16 tiles from 4 with AVX512-BF16, int16 alone elsewhere."""
+    from llama_lab.kernels.build import kernel_path
+
+    gemm, text = quant.gemm_rows(), quant.batch_products()
+    if kernel_path() == "AVX2" and os.environ.get("LLAMA_LAB_INT8_TILES", "1") != "0":
+        assert quant.int8_tile_rows() == 2 and text == f"int16 (1 row), int8 (2-{gemm - 1} rows)"
+    elif quant.bf16_tile_rows() < gemm:
+        assert quant.int8_tile_rows() == gemm and text == f"int16 (1-3 rows), bf16 (4-{gemm - 1} rows)"
+    else:
+        assert quant.int8_tile_rows() == gemm and text == f"int16 (1-{gemm - 1} rows)"
 
 
 def test_leading_dims_and_dtype_follow_the_input():
@@ -216,8 +234,12 @@ def test_k_quant_blocks_repack_to_groups_of_32(qtype, kind, seed):
     assert layer.kind == kind
     # the sub-block scale d*sc is rounded to float16: relative error at most 2^-11 of a group's range
     np.testing.assert_allclose(layer.weight_float().numpy(), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
-    x = torch.randn(3, 512)  # and the kernel reads the blocks (and q5's fifth bits) where the dequantizer does
-    torch.testing.assert_close(layer(x), x @ torch.from_numpy(want).T, rtol=2e-3, atol=2e-3 * float(np.abs(want).max()) * 20)
+    # and the kernel reads the blocks (and q5's fifth bits) where the dequantizer does: one row is int16 activations
+    # on every CPU, close to the float product; three take the int8 tiles on AVX2 CPUs, checked against their model
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(layer(x[:1]), x[:1] @ torch.from_numpy(want).T, rtol=2e-3,
+                               atol=2e-3 * float(np.abs(want).max()) * 20)
+    torch.testing.assert_close(layer(x), reference_linear(layer, x), **reference_tolerance(3))
 
 
 def test_other_types_become_q8_close_to_the_source():

@@ -7,6 +7,8 @@
 // An AVX2 path runs on every x86-64 CPU of the last decade; CPUs with AVX512BW (and VNNI) get 512-bit loops.
 // A batch of 4 to 31 rows on a CPU with AVX512-BF16 takes bf16 tiles instead (bf16_tiles, below): the weights
 // dequantized in registers and multiplied in bf16, the numbers of the bf16 GEMM that prompt chunks use.
+// A batch of 2 to 127 rows on a CPU with AVX2 but not AVX512 takes int8 tiles (below): llama.cpp's own int8
+// activations, with two groups per multiply-add chain; one row (a single stream) stays int16 everywhere.
 //
 // Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
 // fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
@@ -58,6 +60,9 @@
 #ifdef __AVX512BF16__
 #define LLAMA_LAB_BF16_TILES 1
 #endif
+#else
+// AVX2 without AVX512 (Zen 2 and 3, Haswell to Alder Lake): the int8 tiles for batches (see int8 tiles).
+#define LLAMA_LAB_INT8_TILES 1
 #endif
 #endif
 
@@ -74,6 +79,10 @@ constexpr int64_t kRowTile = 4;
 // From this many activation rows on, the bf16 tiles beat the int16 ones (at 2 rows they were up to 30% slower, at
 // 4 as fast or faster, at 16 1.2-2x faster: bench/kernel_bench.py --rows, docs/engine.md).
 constexpr int64_t kBf16TileRows = 4;
+#endif
+#ifdef LLAMA_LAB_INT8_TILES
+// From this many activation rows on, the int8 tiles: a batch, never a single stream (see int8 tiles).
+constexpr int64_t kInt8TileRows = 2;
 #endif
 constexpr int64_t kColTile = 16;   // weight rows per work item: their bytes stay in cache across row tiles
 constexpr int64_t kGemmTile = 1024;  // weight rows dequantized at a time on that path
@@ -658,6 +667,21 @@ int64_t bf16_tile_rows() {
   return gemm_rows();
 }
 
+// From this many rows up to gemm_rows(), the int8 tiles where they are built (AVX2 without AVX512) and not turned
+// off (LLAMA_LAB_INT8_TILES=0, read once per process); gemm_rows() elsewhere.
+int64_t int8_tile_rows() {
+#ifdef LLAMA_LAB_INT8_TILES
+  static const bool on = [] {
+    const char* env = std::getenv("LLAMA_LAB_INT8_TILES");
+    const std::string chosen = env ? env : "1";
+    TORCH_CHECK(chosen == "0" || chosen == "1" || chosen.empty(), "LLAMA_LAB_INT8_TILES must be 0 or 1, not '", chosen, "'");
+    return chosen != "0";
+  }();
+  if (on) return std::min<int64_t>(kInt8TileRows, gemm_rows());
+#endif
+  return gemm_rows();
+}
+
 // n floats to bf16, rounded to nearest even as torch's .to(bfloat16) rounds.
 void to_bf16(const float* src, at::BFloat16* dst, int64_t n) {
   int64_t i = 0;
@@ -858,6 +882,266 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// int8 tiles: from a few activation rows up to the GEMM's threshold, on CPUs with AVX2 but not AVX512 (which
+// have no bf16 tiles). The activations are quantized to int8 per group of 32, as llama.cpp quantizes them
+// (Q8_0), and _mm256_maddubs_epi16 multiplies 32 weight bytes by 32 activation bytes per instruction where
+// the int16 tiles' _mm256_madd_epi16 takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
+// conversion and one FMA, where the int16 tiles spend four madd, two adds, two conversions and two FMAs.
+// The activations' rounding error is then 1/254 of a group's largest value (int16: 1/65534), what llama.cpp
+// accepts for every product. One row (a single stream's decode) stays int16, whose answers are those of the
+// float weights; at one row the int8 tiles were 1.0-1.2x faster, at 2-4 rows 1.2-1.5x, at 16 1.2-1.5x
+// (bench/kernel_bench.py, docs/engine.md).
+//
+// Layout: a pair of groups (g, g+1) is two vectors of 32 bytes whose 32-bit units alternate between the
+// groups, so that after the byte and word sums the even int32 lanes hold g's partial sums and the odd ones
+// g+1's, and one FMA with [s_g, s_g+1] repeated applies both scales. Vector A holds elements 0..15 of each
+// group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements 16..31. An odd last group is
+// one vector in element order.
+#ifdef LLAMA_LAB_INT8_TILES
+constexpr int64_t kInt8RowTile = 8;  // 8 accumulators, two weight vectors, a constant and temporaries: 16 registers
+
+// Units of x (g's 32 bytes) and y (g+1's) dealt out as above: a = elements 0..15, b = 16..31.
+inline void interleave_pair(const __m256i x, const __m256i y, __m256i& a, __m256i& b) {
+  const __m256i px = _mm256_permute4x64_epi64(x, 0xD8), py = _mm256_permute4x64_epi64(y, 0xD8);  // units 0,1,4,5,2,3,6,7
+  a = _mm256_unpacklo_epi32(px, py);
+  b = _mm256_unpackhi_epi32(px, py);
+}
+
+// 32 bytes: 0xFF where bit j of `bits` is set (byte j), else 0.
+inline __m256i bytes_of_bits(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202,
+                                                                0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+}
+
+struct Int8Rows {
+  std::vector<int8_t> q;     // [M, K] in the pair layout
+  std::vector<float> scale;  // [M, K/32]
+  std::vector<float> sum;    // [M, K/32]: the exact float sums, for the q4/q5 minimum term
+};
+
+// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out.
+void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum) {
+  const int64_t groups = K / kGroup;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  alignas(32) int8_t natural[2][kGroup];
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + g * kGroup;
+    __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xg + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      s = _mm256_add_ps(s, v[i]);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    sum[g] = hsum(s);
+    const float d = _mm_cvtss_f32(m4) / 127.f;
+    scale[g] = d;
+    const __m256 inv = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
+    __m256i i32[4];
+    for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_ROUND_NEAREST));
+    // 32 x int32 -> 32 x int8 in order: packs work within 128-bit lanes, the permute restores the order
+    const __m256i w16a = _mm256_packs_epi32(i32[0], i32[1]), w16b = _mm256_packs_epi32(i32[2], i32[3]);
+    const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(natural[g & 1]), b8);
+    if (g & 1) {
+      __m256i a, b;
+      interleave_pair(_mm256_load_si256(reinterpret_cast<const __m256i*>(natural[0])), b8, a, b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + (g - 1) * kGroup), a);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + (g - 1) * kGroup + 32), b);
+    } else if (g + 1 == groups) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), b8);
+    }
+  }
+}
+
+Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K) {
+  const int64_t groups = K / kGroup;
+  Int8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      quantize_row_int8(x + i * K, K, r.q.data() + i * K, r.scale.data() + i * groups, r.sum.data() + i * groups);
+  });
+  return r;
+}
+
+// Groups g, g+1 of a q4 or q5 row as unsigned bytes in the pair layout. The 32 bytes at the pair's start are g's
+// 16 then g+1's; their low nibbles are each group's elements 0..15, the high ones 16..31; q5 ors in 16 where the
+// group's word has the element's bit.
+template <bool kHigh>
+inline void nibble_pair_u8(const uint8_t* p, const uint8_t* qh, int64_t g, __m256i& a, __m256i& b) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+  if constexpr (kHigh) {
+    const uint32_t h0 = high_bits(qh + g * 4), h1 = high_bits(qh + g * 4 + 4);
+    const __m256i sixteen = _mm256_set1_epi8(16);
+    lo = _mm256_or_si256(lo, _mm256_and_si256(bytes_of_bits((h0 & 0xFFFF) | (h1 << 16)), sixteen));
+    hi = _mm256_or_si256(hi, _mm256_and_si256(bytes_of_bits((h0 >> 16) | (h1 & 0xFFFF0000u)), sixteen));
+  }
+  const __m256i units = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // [g's unit k, g+1's unit k] for k < 4
+  a = _mm256_permutevar8x32_epi32(lo, units);
+  b = _mm256_permutevar8x32_epi32(hi, units);
+}
+
+// A lone (last) q4/q5 group as 32 unsigned bytes in element order.
+template <bool kHigh>
+inline __m256i nibble_group_u8(const uint8_t* p, const uint8_t* qh, int64_t g) {
+  const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w, 4), low), _mm_and_si128(w, low));
+  if constexpr (kHigh) v = _mm256_or_si256(v, _mm256_and_si256(bytes_of_bits(high_bits(qh + g * 4)), _mm256_set1_epi8(16)));
+  return v;
+}
+
+// The q4/q5 minimum term, sum_g factor * wm[g] * xs[i][g], left as 8 lanes in acc[i] (the accumulators' start:
+// the final sum adds their lanes anyway) plus a scalar for the last groups % 8.
+template <int MT>
+inline void min_lanes(const at::Half* wm, float factor, const float* xs, int64_t groups, __m256* acc, float* rest) {
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), rest[i] = 0.f;
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    const __m256 m8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wm + g))),
+                                    _mm256_set1_ps(factor));
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xs + i * groups + g), acc[i]);
+  }
+  for (; g < groups; ++g) {
+    const float mw = factor * half_to_float(wm[g]);
+    for (int i = 0; i < MT; ++i) rest[i] += mw * xs[i * groups + g];
+  }
+}
+
+// out[(m0 + i) * N + n] = sum of acc[i]'s lanes + rest[i], for MT rows: with 8 rows a transposing tree of
+// horizontal adds (one vector of 8 sums), with fewer one horizontal sum each.
+template <int MT>
+inline void store_sums(const __m256* acc, const float* rest, float* out, int64_t N, int64_t m0, int64_t n) {
+  if constexpr (MT == 8) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    alignas(32) float r[8];
+    _mm256_store_ps(r, _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)),
+                                     _mm256_loadu_ps(rest)));
+    for (int i = 0; i < 8; ++i) out[(m0 + i) * N + n] = r[i];
+  } else {
+    for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(acc[i]) + rest[i];
+  }
+}
+
+// [s[0], s[1]] four times: the scales of the even (g) and odd (g+1) int32 lanes.
+inline __m256 pair_scales_256(const float* s) { return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(s))); }
+
+// The nibble tile with int8 activations: q4 and q5 weights are unsigned bytes (0..31), which maddubs takes as
+// they are. Per 32-bit lane a pair's two byte products add to at most 2 * 31 * 127 * 2 = 15748: int16 holds it.
+template <int MT, bool kHigh>
+void nibble_i8_tile(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
+                    int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const float* xs = a.sum.data() + m0 * groups;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = qs + n * (K / 2);
+    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
+    const at::Half* wd = d + n * groups;
+    const at::Half* wm = m ? m + n * groups : wd;
+    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
+    alignas(32) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    __m256 acc[MT];
+    alignas(32) float rest[MT];
+    min_lanes<MT>(wm, mfactor, xs, groups, acc, rest);
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      __m256i wa, wb;
+      nibble_pair_u8<kHigh>(wq + g * 16, wh, g, wa, wb);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* x = xq + i * K + g * kGroup;
+        const __m256i s16 = _mm256_add_epi16(
+            _mm256_maddubs_epi16(wa, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+            _mm256_maddubs_epi16(wb, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), pair_scales_256(scale[i] + g), acc[i]);
+      }
+    }
+    if (g < groups) {
+      const __m256i w = nibble_group_u8<kHigh>(wq + g * 16, wh, g);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)),
+                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
+      }
+    }
+    store_sums<MT>(acc, rest, out, N, m0, n);
+  }
+}
+
+// q8 weights are signed: maddubs takes |w| and x with w's sign (llama.cpp's way). A lane's pair of products reaches
+// 2 * 128 * 127 = 32512, so the two halves of a pair are widened to int32 before they are added.
+template <int MT>
+void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wq = qs + n * K;
+    alignas(32) float scale[MT][kMaxGroups];
+    group_scales<MT>(d + n * groups, xd, groups, scale);
+    __m256 acc[MT];
+    alignas(32) float rest[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), rest[i] = 0.f;
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      __m256i wa, wb;
+      interleave_pair(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup)),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup + kGroup)), wa, wb);
+      const __m256i ua = _mm256_abs_epi8(wa), ub = _mm256_abs_epi8(wb);
+      for (int i = 0; i < MT; ++i) {
+        const int8_t* x = xq + i * K + g * kGroup;
+        const __m256i pa = _mm256_maddubs_epi16(ua, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), wa));
+        const __m256i pb = _mm256_maddubs_epi16(ub, _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32)), wb));
+        const __m256i s32 = _mm256_add_epi32(_mm256_madd_epi16(pa, ones), _mm256_madd_epi16(pb, ones));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), pair_scales_256(scale[i] + g), acc[i]);
+      }
+    }
+    if (g < groups) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup));
+      const __m256i u = _mm256_abs_epi8(w);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)),
+                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
+      }
+    }
+    store_sums<MT>(acc, rest, out, N, m0, n);
+  }
+}
+
+template <int MT>
+struct Q4I8Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { nibble_i8_tile<MT, false>(args...); }
+};
+
+template <int MT>
+struct Q5I8Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { nibble_i8_tile<MT, true>(args...); }
+};
+
+template <int MT>
+struct Q8I8Tile {
+  template <typename... Args>
+  static void run(Args&&... args) { q8_i8_tile<MT>(args...); }
+};
+#endif
+
 // A q4/q5 weight's minimums, contiguous, or an undefined tensor where they are implicit (absent).
 at::Tensor mins_of(const std::optional<at::Tensor>& m, const at::Tensor& d, const char* op) {
   if (!m.has_value() || !m->defined()) return at::Tensor();
@@ -891,6 +1175,15 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
 #ifdef LLAMA_LAB_BF16_TILES
   if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
 #endif
+#ifdef LLAMA_LAB_INT8_TILES
+  if (M >= int8_tile_rows()) {
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
+    return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+      if constexpr (kHigh) dispatch_rows<Q5I8Tile, kInt8RowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+      else dispatch_rows<Q4I8Tile, kInt8RowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+    });
+  }
+#endif
 #ifdef LLAMA_LAB_AVX512
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
 #else
@@ -923,6 +1216,14 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (M >= gemm_rows()) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
 #ifdef LLAMA_LAB_BF16_TILES
   if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
+#endif
+#ifdef LLAMA_LAB_INT8_TILES
+  if (M >= int8_tile_rows()) {
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
+    return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+      dispatch_rows<Q8I8Tile, kInt8RowTile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
+    });
+  }
 #endif
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
   return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
@@ -991,6 +1292,7 @@ TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
   m.def("gemm_dtype() -> str", &gemm_dtype);
   m.def("gemm_rows() -> int", &gemm_rows);
   m.def("bf16_tile_rows() -> int", &bf16_tile_rows);
+  m.def("int8_tile_rows() -> int", &int8_tile_rows);
 }
 
 TORCH_LIBRARY_IMPL(llama_lab, CPU, m) {
