@@ -883,14 +883,14 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// int8 tiles: from a few activation rows up to the GEMM's threshold, on CPUs with AVX2 but not AVX512 (which
+// int8 tiles: from two activation rows up to the GEMM's threshold, on CPUs with AVX2 but not AVX512 (which
 // have no bf16 tiles). The activations are quantized to int8 per group of 32, as llama.cpp quantizes them
 // (Q8_0), and _mm256_maddubs_epi16 multiplies 32 weight bytes by 32 activation bytes per instruction where
 // the int16 tiles' _mm256_madd_epi16 takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
 // conversion and one FMA, where the int16 tiles spend four madd, two adds, two conversions and two FMAs.
 // The activations' rounding error is then 1/254 of a group's largest value (int16: 1/65534), what llama.cpp
 // accepts for every product. One row (a single stream's decode) stays int16, whose answers are those of the
-// float weights; at one row the int8 tiles were 1.0-1.2x faster, at 2-4 rows 1.2-1.5x, at 16 1.2-1.5x
+// float weights; at one row the int8 tiles were 1.0-1.2x faster, from 2 rows up 1.1-1.5x on most shapes
 // (bench/kernel_bench.py, docs/engine.md).
 //
 // Layout: a pair of groups (g, g+1) is two vectors of 32 bytes whose 32-bit units alternate between the
