@@ -442,7 +442,11 @@ def _load_gguf_packed(gguf: Path) -> tuple[Any, Any, str]:
 
     # A machine's first start builds the kernels (a C++ compile, ~20 s) and repacks the file (~15 s,
     # mostly Python): side by side they take the longer of the two. load() is idempotent and locked,
-    # so the loader's own call below waits for this one.
+    # so the loader's own call below waits for this one. The gguf package is imported before the thread
+    # starts: importing it while that thread imports torch's build tools once failed in CI with "No module
+    # named 'gguf.vocab'" (a package half-initialized under two threads' import locks).
+    import gguf as _gguf_package  # noqa: F401  (the parameter is named gguf)
+
     threading.Thread(target=kernels.load, name="llama-lab-kernel-build", daemon=True).start()
     try:
         directory = ensure_packed(gguf)

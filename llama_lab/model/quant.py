@@ -65,8 +65,8 @@ def gemm_dtype() -> str:
 
 def gemm_rows() -> int:
     """From this many activation rows on, the kernels dequantize the weights and use that GEMM (prompt chunks);
-    below, integer dot products with int16 activations (decode). 32 with a bf16 GEMM, 128 with an fp32 one,
-    which does not beat the integer tiles sooner."""
+    below, tiles (decode): int16 activations, or for batches bf16 or int8 tiles where built (``batch_products``).
+    32 with a bf16 GEMM, 128 with an fp32 one, which does not beat the tiles sooner."""
     require_kernels()
     return int(torch.ops.llama_lab.gemm_rows())
 

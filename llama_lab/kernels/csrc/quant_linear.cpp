@@ -110,7 +110,7 @@ inline float half_to_float(const at::Half h) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Activations: each row of x becomes int8 groups with one scale each (and the group's exact float sum,
+// Activations: each row of x becomes int16 groups with one scale each (and the group's exact float sum,
 // which the q4 minimum term needs).
 struct QuantizedRows {
   std::vector<int16_t> q;    // [M, K]
