@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <cmath>
 #include <cstdint>
@@ -119,10 +120,12 @@ struct QuantizedRows {
   std::vector<int16_t> paired;  // [M, K]: q's groups two by two in the AVX512 q4 loop's order (pair_groups)
 };
 
-void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
 #ifdef LLAMA_LAB_AVX2
+// A group's 32 values loaded into v, and their largest |x| (returned) and their sum: what both activation
+// quantizers (int16 here, int8 for the int8 tiles) scale by and keep.
+inline float load_group(const float* x, __m256 (&v)[4], float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+  __m256 amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
     amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
@@ -131,11 +134,18 @@ void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-  const float mx = _mm_cvtss_f32(m4);
   __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
   *sum = _mm_cvtss_f32(s4);
+  return _mm_cvtss_f32(m4);
+}
+#endif
+
+void quantize_group(const float* x, int16_t* q, float* scale, float* sum) {
+#ifdef LLAMA_LAB_AVX2
+  __m256 v[4];
+  const float mx = load_group(x, v, sum);
   const float d = mx / 32767.f;
   *scale = d;
   const __m256 inv = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
@@ -517,35 +527,18 @@ void q8_tile(const QuantizedRows& a, const int8_t* qs, const at::Half* d, int64_
 }
 
 
-template <template <int> class Tile, int... MT, typename... Args>
-void dispatch_rows_in(int64_t mt, std::integer_sequence<int, MT...>, Args&... args) {
-  ((mt == MT + 1 ? Tile<MT + 1>::run(args...) : void()), ...);
+template <typename Fn, int... MT>
+void dispatch_rows_in(int64_t mt, std::integer_sequence<int, MT...>, Fn& fn) {
+  ((mt == MT + 1 ? fn(std::integral_constant<int, MT + 1>{}) : void()), ...);
 }
 
-// Calls Tile<mt>::run(args...) for a run-time row count mt in 1..kMax (a tile's rows: kRowTile for the int16
-// tiles, kBf16RowTile for the bf16 ones), so each count gets accumulators sized at compile time.
-template <template <int> class Tile, int kMax, typename... Args>
-void dispatch_rows(int64_t mt, Args&&... args) {
-  dispatch_rows_in<Tile>(mt, std::make_integer_sequence<int, kMax>(), args...);
+// Calls fn(std::integral_constant<int, mt>{}) for a run-time row count mt in 1..kMax (a tile's rows: kRowTile for
+// the int16 tiles, kBf16RowTile and kInt8RowTile for the others), so each count gets accumulators sized at compile
+// time: fn is a generic lambda that calls its tile with decltype(rows)::value rows.
+template <int kMax, typename Fn>
+void dispatch_rows(int64_t mt, Fn&& fn) {
+  dispatch_rows_in(mt, std::make_integer_sequence<int, kMax>(), fn);
 }
-
-template <int MT>
-struct Q4Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { nibble_tile<MT, false>(args...); }
-};
-
-template <int MT>
-struct Q5Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { nibble_tile<MT, true>(args...); }
-};
-
-template <int MT>
-struct Q8Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { q8_tile<MT>(args...); }
-};
 
 void check_common(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t K, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, ": x must be float32 [M, K]");
@@ -855,12 +848,6 @@ void bf16_tile(const at::BFloat16* x, int64_t K, int64_t N, int64_t n0, int64_t 
   for (int i = 0; i < MT; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * N + n0, cols, sum16(sums[i]));
 }
 
-template <int MT>
-struct Bf16Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { bf16_tile<MT>(args...); }
-};
-
 // The product over all rows: x rounded to bf16 once, each tile of kBf16RowTile rows packed group by group (the
 // tile's rows' group g side by side), then column tiles of kColTile weight rows in parallel.
 template <typename Group>
@@ -877,7 +864,7 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
   }
   return run_tiles(M, N, kBf16RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     const at::BFloat16* tile = packed + m0 * K;
-    dispatch_rows<Bf16Tile, kBf16RowTile>(mt, tile, K, N, n0, n1, m0, o, group);
+    dispatch_rows<kBf16RowTile>(mt, [&](auto rows) { bf16_tile<decltype(rows)::value>(tile, K, N, n0, n1, m0, o, group); });
   });
 }
 #endif
@@ -926,21 +913,10 @@ struct Int8Rows {
 // One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out.
 void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum) {
   const int64_t groups = K / kGroup;
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   alignas(32) int8_t natural[2][kGroup];
   for (int64_t g = 0; g < groups; ++g) {
-    const float* xg = x + g * kGroup;
-    __m256 v[4], amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      v[i] = _mm256_loadu_ps(xg + 8 * i);
-      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      s = _mm256_add_ps(s, v[i]);
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    sum[g] = hsum(s);
-    const float d = _mm_cvtss_f32(m4) / 127.f;
+    __m256 v[4];
+    const float d = load_group(x + g * kGroup, v, sum + g) / 127.f;
     scale[g] = d;
     const __m256 inv = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
     __m256i i32[4];
@@ -1122,24 +1098,6 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
-
-template <int MT>
-struct Q4I8Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { nibble_i8_tile<MT, false>(args...); }
-};
-
-template <int MT>
-struct Q5I8Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { nibble_i8_tile<MT, true>(args...); }
-};
-
-template <int MT>
-struct Q8I8Tile {
-  template <typename... Args>
-  static void run(Args&&... args) { q8_i8_tile<MT>(args...); }
-};
 #endif
 
 // A q4/q5 weight's minimums, contiguous, or an undefined tensor where they are implicit (absent).
@@ -1179,8 +1137,9 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (M >= int8_tile_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-      if constexpr (kHigh) dispatch_rows<Q5I8Tile, kInt8RowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-      else dispatch_rows<Q4I8Tile, kInt8RowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
+        nibble_i8_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+      });
     });
   }
 #endif
@@ -1190,8 +1149,9 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
 #endif
   return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    if constexpr (kHigh) dispatch_rows<Q5Tile, kRowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-    else dispatch_rows<Q4Tile, kRowTile>(mt, a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+    dispatch_rows<kRowTile>(mt, [&](auto rows) {
+      nibble_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+    });
   });
 }
 
@@ -1221,13 +1181,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (M >= int8_tile_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-      dispatch_rows<Q8I8Tile, kInt8RowTile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
+      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) { q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
     });
   }
 #endif
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
   return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-    dispatch_rows<Q8Tile, kRowTile>(mt, a, qp, dp, K, N, n0, n1, m0, o);
+    dispatch_rows<kRowTile>(mt, [&](auto rows) { q8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
   });
 }
 
