@@ -5,6 +5,7 @@
     python -m bench.peer_bench --rounds 3 --repeats 1   # the servers take turns: ours, peer, ours, ...
     python -m bench.peer_bench --llama-cpp-bin DIR      # an existing llama.cpp build (DIR/llama-server)
     python -m bench.peer_bench --isa avx2               # both sides on their AVX2 code, on an AVX512 CPU
+    python -m bench.peer_bench --isa avx512             # both on AVX512 + VNNI without BF16 (Ice Lake's set)
 
 llama.cpp is built once into the llama_lab cache dir from the copy vendored in the ``llama-cpp-python``
 sdist (``pip download --no-binary :all:``, then cmake ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``; about 8
@@ -33,6 +34,9 @@ with ``-DGGML_NATIVE=OFF`` and AVX2/FMA/F16C/BMI2 (no AVX512), ours with ``LLAMA
 (the kernels' AVX2 loops), ``LLAMA_LAB_GEMM_DTYPE=fp32`` (no bf16 prompt GEMM) and ``ATEN_CPU_CAPABILITY=avx2``
 (torch's and inductor's AVX2 code). The same instructions, not the same chip: an AVX2-only CPU has its own
 caches and clocks, so this checks the AVX2 paths between real AVX2 runs, it does not replace them.
+``--isa avx512`` on an AVX512-BF16 CPU does the same for the AVX512 CPUs without BF16 (Skylake-X to Ice Lake):
+llama.cpp with AVX512, VBMI and VNNI but not BF16, ours with ``-mno-avx512bf16``, the fp32 prompt GEMM and an
+fp16 KV cache (``LLAMA_LAB_KV_DTYPE=fp16``), what such a CPU gets by default.
 
 It prints a table with our/peer ratios and the CPU kind, then one JSON line. A benchmark, not a test.
 """
@@ -73,14 +77,25 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 # ---------------------------------------------------------------- the peer
 
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-ISAS = ("native", "avx2")
+ISAS = ("native", "avx2", "avx512")
 # ggml's options for a build that runs the AVX2 code whatever this CPU has
 AVX2_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
               "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
               "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
               "-DGGML_AMX_BF16=OFF"]
+# ... and AVX512 with VBMI and VNNI but no BF16 (Ice Lake's set; Skylake-X and Cascade Lake have less)
+AVX512_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+                "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+                "-DGGML_AMX_BF16=OFF"]
 # ours on the same code: the kernels' AVX2 loops, the fp32 prompt GEMM, torch's and inductor's AVX2 code
 AVX2_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512f", "LLAMA_LAB_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2"}
+# ... or the AVX512 loops without BF16, and the fp16 KV cache such a CPU gets
+AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_GEMM_DTYPE": "fp32", "LLAMA_LAB_KV_DTYPE": "fp16"}
+ISA_ENV = {"native": {}, "avx2": AVX2_ENV, "avx512": AVX512_ENV}
+ISA_CMAKE = {"avx2": AVX2_CMAKE, "avx512": AVX512_CMAKE}
+ISA_NAME = {"native": "", "avx2": " running AVX2 code only (--isa avx2)",
+            "avx512": " running AVX512 + VNNI code without BF16 (--isa avx512)"}
 
 
 def peer_dir(amx: bool = False, isa: str = "native") -> Path:
@@ -89,10 +104,10 @@ def peer_dir(amx: bool = False, isa: str = "native") -> Path:
     ggml's AMX code (built by -march=native where the CPU lists amx_tile) faulted in this project's VMs: its
     first `tilezero` was an invalid opcode although the kernel granted the tile state. Without AMX the
     peer runs its AVX512/VNNI code, the same ISA as our kernels; amx=True builds it anyway. isa="avx2"
-    is a separate build of the AVX2 code only.
+    and isa="avx512" are separate builds of the AVX2 code only and of AVX512 without BF16.
     """
-    if isa == "avx2":
-        return cache_root() / "peers" / "llama.cpp-avx2"
+    if isa in ISA_CMAKE:
+        return cache_root() / "peers" / f"llama.cpp-{isa}"
     no_amx = not amx and "amx_tile" in cpu_flags()
     return cache_root() / "peers" / ("llama.cpp-noamx" if no_amx else "llama.cpp")
 
@@ -119,8 +134,8 @@ def build_llama_cpp(explicit: str | None, amx: bool = False, isa: str = "native"
         with tarfile.open(sdist) as tar:
             tar.extractall(work, filter="data")
         src = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"))
-        if isa == "avx2":
-            flags = AVX2_CMAKE
+        if isa in ISA_CMAKE:
+            flags = ISA_CMAKE[isa]
         else:
             flags = ["-DGGML_NATIVE=ON"] + (["-DCMAKE_C_FLAGS=" + NO_AMX, "-DCMAKE_CXX_FLAGS=" + NO_AMX] if no_amx else [])
         subprocess.run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release", *flags],
@@ -285,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-cpp-bin", help="directory with llama-server and llama-perplexity (default: build once)")
     ap.add_argument("--llama-cpp-amx", action="store_true", help="build llama.cpp with its AMX code where the CPU has AMX")
     ap.add_argument("--isa", choices=ISAS, default="native",
-                    help="avx2: both sides run their AVX2 code (llama.cpp built without AVX512, ours told to)")
+                    help="avx2: both sides run their AVX2 code (llama.cpp built without AVX512, ours told to); "
+                         "avx512: AVX512 and VNNI without BF16")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each kind per server start")
     ap.add_argument("--rounds", type=int, default=1, help="server starts per side, in turns (medians over rounds)")
@@ -308,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     gguf = Path(args.gguf) if args.gguf else embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(ensure_packed(gguf))
     bin_dir = build_llama_cpp(args.llama_cpp_bin, amx=args.llama_cpp_amx, isa=args.isa)
-    ours_env = AVX2_ENV if args.isa == "avx2" else {}
+    ours_env = ISA_ENV[args.isa]
     ctx = LONG_TOKENS + 1024
     commands = {
         # the compiled step is built (once per model and machine) before serving: steady state is timed
@@ -331,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, peer = sides.get("llama_lab", {}), sides.get("llama-server", {})
     ratio = {k: ours[k] / peer[k] for k in ("single_tok_s", "long_tok_s", "x16_tok_s", "x16_new_tok_s", "ttft_4k_s",
                                            "next_turn_ttft_s", "perplexity") if ours.get(k) and peer.get(k)}
-    isa = " running AVX2 code only (--isa avx2)" if args.isa == "avx2" else ""
+    isa = ISA_NAME[args.isa]
     print(f"\n{gguf.name} on {cpu_kind()}{isa}; greedy, streamed over HTTP, {args.repeats} repeats x {args.rounds} "
           "round(s) (medians)\n")
     cols = [("single_tok_s", "one stream tok/s"), ("long_tok_s", "after 4k tok/s"), ("ttft_4k_s", "TTFT 4k s"),

@@ -202,12 +202,13 @@ class FastLlama(nn.Module):
 
     # ---------------------------------------------------------------- the math
 
-    def _lin(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _lin(self, module: nn.Module, x: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+        """``prompt``: the rows are a prompt's, which the quantized kernels never multiply in int8 (``QuantLinear``)."""
         if not torch.compiler.is_compiling() and self.packed:
             packed = self.packed.get(module)
             if packed is not None:
                 return cpu_linear.linear(x, packed, module.bias)
-        return module(x)
+        return module(x, prompt) if isinstance(module, QuantLinear) else module(x)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Hugging Face's LlamaRMSNorm, step for step, so eager and fast paths round alike.
@@ -215,19 +216,20 @@ class FastLlama(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _runs(self, modules: nn.ModuleList, widths: list[list[int]], h: torch.Tensor) -> list[torch.Tensor]:
+    def _runs(self, modules: nn.ModuleList, widths: list[list[int]], h: torch.Tensor, prompt: bool) -> list[torch.Tensor]:
         """The outputs of fused runs (``_fused_runs``), split back into one tensor per projection."""
-        return [part for module, sizes in zip(modules, widths) for part in self._lin(module, h).split(sizes, dim=-1)]
+        return [part for module, sizes in zip(modules, widths)
+                for part in self._lin(module, h, prompt).split(sizes, dim=-1)]
 
-    def _qkv(self, layer: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, layer: nn.Module, h: torch.Tensor, prompt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = h.shape[0]
-        q, k, v = self._runs(layer.qkv, layer.qkv_widths, h)
+        q, k, v = self._runs(layer.qkv, layer.qkv_widths, h, prompt)
         return (q.reshape(n, self.num_heads, self.head_dim), k.reshape(n, self.num_kv_heads, self.head_dim),
                 v.reshape(n, self.num_kv_heads, self.head_dim))
 
-    def _mlp(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self._runs(layer.gate_up, layer.gate_up_widths, h)
-        return self._lin(layer.down, self.act(gate) * up)
+    def _mlp(self, layer: nn.Module, h: torch.Tensor, prompt: bool) -> torch.Tensor:
+        gate, up = self._runs(layer.gate_up, layer.gate_up_widths, h, prompt)
+        return self._lin(layer.down, self.act(gate) * up, prompt)
 
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of the rotary angles at ``positions``, [N, 1, head_dim] in the activations' dtype."""
@@ -242,25 +244,26 @@ class FastLlama(nn.Module):
         return x * cos + rotated * sin
 
     def _layer(self, i: int, x: torch.Tensor, step: Step, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, attend: Callable[..., torch.Tensor],
+               prompt: bool = False) -> torch.Tensor:
         layer = self.layers[i]
         h = self._rms(x, layer.ln1)
-        q, k, v = self._qkv(layer, h)
+        q, k, v = self._qkv(layer, h, prompt)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         kv = k_cache.dtype  # may be narrower than the activations (a 16-bit cache for fp32 activations)
         k_cache[:, step.blocks, step.offsets] = k.transpose(0, 1).to(kv)  # cache: [KV, blocks, block_size, D]
         v_cache[:, step.blocks, step.offsets] = v.transpose(0, 1).to(kv)
         att = attend(q.to(kv), k_cache, v_cache).to(x.dtype)
-        x = x + self._lin(layer.o, att.reshape(x.shape[0], self.num_heads * self.head_dim))
-        return x + self._mlp(layer, self._rms(x, layer.ln2))
+        x = x + self._lin(layer.o, att.reshape(x.shape[0], self.num_heads * self.head_dim), prompt)
+        return x + self._mlp(layer, self._rms(x, layer.ln2), prompt)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.embed_table is not None:
             return self.embed_table(tokens).to(self.dtype)
         return self.embed[tokens]
 
-    def _logits(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self._lin(self.lm_head, self._rms(x[rows], self.norm)).float()
+    def _logits(self, x: torch.Tensor, rows: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+        return self._lin(self.lm_head, self._rms(x[rows], self.norm), prompt).float()
 
     # ---------------------------------------------------------------- entry points
 
@@ -300,5 +303,5 @@ class FastLlama(nn.Module):
         for i in range(len(self.layers)):
             if cancelled():
                 raise PrefillCancelled
-            x = self._layer(i, x, step, cos, sin, k_caches[i], v_caches[i], attend)
-        return self._logits(x, step.logit_rows)
+            x = self._layer(i, x, step, cos, sin, k_caches[i], v_caches[i], attend, prompt=True)
+        return self._logits(x, step.logit_rows, prompt=True)

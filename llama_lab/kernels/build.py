@@ -132,11 +132,11 @@ def _register_fakes() -> None:
         return torch.empty_like(q)
 
     @torch.library.register_fake("llama_lab::q4_linear")
-    def _q4_linear(x, qs, d, m):
+    def _q4_linear(x, qs, d, m, prompt=False):
         return x.new_empty((x.shape[0], qs.shape[0]))
 
     @torch.library.register_fake("llama_lab::q5_linear")
-    def _q5_linear(x, qs, qh, d, m):
+    def _q5_linear(x, qs, qh, d, m, prompt=False):
         return x.new_empty((x.shape[0], qs.shape[0]))
 
     @torch.library.register_fake("llama_lab::q5_rows")
@@ -144,7 +144,7 @@ def _register_fakes() -> None:
         return d.new_empty((ids.shape[0], qs.shape[1] * 2), dtype=torch.float32)
 
     @torch.library.register_fake("llama_lab::q8_linear")
-    def _q8_linear(x, qs, d):
+    def _q8_linear(x, qs, d, prompt=False):
         return x.new_empty((x.shape[0], qs.shape[0]))
 
     @torch.library.register_fake("llama_lab::q4_rows")

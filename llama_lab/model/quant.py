@@ -80,9 +80,9 @@ def bf16_tile_rows() -> int:
 
 
 def int8_tile_rows() -> int:
-    """From this many activation rows up to ``gemm_rows()``, int8 tiles on CPUs with AVX2 but not AVX512 (the
-    activations quantized to int8 per group of 32, as llama.cpp's Q8_0; ``LLAMA_LAB_INT8_TILES=0`` turns them
-    off); elsewhere ``gemm_rows()``."""
+    """From this many activation rows up to ``gemm_rows()``, int8 tiles on AVX2 and AVX512 CPUs without the bf16
+    tiles (the activations quantized to int8 per group of 32, as llama.cpp's Q8_0; with AVX512-VNNI one vpdpbusd
+    per pair of groups; ``LLAMA_LAB_INT8_TILES=0`` turns them off); elsewhere ``gemm_rows()``."""
     require_kernels()
     return int(torch.ops.llama_lab.int8_tile_rows())
 
@@ -224,14 +224,15 @@ class QuantLinear(nn.Module):
             return cls(kind, qs, d, m, bias=bias, qh=qh)
         return cls(kind, *quantize_q4(linear.weight), bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prompt: bool = False) -> torch.Tensor:
+        """``prompt``: the rows are a prompt's (the engine's prefill), which never take the int8 tiles."""
         flat = x.reshape(-1, self.in_features).float()
         if self.kind == "q4":
-            y = torch.ops.llama_lab.q4_linear(flat, self.qs, self.d, self.m)
+            y = torch.ops.llama_lab.q4_linear(flat, self.qs, self.d, self.m, prompt)
         elif self.kind == "q5":
-            y = torch.ops.llama_lab.q5_linear(flat, self.qs, self.qh, self.d, self.m)
+            y = torch.ops.llama_lab.q5_linear(flat, self.qs, self.qh, self.d, self.m, prompt)
         else:
-            y = torch.ops.llama_lab.q8_linear(flat, self.qs, self.d)
+            y = torch.ops.llama_lab.q8_linear(flat, self.qs, self.d, prompt)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

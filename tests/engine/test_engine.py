@@ -158,11 +158,11 @@ def test_cancel_interrupts_a_prefill_chunk_mid_forward(tiny_model):
         model = engine.runner.model
         real_layer = model._layer
 
-        def slow_first_layer(i, *args):  # the next layer's check sees the cancel
+        def slow_first_layer(i, *args, **kwargs):  # the next layer's check sees the cancel
             if i == 0:
                 entered.set()
                 time.sleep(0.2)
-            return real_layer(i, *args)
+            return real_layer(i, *args, **kwargs)
 
         model._layer = slow_first_layer
         try:

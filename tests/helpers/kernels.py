@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-NARROWER = ["-mno-avx512f", "-mno-avx2"]  # the AVX2 loops on an AVX512 CPU; the portable ones without AVX2
+# the AVX512 loops without the bf16 tiles (Ice Lake: int8 tiles with VNNI) and without VNNI either (Skylake-X),
+# the AVX2 loops on an AVX512 CPU, the portable ones without AVX2
+NARROWER = ["-mno-avx512bf16", "-mno-avx512bf16 -mno-avx512vnni", "-mno-avx512f", "-mno-avx2"]
 
 
 def pass_in_narrower_build(cflags: str, test_file: str, selection: str) -> None:
@@ -19,6 +21,8 @@ def pass_in_narrower_build(cflags: str, test_file: str, selection: str) -> None:
         pytest.skip("not an x86 CPU with AVX2: the native build already is the portable path")
     if cflags == "-mno-avx512f" and " avx512bw" not in flags:
         pytest.skip("no AVX512 here: the native build is the AVX2 path")
+    if cflags.startswith("-mno-avx512bf16") and " avx512_bf16" not in flags:
+        pytest.skip("no AVX512-BF16 here: the native build already is the path without it (or has no AVX512)")
     env = {**os.environ, "LLAMA_LAB_KERNEL_CFLAGS": cflags}
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
                          env=env, capture_output=True, text=True, timeout=900)

@@ -27,9 +27,9 @@ def kernels():
         pytest.skip(f"no C++ toolchain here: {exc}")
 
 
-def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+def reference_linear(layer: QuantLinear, x: torch.Tensor, prompt: bool = False) -> torch.Tensor:
     """What the kernel computes, in torch: activations quantized per group of 32 to int16, or to int8 from
-    ``int8_tile_rows()`` (AVX2 without AVX512), below ``bf16_tile_rows()``; else the product with the dequantized
+    ``int8_tile_rows()`` (CPUs without AVX512-BF16) unless the rows are a prompt's, below ``bf16_tile_rows()``; else the product with the dequantized
     weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded; the GEMM's output too, the bf16
     tiles' not)."""
     w = layer.weight_float()
@@ -43,7 +43,7 @@ def reference_linear(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     else:
         m, k = x.shape
         g = x.reshape(m, k // GROUP, GROUP)
-        dx = g.abs().amax(-1) / (127.0 if m >= quant.int8_tile_rows() else 32767.0)
+        dx = g.abs().amax(-1) / (127.0 if m >= quant.int8_tile_rows() and not prompt else 32767.0)
         inv = torch.where(dx > 0, 1.0 / dx, torch.zeros_like(dx))
         xq = torch.round(g * inv[..., None])
         if layer.kind == "q4":
@@ -96,7 +96,7 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
     pass_in_narrower_build(cflags, __file__, "kernel_matches or embedding_rows or k_quant_blocks")
 
 
-# rows on both sides of each threshold: the int8 tiles (2, AVX2 without AVX512), the bf16 tiles (4, with
+# rows on both sides of each threshold: the int8 tiles (2, without AVX512-BF16), the bf16 tiles (4, with
 # AVX512-BF16), either GEMM (32 with a bf16 GEMM, 128 with an fp32 one); 20 rows of K = 2048 take the bf16 tiles'
 # blocks of groups (64 groups, 16 per block); odd group counts (K = 96, 160: 3 and 5 groups) the int8 tiles'
 # lone last group, 9 and 20 rows their tiles of 8 and a remainder
@@ -134,16 +134,43 @@ def test_kernel_matches_torch_reference(kind, m, k, n):
     assert err < {"q4": 0.15, "q5": 0.07, "q8": 0.02, "Q4_0": 0.15, "Q5_0": 0.07}[kind], err
 
 
+@pytest.mark.parametrize("kind", ["q4", "q5", "q8", "Q4_0"])
+@pytest.mark.parametrize("m", [2, 37])
+def test_kernel_matches_with_a_prompts_rows_in_int16(kind, m):
+    """A prompt's rows (``prompt=True``, the engine's prefill) never take the int8 tiles: below the bf16 tiles and
+    the GEMM they are the int16 product, whose error against the float weights is the weights' alone."""
+    gen = torch.Generator().manual_seed(m)
+    linear = nn.Linear(576, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 576, generator=gen))
+    layer = quantized(linear, kind)
+    x = torch.randn(m, 576, generator=gen) * 3
+    got = layer(x, prompt=True)
+    torch.testing.assert_close(got, reference_linear(layer, x, prompt=True), **reference_tolerance(m))
+    if quant.int8_tile_rows() <= m < min(quant.bf16_tile_rows(), quant.gemm_rows()):  # the int8 tiles are built
+        int8 = layer(x)
+        torch.testing.assert_close(int8, reference_linear(layer, x), **reference_tolerance(m))
+        exact = x.double() @ layer.weight_float().double().T
+        assert (got.double() - exact).norm() < 0.1 * (int8.double() - exact).norm()
+
+
 def test_kernel_matches_its_row_ranges_in_health():
     """``/health``'s ``batch_products`` names the rows each tile kind takes, from the thresholds the build has:
-    int8 tiles from 2 rows on AVX2 without AVX512, bf16 tiles from 4 with AVX512-BF16, int16 alone elsewhere."""
-    from llama_lab.kernels.build import kernel_path
+    bf16 tiles from 4 rows with AVX512-BF16 (and a bf16 GEMM), else int8 tiles from 2 on any AVX2 or AVX512
+    build, int16 alone on the portable one or with LLAMA_LAB_INT8_TILES=0."""
+    from llama_lab.kernels.build import cpu_flags, kernel_path
 
     gemm, text = quant.gemm_rows(), quant.batch_products()
-    if kernel_path() == "AVX2" and os.environ.get("LLAMA_LAB_INT8_TILES", "1") != "0":
-        assert quant.int8_tile_rows() == 2 and text == f"int16 (1 row), int8 (2-{gemm - 1} rows)"
-    elif quant.bf16_tile_rows() < gemm:
-        assert quant.int8_tile_rows() == gemm and text == f"int16 (1-3 rows), bf16 (4-{gemm - 1} rows)"
+    bf16_built = "avx512_bf16" in cpu_flags() and "-mno-avx512bf16" not in os.environ.get("LLAMA_LAB_KERNEL_CFLAGS", "")
+    if bf16_built and kernel_path().startswith("AVX512"):  # the bf16 tiles' build has no int8 tiles
+        assert quant.int8_tile_rows() == gemm
+        if quant.gemm_dtype() == "bf16":
+            assert quant.bf16_tile_rows() == 4 and text == f"int16 (1-3 rows), bf16 (4-{gemm - 1} rows)"
+        else:
+            assert text == f"int16 (1-{gemm - 1} rows)"
+    elif kernel_path() != "scalar" and os.environ.get("LLAMA_LAB_INT8_TILES", "1") != "0":
+        assert quant.bf16_tile_rows() == gemm and quant.int8_tile_rows() == 2
+        assert text == f"int16 (1 row), int8 (2-{gemm - 1} rows)"
     else:
         assert quant.int8_tile_rows() == gemm and text == f"int16 (1-{gemm - 1} rows)"
 

@@ -61,9 +61,16 @@
 #ifdef __AVX512BF16__
 #define LLAMA_LAB_BF16_TILES 1
 #endif
-#else
-// AVX2 without AVX512 (Zen 2 and 3, Haswell to Alder Lake): the int8 tiles for batches (see int8 tiles).
+#endif
+// Every other AVX2 CPU (Zen 2 and 3, Haswell to Alder Lake, and AVX512 without BF16: Skylake-X to Ice Lake):
+// the int8 tiles for batches (see int8 tiles).
+#ifndef LLAMA_LAB_BF16_TILES
 #define LLAMA_LAB_INT8_TILES 1
+// With AVX512-VNNI (Cascade Lake, Ice Lake): one vpdpbusd multiplies a whole pair of groups (64 bytes) and sums
+// four products per 32-bit lane (see int8 tiles).
+#if defined(LLAMA_LAB_AVX512) && defined(__AVX512VNNI__)
+#define LLAMA_LAB_INT8_VNNI 1
+#endif
 #endif
 #endif
 
@@ -623,6 +630,21 @@ void q8_row(const int8_t* qs, const at::Half* d, int64_t K, int64_t n, float* o)
   }
 }
 
+// Whether the int8 tiles are built (no bf16 tiles) and not turned off (LLAMA_LAB_INT8_TILES=0, read once per process).
+bool int8_tiles_on() {
+#ifdef LLAMA_LAB_INT8_TILES
+  static const bool on = [] {
+    const char* env = std::getenv("LLAMA_LAB_INT8_TILES");
+    const std::string chosen = env ? env : "1";
+    TORCH_CHECK(chosen == "0" || chosen == "1" || chosen.empty(), "LLAMA_LAB_INT8_TILES must be 0 or 1, not '", chosen, "'");
+    return chosen != "0";
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
 // The GEMM's precision for many rows. bf16 (activations and dequantized weights rounded to bf16, float
 // accumulation) where the CPU multiplies bf16 natively (AVX512-BF16, AMX): oneDNN's bf16 GEMM is 4-6x its
 // fp32 one there, and bf16 keeps 8 bits of each value, as llama.cpp's int8 activations do. fp32 elsewhere,
@@ -660,17 +682,11 @@ int64_t bf16_tile_rows() {
   return gemm_rows();
 }
 
-// From this many rows up to gemm_rows(), the int8 tiles where they are built (AVX2 without AVX512) and not turned
-// off (LLAMA_LAB_INT8_TILES=0, read once per process); gemm_rows() elsewhere.
+// From this many rows up to gemm_rows(), the int8 tiles where they are on, for a decode batch's rows (a prompt's
+// never take them: see int8 tiles); gemm_rows() elsewhere.
 int64_t int8_tile_rows() {
 #ifdef LLAMA_LAB_INT8_TILES
-  static const bool on = [] {
-    const char* env = std::getenv("LLAMA_LAB_INT8_TILES");
-    const std::string chosen = env ? env : "1";
-    TORCH_CHECK(chosen == "0" || chosen == "1" || chosen.empty(), "LLAMA_LAB_INT8_TILES must be 0 or 1, not '", chosen, "'");
-    return chosen != "0";
-  }();
-  if (on) return std::min<int64_t>(kInt8TileRows, gemm_rows());
+  if (int8_tiles_on()) return std::min<int64_t>(kInt8TileRows, gemm_rows());
 #endif
   return gemm_rows();
 }
@@ -870,8 +886,8 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// int8 tiles: from two activation rows up to the GEMM's threshold, on CPUs with AVX2 but not AVX512 (which
-// have no bf16 tiles). The activations are quantized to int8 per group of 32, as llama.cpp quantizes them
+// int8 tiles: from two activation rows up to the GEMM's threshold, on AVX2 and AVX512 CPUs without AVX512-BF16
+// (which have no bf16 tiles; on AVX512 these beat the int16 tiles' vpdpwssd 1.3-1.5x at 16 rows). The activations are quantized to int8 per group of 32, as llama.cpp quantizes them
 // (Q8_0), and _mm256_maddubs_epi16 multiplies 32 weight bytes by 32 activation bytes per instruction where
 // the int16 tiles' _mm256_madd_epi16 takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
 // conversion and one FMA, where the int16 tiles spend four madd, two adds, two conversions and two FMAs.
@@ -886,7 +902,9 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 // group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements 16..31. An odd last group is
 // one vector in element order.
 #ifdef LLAMA_LAB_INT8_TILES
-constexpr int64_t kInt8RowTile = 8;  // 8 accumulators, two weight vectors, a constant and temporaries: 16 registers
+// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers. With VNNI, 16 rows (32 registers)
+// measured the same as 8 (bench/kernel_bench.py, 16 rows).
+constexpr int64_t kInt8RowTile = 8;
 
 // Units of x (g's 32 bytes) and y (g+1's) dealt out as above: a = elements 0..15, b = 16..31.
 inline void interleave_pair(const __m256i x, const __m256i y, __m256i& a, __m256i& b) {
@@ -992,17 +1010,20 @@ inline void min_lanes(const at::Half* wm, float factor, const float* xs, int64_t
   }
 }
 
-// out[(m0 + i) * N + n] = sum of acc[i]'s lanes + rest[i], for MT rows: with 8 rows a transposing tree of
-// horizontal adds (one vector of 8 sums), with fewer one horizontal sum each.
+// out[(m0 + i) * N + n] = sum of acc[i]'s lanes + rest[i], for MT rows: eight rows at a time by a transposing tree
+// of horizontal adds (one vector of 8 sums), other counts by one horizontal sum each.
 template <int MT>
 inline void store_sums(const __m256* acc, const float* rest, float* out, int64_t N, int64_t m0, int64_t n) {
-  if constexpr (MT == 8) {
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    alignas(32) float r[8];
-    _mm256_store_ps(r, _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)),
-                                     _mm256_loadu_ps(rest)));
-    for (int i = 0; i < 8; ++i) out[(m0 + i) * N + n] = r[i];
+  if constexpr (MT % 8 == 0) {
+    for (int b = 0; b < MT; b += 8) {
+      const __m256* a = acc + b;
+      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+      alignas(32) float r[8];
+      _mm256_store_ps(r, _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)),
+                                       _mm256_loadu_ps(rest + b)));
+      for (int i = 0; i < 8; ++i) out[(m0 + b + i) * N + n] = r[i];
+    }
   } else {
     for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(acc[i]) + rest[i];
   }
@@ -1098,6 +1119,129 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
+
+#ifdef LLAMA_LAB_INT8_VNNI
+// The same pair layout in one 512-bit vector: the activations' two vectors A and B are contiguous, so a pair is one
+// load, and vpdpbusd (unsigned bytes times signed bytes, four products summed per int32 lane) leaves g's sums in
+// the even lanes and g+1's in the odd ones, as maddubs and madd do above in three instructions.
+
+// Groups g, g+1 of a q4 or q5 row as 64 unsigned bytes in the pair layout: the 32 bytes' low nibbles then their
+// high ones, units dealt out by one permute; q5 adds 16 under a byte mask made of the two words' bits.
+template <bool kHigh>
+inline __m512i nibble_pair_u8_512(const uint8_t* p, const uint8_t* qh, int64_t g) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i both = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w), _mm256_srli_epi16(w, 4), 1),
+                                        _mm512_set1_epi8(0x0F));
+  // units 0..7: low nibbles (g's elements 0..15, then g+1's), 8..15: high nibbles (16..31)
+  const __m512i units = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+  __m512i v = _mm512_permutexvar_epi32(units, both);
+  if constexpr (kHigh) {
+    // byte 8k + b is g's element 4k + b, byte 8k + 4 + b is g+1's: nibbles of the mask alternate between the words
+    const uint64_t h0 = high_bits(qh + g * 4), h1 = high_bits(qh + g * 4 + 4);
+    const __mmask64 k = _pdep_u64(h0, 0x0F0F0F0F0F0F0F0FULL) | _pdep_u64(h1, 0xF0F0F0F0F0F0F0F0ULL);
+    v = _mm512_mask_add_epi8(v, k, v, _mm512_set1_epi8(16));
+  }
+  return v;
+}
+
+// [s_g, s_g+1] eight times.
+inline __m512 pair_scales_512(const float* s) {
+  double pair;
+  std::memcpy(&pair, s, sizeof(pair));
+  return _mm512_castpd_ps(_mm512_set1_pd(pair));
+}
+
+// The rows' 512-bit sums folded to the 256-bit accumulators store_sums reduces.
+template <int MT>
+inline void fold_512(const __m512* wide, __m256* acc) {
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_add_ps(_mm512_castps512_ps256(wide[i]), _mm512_extractf32x8_ps(wide[i], 1));
+}
+
+template <int MT, bool kHigh>
+void nibble_i8_tile_512(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
+                        int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const float* xs = a.sum.data() + m0 * groups;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wq = qs + n * (K / 2);
+    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
+    const at::Half* wd = d + n * groups;
+    const at::Half* wm = m ? m + n * groups : wd;
+    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
+    alignas(64) float scale[MT][kMaxGroups];
+    group_scales<MT>(wd, xd, groups, scale);
+    __m256 acc[MT];
+    alignas(32) float rest[MT];
+    min_lanes<MT>(wm, mfactor, xs, groups, acc, rest);
+    __m512 wide[MT];
+    for (int i = 0; i < MT; ++i) wide[i] = _mm512_zextps256_ps512(acc[i]);
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      const __m512i w = nibble_pair_u8_512<kHigh>(wq + g * 16, wh, g);
+      for (int i = 0; i < MT; ++i) {
+        const __m512i x = _mm512_loadu_si512(xq + i * K + g * kGroup);
+        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x)),
+                                  pair_scales_512(scale[i] + g), wide[i]);
+      }
+    }
+    fold_512<MT>(wide, acc);
+    if (g < groups) {  // a lone last group: the 256-bit way
+      const __m256i w = nibble_group_u8<kHigh>(wq + g * 16, wh, g);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)),
+                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
+      }
+    }
+    store_sums<MT>(acc, rest, out, N, m0, n);
+  }
+}
+
+// q8: vpdpbusd takes one side unsigned, so the activations go in as x + 128 (x ^ 0x80) and each lane starts at
+// -128 times the sum of its four weights (made once per pair by the same instruction): the sum is then sum w * x.
+template <int MT>
+void q8_i8_tile_512(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                    int64_t m0, float* out) {
+  const int64_t groups = K / kGroup;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.scale.data() + m0 * groups;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i units = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wq = qs + n * K;
+    alignas(64) float scale[MT][kMaxGroups];
+    group_scales<MT>(d + n * groups, xd, groups, scale);
+    __m256 acc[MT];
+    alignas(32) float rest[MT];
+    __m512 wide[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), rest[i] = 0.f, wide[i] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      const __m512i w = _mm512_permutexvar_epi32(units, _mm512_loadu_si512(wq + g * kGroup));
+      const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w));
+      for (int i = 0; i < MT; ++i) {
+        const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(xq + i * K + g * kGroup), bias);
+        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w)), pair_scales_512(scale[i] + g), wide[i]);
+      }
+    }
+    fold_512<MT>(wide, acc);
+    if (g < groups) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup));
+      const __m256i u = _mm256_abs_epi8(w);
+      for (int i = 0; i < MT; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)),
+                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
+      }
+    }
+    store_sums<MT>(acc, rest, out, N, m0, n);
+  }
+}
+#endif
 #endif
 
 // A q4/q5 weight's minimums, contiguous, or an undefined tensor where they are implicit (absent).
@@ -1116,7 +1260,7 @@ void check_high_bits(const at::Tensor& qh, int64_t N, int64_t K, const char* op)
 // q4_linear and q5_linear: qh is the q5 weight's fifth bits, or nullptr for q4.
 template <bool kHigh>
 at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor* qh, const at::Tensor& d,
-                         const std::optional<at::Tensor>& m, const char* op) {
+                         const std::optional<at::Tensor>& m, bool prompt, const char* op) {
   const int64_t K = qs.size(1) * 2, N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kByte && qs.dim() == 2, op, ": qs must be uint8 [N, K/2]");
   if constexpr (kHigh) check_high_bits(*qh, N, K, op);
@@ -1134,11 +1278,15 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
-  if (M >= int8_tile_rows()) {
+  if (!prompt && M >= int8_tile_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
+#ifdef LLAMA_LAB_INT8_VNNI
+        nibble_i8_tile_512<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+#else
         nibble_i8_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
+#endif
       });
     });
   }
@@ -1155,17 +1303,20 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   });
 }
 
+// prompt: the rows are a prompt's (prefill), which never take the int8 tiles: a prompt's keys and values stay in
+// the cache for the whole conversation, and with int8 activations the embedded model's answer to "What is the
+// capital of France?" turned on float rounding noise (docs/engine.md).
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
-                     const std::optional<at::Tensor>& m) {
-  return nibble_linear<false>(x, qs, nullptr, d, m, "q4_linear");
+                     const std::optional<at::Tensor>& m, bool prompt) {
+  return nibble_linear<false>(x, qs, nullptr, d, m, prompt, "q4_linear");
 }
 
 at::Tensor q5_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& qh, const at::Tensor& d,
-                     const std::optional<at::Tensor>& m) {
-  return nibble_linear<true>(x, qs, &qh, d, m, "q5_linear");
+                     const std::optional<at::Tensor>& m, bool prompt) {
+  return nibble_linear<true>(x, qs, &qh, d, m, prompt, "q5_linear");
 }
 
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, bool prompt) {
   const int64_t K = qs.size(1), N = qs.size(0);
   TORCH_CHECK(qs.scalar_type() == at::kChar && qs.dim() == 2, "q8_linear: qs must be int8 [N, K]");
   check_common(x, qs, d, K, "q8_linear");
@@ -1178,10 +1329,16 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
-  if (M >= int8_tile_rows()) {
+  if (!prompt && M >= int8_tile_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) { q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
+      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
+#ifdef LLAMA_LAB_INT8_VNNI
+        q8_i8_tile_512<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o);
+#else
+        q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o);
+#endif
+      });
     });
   }
 #endif
@@ -1243,9 +1400,9 @@ at::Tensor q8_rows(const at::Tensor& ids, const at::Tensor& qs, const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_lab, m) {
-  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor? m) -> Tensor");
-  m.def("q8_linear(Tensor x, Tensor qs, Tensor d) -> Tensor");
-  m.def("q5_linear(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor? m) -> Tensor");
+  m.def("q4_linear(Tensor x, Tensor qs, Tensor d, Tensor? m, bool prompt=False) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor qs, Tensor d, bool prompt=False) -> Tensor");
+  m.def("q5_linear(Tensor x, Tensor qs, Tensor qh, Tensor d, Tensor? m, bool prompt=False) -> Tensor");
   m.def("q5_rows(Tensor ids, Tensor qs, Tensor qh, Tensor d, Tensor? m) -> Tensor");
   m.def("q4_rows(Tensor ids, Tensor qs, Tensor d, Tensor? m) -> Tensor");
   m.def("q8_rows(Tensor ids, Tensor qs, Tensor d) -> Tensor");
