@@ -886,10 +886,11 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// int8 tiles: from two activation rows up to the GEMM's threshold, on AVX2 and AVX512 CPUs without AVX512-BF16
-// (which have no bf16 tiles; on AVX512 these beat the int16 tiles' vpdpwssd 1.3-1.5x at 16 rows). The activations are quantized to int8 per group of 32, as llama.cpp quantizes them
-// (Q8_0), and _mm256_maddubs_epi16 multiplies 32 weight bytes by 32 activation bytes per instruction where
-// the int16 tiles' _mm256_madd_epi16 takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
+// int8 tiles: for a decode batch's rows, from two up to the GEMM's threshold, on AVX2 and AVX512 CPUs without
+// AVX512-BF16 (which have no bf16 tiles; on AVX512 with VNNI, at 16 rows 1.2-1.8x the int16 tiles' vpdpwssd). The
+// activations are quantized to int8 per group of 32, as llama.cpp quantizes them (Q8_0), and _mm256_maddubs_epi16
+// multiplies 32 weight bytes by 32 activation bytes per instruction where the int16 tiles' _mm256_madd_epi16
+// takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
 // conversion and one FMA, where the int16 tiles spend four madd, two adds, two conversions and two FMAs.
 // The activations' rounding error is then 1/254 of a group's largest value (int16: 1/65534), what llama.cpp
 // accepts for every product. One row (a single stream's decode) stays int16, whose answers are those of the
@@ -902,8 +903,8 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 // group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements 16..31. An odd last group is
 // one vector in element order.
 #ifdef LLAMA_LAB_INT8_TILES
-// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers. With VNNI, 16 rows (32 registers)
-// measured the same as 8 (bench/kernel_bench.py, 16 rows).
+// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers. With VNNI, tiles of 16 rows (32
+// registers) measured the same as 8, once their scale table was padded against L1 set conflicts (docs/engine.md).
 constexpr int64_t kInt8RowTile = 8;
 
 // Units of x (g's 32 bytes) and y (g+1's) dealt out as above: a = elements 0..15, b = 16..31.
@@ -1010,20 +1011,17 @@ inline void min_lanes(const at::Half* wm, float factor, const float* xs, int64_t
   }
 }
 
-// out[(m0 + i) * N + n] = sum of acc[i]'s lanes + rest[i], for MT rows: eight rows at a time by a transposing tree
-// of horizontal adds (one vector of 8 sums), other counts by one horizontal sum each.
+// out[(m0 + i) * N + n] = sum of acc[i]'s lanes + rest[i], for MT rows: with 8 rows a transposing tree of
+// horizontal adds (one vector of 8 sums), with fewer one horizontal sum each.
 template <int MT>
 inline void store_sums(const __m256* acc, const float* rest, float* out, int64_t N, int64_t m0, int64_t n) {
-  if constexpr (MT % 8 == 0) {
-    for (int b = 0; b < MT; b += 8) {
-      const __m256* a = acc + b;
-      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-      alignas(32) float r[8];
-      _mm256_store_ps(r, _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)),
-                                       _mm256_loadu_ps(rest + b)));
-      for (int i = 0; i < 8; ++i) out[(m0 + b + i) * N + n] = r[i];
-    }
+  if constexpr (MT == 8) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    alignas(32) float r[8];
+    _mm256_store_ps(r, _mm256_add_ps(_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)),
+                                     _mm256_loadu_ps(rest)));
+    for (int i = 0; i < 8; ++i) out[(m0 + i) * N + n] = r[i];
   } else {
     for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = hsum(acc[i]) + rest[i];
   }
