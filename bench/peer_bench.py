@@ -91,7 +91,8 @@ AVX512_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_
 # ours on the same code: the kernels' AVX2 loops, the fp32 prompt GEMM, torch's and inductor's AVX2 code
 AVX2_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512f", "LLAMA_LAB_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2"}
 # ... or the AVX512 loops without BF16, and the fp16 KV cache such a CPU gets
-AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_GEMM_DTYPE": "fp32", "LLAMA_LAB_KV_DTYPE": "fp16"}
+AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_GEMM_DTYPE": "fp32",
+              "LLAMA_LAB_KV_DTYPE": "fp16"}
 ISA_ENV = {"native": {}, "avx2": AVX2_ENV, "avx512": AVX512_ENV}
 ISA_CMAKE = {"avx2": AVX2_CMAKE, "avx512": AVX512_CMAKE}
 ISA_NAME = {"native": "", "avx2": " running AVX2 code only (--isa avx2)",

@@ -216,7 +216,8 @@ class FastLlama(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _runs(self, modules: nn.ModuleList, widths: list[list[int]], h: torch.Tensor, prompt: bool) -> list[torch.Tensor]:
+    def _runs(self, modules: nn.ModuleList, widths: list[list[int]], h: torch.Tensor,
+              prompt: bool) -> list[torch.Tensor]:
         """The outputs of fused runs (``_fused_runs``), split back into one tensor per projection."""
         return [part for module, sizes in zip(modules, widths)
                 for part in self._lin(module, h, prompt).split(sizes, dim=-1)]

@@ -29,9 +29,9 @@ def kernels():
 
 def reference_linear(layer: QuantLinear, x: torch.Tensor, prompt: bool = False) -> torch.Tensor:
     """What the kernel computes, in torch: activations quantized per group of 32 to int16, or to int8 from
-    ``int8_tile_rows()`` (CPUs without AVX512-BF16) unless the rows are a prompt's, below ``bf16_tile_rows()``; else the product with the dequantized
-    weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded; the GEMM's output too, the bf16
-    tiles' not)."""
+    ``int8_tile_rows()`` (CPUs without AVX512-BF16) unless the rows are a prompt's, below ``bf16_tile_rows()``;
+    else the product with the dequantized weights (in bf16 where ``quant.gemm_dtype()`` says so: inputs rounded;
+    the GEMM's output too, the bf16 tiles' not)."""
     w = layer.weight_float()
     if x.shape[0] >= min(quant.bf16_tile_rows(), quant.gemm_rows()):
         if quant.gemm_dtype() == "bf16":
