@@ -35,8 +35,8 @@ with ``-DGGML_NATIVE=OFF`` and AVX2/FMA/F16C/BMI2 (no AVX512), ours with ``LLAMA
 (torch's and inductor's AVX2 code). The same instructions, not the same chip: an AVX2-only CPU has its own
 caches and clocks, so this checks the AVX2 paths between real AVX2 runs, it does not replace them.
 ``--isa avx512`` on an AVX512-BF16 CPU does the same for the AVX512 CPUs without BF16 (Skylake-X to Ice Lake):
-llama.cpp with AVX512, VBMI and VNNI but not BF16, ours with ``-mno-avx512bf16``, the fp32 prompt GEMM and an
-fp16 KV cache (``LLAMA_LAB_KV_DTYPE=fp16``), what such a CPU gets by default.
+llama.cpp with AVX512, VBMI and VNNI but not BF16, ours with ``-mno-avx512bf16`` (its prompt product follows:
+int16 tiles) and an fp16 KV cache (``LLAMA_LAB_KV_DTYPE=fp16``), what such a CPU gets by default.
 
 It prints a table with our/peer ratios and the CPU kind, then one JSON line. A benchmark, not a test.
 """
@@ -91,8 +91,7 @@ AVX512_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_
 # ours on the same code: the kernels' AVX2 loops, the fp32 prompt GEMM, torch's and inductor's AVX2 code
 AVX2_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512f", "LLAMA_LAB_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2"}
 # ... or the AVX512 loops without BF16, and the fp16 KV cache such a CPU gets
-AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_GEMM_DTYPE": "fp32",
-              "LLAMA_LAB_KV_DTYPE": "fp16"}
+AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_KV_DTYPE": "fp16"}
 ISA_ENV = {"native": {}, "avx2": AVX2_ENV, "avx512": AVX512_ENV}
 ISA_CMAKE = {"avx2": AVX2_CMAKE, "avx512": AVX512_CMAKE}
 ISA_NAME = {"native": "", "avx2": " running AVX2 code only (--isa avx2)",

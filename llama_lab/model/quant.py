@@ -57,8 +57,10 @@ def require_kernels() -> None:
 
 
 def gemm_dtype() -> str:
-    """The precision of the kernels' GEMM for many rows: ``bf16`` where the CPU multiplies bf16 natively
-    (AVX512-BF16, AMX), else ``fp32``; ``LLAMA_LAB_GEMM_DTYPE=fp32|bf16`` chooses, read once per process."""
+    """How the kernels multiply a prompt's many rows (``gemm_rows()`` and up): ``bf16`` (a bf16 GEMM) where the
+    CPU multiplies bf16 natively (AVX512-BF16, AMX); ``int16`` (no GEMM: the int16 tiles, a single stream's
+    precision) with AVX512-VNNI but no BF16; else ``fp32`` (the exact product).
+    ``LLAMA_LAB_GEMM_DTYPE=fp32|bf16|int16`` chooses, read once per process."""
     require_kernels()
     return torch.ops.llama_lab.gemm_dtype()
 

@@ -645,32 +645,50 @@ bool int8_tiles_on() {
 #endif
 }
 
-// The GEMM's precision for many rows. bf16 (activations and dequantized weights rounded to bf16, float
-// accumulation) where the CPU multiplies bf16 natively (AVX512-BF16, AMX): oneDNN's bf16 GEMM is 4-6x its
-// fp32 one there, and bf16 keeps 8 bits of each value, as llama.cpp's int8 activations do. fp32 elsewhere,
-// or everywhere with LLAMA_LAB_GEMM_DTYPE=fp32 (read once per process; bf16 forces it on any CPU).
-bool gemm_in_bf16() {
-  static const bool bf16 = [] {
+// How a prompt's many rows (gemm_rows() and up) are multiplied, LLAMA_LAB_GEMM_DTYPE (read once per process):
+// - bf16: dequantized weight tiles and oneDNN's bf16 GEMM (activations and weights rounded to bf16, float
+//   accumulation), the default where the CPU multiplies bf16 natively (AVX512-BF16, AMX): 4-6x its fp32 GEMM
+//   there, and bf16 keeps 8 bits of each value, as llama.cpp's int8 activations keep 7;
+// - int16: no GEMM, the int16 tiles at any row count (the single stream's precision), the default with
+//   AVX512-VNNI but no BF16 (Cascade Lake, Ice Lake), where they ran 1.1-1.8x the fp32 GEMM path at 128-512 rows
+//   (on AVX2 the GEMM path is as fast from 128 rows and faster from 256);
+// - fp32: the exact product, the default elsewhere.
+enum class PromptProduct { kFp32, kBf16, kInt16 };
+
+PromptProduct prompt_product() {
+  static const PromptProduct chosen = [] {
     const char* env = std::getenv("LLAMA_LAB_GEMM_DTYPE");
-    const std::string chosen = env ? env : "auto";
-    if (chosen == "fp32") return false;
-    if (chosen == "bf16") return true;
-    TORCH_CHECK(chosen == "auto" || chosen.empty(), "LLAMA_LAB_GEMM_DTYPE must be auto, fp32 or bf16, not '", chosen, "'");
-#ifdef __AVX512BF16__
-    return true;
+    const std::string name = env ? env : "auto";
+    if (name == "fp32") return PromptProduct::kFp32;
+    if (name == "bf16") return PromptProduct::kBf16;
+    if (name == "int16") return PromptProduct::kInt16;
+    TORCH_CHECK(name == "auto" || name.empty(), "LLAMA_LAB_GEMM_DTYPE must be auto, fp32, bf16 or int16, not '", name, "'");
+#if defined(__AVX512BF16__)
+    return PromptProduct::kBf16;
+#elif defined(LLAMA_LAB_AVX512) && defined(__AVX512VNNI__)
+    return PromptProduct::kInt16;
 #else
-    return false;
+    return PromptProduct::kFp32;
 #endif
   }();
-  return bf16;
+  return chosen;
 }
 
-std::string gemm_dtype() { return gemm_in_bf16() ? "bf16" : "fp32"; }
+bool gemm_in_bf16() { return prompt_product() == PromptProduct::kBf16; }
 
-// From this many activation rows on, dequantize weight tiles and use the float GEMM; below, integer tiles.
-// A bf16 GEMM (AVX512-BF16, AMX) beats the tiles from ~32 rows. An fp32 one (AVX2 CPUs) does not before
-// ~128-256 rows at two threads: the tiles cost 22-27 us per row of SmolLM2's gate+up at any count, the GEMM
-// path 37 at 32 rows, 28 at 64, 23 at 128, 21 at 256 (bench/kernel_bench.py --rows, docs/engine.md).
+std::string gemm_dtype() {
+  switch (prompt_product()) {
+    case PromptProduct::kBf16: return "bf16";
+    case PromptProduct::kInt16: return "int16";
+    default: return "fp32";
+  }
+}
+
+// From this many activation rows on, the prompt product above; below, the decode tiles. A bf16 GEMM (AVX512-BF16,
+// AMX) beats the tiles from ~32 rows. An fp32 one (AVX2 CPUs) does not before ~128-256 rows at two threads: the
+// tiles cost 22-27 us per row of SmolLM2's gate+up at any count, the GEMM path 37 at 32 rows, 28 at 64, 23 at 128,
+// 21 at 256 (bench/kernel_bench.py --rows, docs/engine.md). With int16 the rows below 128 are decode batches'
+// (int8 tiles where built) or a prompt's (int16 tiles).
 int64_t gemm_rows() { return gemm_in_bf16() ? 32 : 128; }
 
 // From this many rows up to gemm_rows(), the bf16 tiles where they are built and the GEMM's precision is bf16;
@@ -1270,13 +1288,13 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   const uint8_t* hp = kHigh ? hc.data_ptr<uint8_t>() : nullptr;
   const at::Half* dp = dc.data_ptr<at::Half>();
   const at::Half* mp = mc.defined() ? mc.data_ptr<at::Half>() : nullptr;
-  if (M >= gemm_rows())
+  if (M >= gemm_rows() && prompt_product() != PromptProduct::kInt16)
     return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { nibble_row<kHigh>(qp, hp, dp, mp, K, n, o); });
 #ifdef LLAMA_LAB_BF16_TILES
-  if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
+  if (M >= bf16_tile_rows() && M < gemm_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
-  if (!prompt && M >= int8_tile_rows()) {
+  if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
@@ -1322,12 +1340,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   const int64_t M = xc.size(0);
   const int8_t* qp = qc.data_ptr<int8_t>();
   const at::Half* dp = dc.data_ptr<at::Half>();
-  if (M >= gemm_rows()) return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
+  if (M >= gemm_rows() && prompt_product() != PromptProduct::kInt16)
+    return dequant_gemm(xc, N, K, [&](int64_t n, float* o) { q8_row(qp, dp, K, n, o); });
 #ifdef LLAMA_LAB_BF16_TILES
-  if (M >= bf16_tile_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
+  if (M >= bf16_tile_rows() && M < gemm_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
-  if (!prompt && M >= int8_tile_rows()) {
+  if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
