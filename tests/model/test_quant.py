@@ -81,8 +81,8 @@ def reference_tolerance(m: int) -> dict:
 
 
 def test_the_gemm_precision_is_chosen_once_per_process_by_the_environment():
-    """LLAMA_LAB_GEMM_DTYPE=fp32 gives the exact float product on any CPU (from its threshold's rows on); a bad
-    value is refused by name."""
+    """LLAMA_LAB_GEMM_DTYPE=fp32 gives the exact float product on any CPU (from its threshold's rows on), int16 the
+    int16 tiles' (activations rounded to 1/65534 of their group's largest value); a bad value is refused by name."""
     code = ("import torch; from torch import nn; from llama_lab.model import quant;"
             "layer = quant.QuantLinear.from_linear(nn.Linear(64, 40), 'q4'); x = torch.randn(quant.gemm_rows(), 64);"
             "want = x.double() @ layer.weight_float().double().T + layer.bias.double();"
@@ -92,6 +92,11 @@ def test_the_gemm_precision_is_chosen_once_per_process_by_the_environment():
     assert out.returncode == 0, out.stderr
     dtype, err = out.stdout.split()
     assert dtype == "fp32" and float(err) < 1e-5
+    env["LLAMA_LAB_GEMM_DTYPE"] = "int16"  # the int16 tiles at that count too: a single stream's precision
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    dtype, err = out.stdout.split()
+    assert dtype == "int16" and 0 < float(err) < 1e-3
     env["LLAMA_LAB_GEMM_DTYPE"] = "fp8"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "LLAMA_LAB_GEMM_DTYPE must be auto, fp32, bf16 or int16, not 'fp8'" in out.stderr
