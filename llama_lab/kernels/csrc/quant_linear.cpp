@@ -1048,6 +1048,33 @@ inline void store_sums(const __m256* acc, const float* rest, float* out, int64_t
 // [s[0], s[1]] four times: the scales of the even (g) and odd (g+1) int32 lanes.
 inline __m256 pair_scales_256(const float* s) { return _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(s))); }
 
+// A lone (odd) last group g of a q4/q5 row against MT rows of int8 activations, added to their accumulators.
+template <int MT, bool kHigh>
+inline void nibble_lone_group(const uint8_t* wq, const uint8_t* wh, const int8_t* xq, int64_t K, int64_t g,
+                              const float (*scale)[kMaxGroups], __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i w = nibble_group_u8<kHigh>(wq + g * 16, wh, g);
+  for (int i = 0; i < MT; ++i) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)),
+                             _mm256_broadcast_ss(scale[i] + g), acc[i]);
+  }
+}
+
+// The same for a q8 row: |w| times x with w's sign, as in q8_i8_tile.
+template <int MT>
+inline void q8_lone_group(const int8_t* wq, const int8_t* xq, int64_t K, int64_t g, const float (*scale)[kMaxGroups],
+                          __m256* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup));
+  const __m256i u = _mm256_abs_epi8(w);
+  for (int i = 0; i < MT; ++i) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)),
+                             _mm256_broadcast_ss(scale[i] + g), acc[i]);
+  }
+}
+
 // The nibble tile with int8 activations: q4 and q5 weights are unsigned bytes (0..31), which maddubs takes as
 // they are. Per 32-bit lane a pair's two byte products add to at most 2 * 31 * 127 * 2 = 15748: int16 holds it.
 template <int MT, bool kHigh>
@@ -1081,14 +1108,7 @@ void nibble_i8_tile(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, con
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), pair_scales_256(scale[i] + g), acc[i]);
       }
     }
-    if (g < groups) {
-      const __m256i w = nibble_group_u8<kHigh>(wq + g * 16, wh, g);
-      for (int i = 0; i < MT; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)),
-                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
-      }
-    }
+    if (g < groups) nibble_lone_group<MT, kHigh>(wq, wh, xq, K, g, scale, acc);
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
@@ -1123,15 +1143,7 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), pair_scales_256(scale[i] + g), acc[i]);
       }
     }
-    if (g < groups) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup));
-      const __m256i u = _mm256_abs_epi8(w);
-      for (int i = 0; i < MT; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)),
-                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
-      }
-    }
+    if (g < groups) q8_lone_group<MT>(wq, xq, K, g, scale, acc);
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
@@ -1180,7 +1192,6 @@ void nibble_i8_tile_512(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh,
   const int8_t* xq = a.q.data() + m0 * K;
   const float* xd = a.scale.data() + m0 * groups;
   const float* xs = a.sum.data() + m0 * groups;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wq = qs + n * (K / 2);
     const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
@@ -1204,14 +1215,7 @@ void nibble_i8_tile_512(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh,
       }
     }
     fold_512<MT>(wide, acc);
-    if (g < groups) {  // a lone last group: the 256-bit way
-      const __m256i w = nibble_group_u8<kHigh>(wq + g * 16, wh, g);
-      for (int i = 0; i < MT; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones)),
-                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
-      }
-    }
+    if (g < groups) nibble_lone_group<MT, kHigh>(wq, wh, xq, K, g, scale, acc);  // 256 bits wide
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
@@ -1224,7 +1228,6 @@ void q8_i8_tile_512(const Int8Rows& a, const int8_t* qs, const at::Half* d, int6
   const int64_t groups = K / kGroup;
   const int8_t* xq = a.q.data() + m0 * K;
   const float* xd = a.scale.data() + m0 * groups;
-  const __m256i ones = _mm256_set1_epi16(1);
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i units = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   for (int64_t n = n0; n < n1; ++n) {
@@ -1234,7 +1237,7 @@ void q8_i8_tile_512(const Int8Rows& a, const int8_t* qs, const at::Half* d, int6
     __m256 acc[MT];
     alignas(32) float rest[MT];
     __m512 wide[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), rest[i] = 0.f, wide[i] = _mm512_setzero_ps();
+    for (int i = 0; i < MT; ++i) rest[i] = 0.f, wide[i] = _mm512_setzero_ps();  // acc: fold_512 sets it
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
       const __m512i w = _mm512_permutexvar_epi32(units, _mm512_loadu_si512(wq + g * kGroup));
@@ -1245,15 +1248,7 @@ void q8_i8_tile_512(const Int8Rows& a, const int8_t* qs, const at::Half* d, int6
       }
     }
     fold_512<MT>(wide, acc);
-    if (g < groups) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kGroup));
-      const __m256i u = _mm256_abs_epi8(w);
-      for (int i = 0; i < MT; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i * K + g * kGroup));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, w)), ones)),
-                                 _mm256_broadcast_ss(scale[i] + g), acc[i]);
-      }
-    }
+    if (g < groups) q8_lone_group<MT>(wq, xq, K, g, scale, acc);
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
