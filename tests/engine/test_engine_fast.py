@@ -34,7 +34,7 @@ def _prompt(lm, text="Tell me a story about a lighthouse."):
 # ---------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("kv_heads,groups,head_dim", [(3, 3, 64), (2, 2, 32), (8, 4, 128)])
+@pytest.mark.parametrize("kv_heads,groups,head_dim", [(3, 3, 64), (2, 2, 32), (8, 4, 128), (1, 8, 64), (2, 1, 128)])
 def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_dim):
     kernel = cpu_kernel()
     if kernel is None:
@@ -62,8 +62,9 @@ def test_cpu_kernel_matches_the_torch_reference(dtype, kv_heads, groups, head_di
 @pytest.mark.slow
 @pytest.mark.parametrize("cflags", NARROWER)
 def test_the_narrower_attention_paths_match_the_reference_too(cflags):
-    """The AVX2 kernel (also bf16 caches, built without AVX512 on an AVX512 CPU) and the generic one (built
-    without AVX2) pass the test above in a child process: each reads 64 keys across 16-token blocks."""
+    """The AVX512 kernel without vdpbf16ps, the AVX2 one (also bf16 caches, built without AVX512 on an AVX512
+    CPU) and the generic one (built without AVX2) pass the test above in a child process: each reads 64 keys
+    across 16-token blocks, and the group sizes take 1, 2 and 4 keys and column blocks at once."""
     pass_in_narrower_build(cflags, __file__, "cpu_kernel_matches_the_torch_reference")
 
 

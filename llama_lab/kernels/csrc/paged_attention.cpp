@@ -29,13 +29,15 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-#define LLAMA_LAB_AVX512_BF16 1
-#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LLAMA_LAB_AVX2 1
+#if defined(__AVX512F__)
+#define LLAMA_LAB_AVX512 1
+#if defined(__AVX512BF16__)
+#define LLAMA_LAB_AVX512_BF16 1
+#endif
+#endif
 #endif
 
 namespace {
@@ -112,210 +114,237 @@ void attend_generic(const T* q, const T* kc, const T* vc, const int32_t* table, 
   }
 }
 
-#ifdef LLAMA_LAB_AVX512_BF16
-// ----------------------------------------------------------------------------------------------
-// bf16 on CPUs with AVX512-BF16: dot products with vdpbf16ps, softmax with a vector exp, the value
-// rows converted to fp32 once and shared by the group's query heads held in registers.
-inline __m512 exp512(__m512 x) {
-  // 2^(x*log2e) = 2^i * 2^f with f in [-0.5, 0.5]; degree-6 polynomial, relative error ~2e-7.
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, i);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, i);
-}
-
-inline __m512 bf16x16_to_f32(const uint16_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-template <int D, int G>
-void attend_bf16(const uint16_t* q, const uint16_t* kc, const uint16_t* vc, const int32_t* table, int64_t bs,
-                 int64_t num_blocks, int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
-  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
-  constexpr int NV = D / 16;
-  __m512i qv[G][D / 32];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < D / 32; ++c) qv[g][c] = _mm512_loadu_si512(q + (h * G + g) * D + c * 32);
-  float m[G], l[G];
-  __m512 acc[G][NV];
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-    for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_setzero_ps();
-  }
-  alignas(64) float s[G][kBlockKeys];
-  const uint16_t *krows[kBlockKeys], *vrows[kBlockKeys];
-  for (int64_t j0 = k0; j0 < k1;) {
-    const int64_t n = key_rows(kc, vc, table, bs, num_blocks, D, h, j0, k1, krows, vrows);
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* krow = krows[j];
-      __m512 dot[G];
-      for (int g = 0; g < G; ++g) dot[g] = _mm512_setzero_ps();
-      for (int c = 0; c < D / 32; ++c) {
-        const __m512bh kk = (__m512bh)_mm512_loadu_si512(krow + c * 32);
-        for (int g = 0; g < G; ++g) dot[g] = _mm512_dpbf16_ps(dot[g], (__m512bh)qv[g][c], kk);
-      }
-      for (int g = 0; g < G; ++g) s[g][j] = _mm512_reduce_add_ps(dot[g]) * scale;
-    }
-    for (int64_t j = n; j < kBlockKeys; ++j)
-      for (int g = 0; g < G; ++g) s[g][j] = -INFINITY;
-    for (int g = 0; g < G; ++g) {
-      __m512 mx = _mm512_set1_ps(m[g]);
-      for (int j = 0; j < kBlockKeys; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(&s[g][j]));
-      const float mnew = _mm512_reduce_max_ps(mx);
-      const __m512 mv = _mm512_set1_ps(mnew);
-      __m512 sum = _mm512_setzero_ps();
-      for (int j = 0; j < kBlockKeys; j += 16) {
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_load_ps(&s[g][j]), mv));
-        _mm512_store_ps(&s[g][j], e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      const float corr = std::exp(m[g] - mnew);
-      l[g] = l[g] * corr + _mm512_reduce_add_ps(sum);
-      m[g] = mnew;
-      const __m512 cv = _mm512_set1_ps(corr);
-      for (int c = 0; c < NV; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* vrow = vrows[j];
-      for (int c = 0; c < NV; ++c) {
-        const __m512 v = bf16x16_to_f32(vrow + c * 16);
-        for (int g = 0; g < G; ++g) acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), v, acc[g][c]);
-      }
-    }
-    j0 += n;
-  }
-  for (int g = 0; g < G; ++g) {
-    float* row = part + g * (D + 2);
-    row[0] = m[g];
-    row[1] = l[g];
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(row + 2 + c * 16, acc[g][c]);
-  }
-}
-
-using Bf16Kernel = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int32_t*, int64_t, int64_t,
-                            int64_t, int64_t, int64_t, float, float*);
-
-Bf16Kernel pick_bf16(int64_t d, int64_t g) {
-#define LLAMA_LAB_CASE(DD, GG) \
-  if (d == DD && g == GG) return &attend_bf16<DD, GG>;
-  LLAMA_LAB_CASE(64, 1) LLAMA_LAB_CASE(64, 2) LLAMA_LAB_CASE(64, 3) LLAMA_LAB_CASE(64, 4)
-  LLAMA_LAB_CASE(64, 8) LLAMA_LAB_CASE(128, 1) LLAMA_LAB_CASE(128, 2) LLAMA_LAB_CASE(128, 4)
-  LLAMA_LAB_CASE(128, 8)
-#undef LLAMA_LAB_CASE
-  return nullptr;
-}
-#endif
-
 #ifdef LLAMA_LAB_AVX2
 // ----------------------------------------------------------------------------------------------
-// AVX2 + FMA + F16C (every x86-64 CPU of the last decade): fp32, fp16 or bf16 caches, eight lanes at a time.
-// The query heads of a group are held in fp32 (scale folded in), each key row is converted once and
-// scored against all of them, the softmax uses a vector exp, and each value row is converted once and
-// accumulated into all of the group's heads.
-inline __m256 exp256(__m256 x) {
-  // 2^(x*log2e) = 2^i * 2^f with f in [-0.5, 0.5]; degree-6 polynomial, relative error ~2e-7.
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, i);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+// Vector paths: AVX2 + FMA + F16C (8 lanes, every x86-64 CPU of the last decade) and AVX512F (16 lanes),
+// for fp32, fp16 or bf16 caches; with AVX512-BF16, bf16 caches score their keys with vdpbf16ps instead.
+// One template serves both widths. The query heads of a group share every key and value row, each row
+// converted once. Scores are taken KS keys at a time, so one transposing tree of adds gives KS sums where a
+// horizontal sum per key and head cost ~6 instructions (as much as the dot product itself at head_dim 64).
+// The value rows are accumulated a column block at a time with the block's sums in registers for all the
+// group's heads: holding a whole head_dim x G in registers spilled to the stack on every FMA (24 AVX2
+// registers for SmolLM2's 64 x 3, 32 AVX512 ones for Llama-3-8B's 128 x 4).
+struct V8 {
+  using R = __m256;
+  static constexpr int W = 8, kRegs = 16;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static R load(const at::BFloat16* p) {
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hmax(R v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static float hsum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  // the sums of four vectors: three hadds and one add
+  static __m128 hsum4(R a, R b, R c, R d) {
+    const R abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+  }
+  static R exp(R x) {
+    // 2^(x*log2e) = 2^i * 2^f with f in [-0.5, 0.5]; degree-6 polynomial, relative error ~2e-7.
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    const R t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const R i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm256_sub_ps(t, i);
+    R p = _mm256_set1_ps(1.535336188319500e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+};
+
+#ifdef LLAMA_LAB_AVX512
+struct V16 {
+  using R = __m512;
+  static constexpr int W = 16, kRegs = 32;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static R load(const at::BFloat16* p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float hmax(R v) { return _mm512_reduce_max_ps(v); }
+  static float hsum(R v) { return _mm512_reduce_add_ps(v); }
+  static __m256 fold(R v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+  static __m128 hsum4(R a, R b, R c, R d) { return V8::hsum4(fold(a), fold(b), fold(c), fold(d)); }
+  static R exp(R x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    const R t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const R i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm512_sub_ps(t, i);
+    R p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, i);
+  }
+};
+#endif
+
+// Keys scored at once: as many as leave the G x KS sums and a key vector in registers (1, 2 or 4).
+template <class VT, int G>
+constexpr int keys_at_once() {
+  constexpr int fit = (VT::kRegs - 2) / G;
+  return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
-inline float hsum256(const __m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+// Store KS sums of G heads' dot vectors into s[g][j .. j+KS).
+template <class VT, int G, int KS>
+inline void store_sums(typename VT::R (&dot)[G][KS], float (*s)[kBlockKeys], int64_t j) {
+  for (int g = 0; g < G; ++g) {
+    if constexpr (KS == 4) {
+      _mm_storeu_ps(&s[g][j], VT::hsum4(dot[g][0], dot[g][1], dot[g][2], dot[g][3]));
+    } else {
+      for (int k = 0; k < KS; ++k) s[g][j + k] = VT::hsum(dot[g][k]);
+    }
+  }
 }
 
-inline float hmax256(const __m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+// Query heads in fp32 with the scale folded in; each key row converted to fp32 once, FMA'd with all G heads.
+template <class VT, typename T, int D, int G>
+struct FloatScores {
+  static constexpr int KS = keys_at_once<VT, G>();
+  alignas(64) float qf[G][D];
+  FloatScores(const T* q, float scale) {
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < D; ++i) qf[g][i] = static_cast<float>(q[g * D + i]) * scale;
+  }
+  void operator()(const T* const* krows, float (*s)[kBlockKeys], int64_t j) const {
+    typename VT::R dot[G][KS];
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < KS; ++k) dot[g][k] = VT::zero();
+    for (int c = 0; c < D; c += VT::W)
+      for (int k = 0; k < KS; ++k) {
+        const typename VT::R kk = VT::load(krows[j + k] + c);
+        for (int g = 0; g < G; ++g) dot[g][k] = VT::fmadd(VT::load(&qf[g][c]), kk, dot[g][k]);
+      }
+    store_sums<VT, G, KS>(dot, s, j);
+  }
+};
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const at::BFloat16* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
+#ifdef LLAMA_LAB_AVX512_BF16
+// bf16 caches with AVX512-BF16: query and key pairs multiplied by vdpbf16ps (32 products an instruction),
+// no conversion of the keys; the scale applied to the sums.
+template <int D, int G>
+struct Bf16Scores {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
+  static constexpr int KS = keys_at_once<V16, G>();
+  __m512i qv[G][D / 32];
+  float scale;
+  Bf16Scores(const at::BFloat16* q, float scale_) : scale(scale_) {
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < D / 32; ++c) qv[g][c] = _mm512_loadu_si512(q + g * D + c * 32);
+  }
+  void operator()(const at::BFloat16* const* krows, float (*s)[kBlockKeys], int64_t j) const {
+    __m512 dot[G][KS];
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < KS; ++k) dot[g][k] = _mm512_setzero_ps();
+    for (int c = 0; c < D / 32; ++c)
+      for (int k = 0; k < KS; ++k) {
+        const __m512bh kk = (__m512bh)_mm512_loadu_si512(krows[j + k] + c * 32);
+        for (int g = 0; g < G; ++g) dot[g][k] = _mm512_dpbf16_ps(dot[g][k], (__m512bh)qv[g][c], kk);
+      }
+    store_sums<V16, G, KS>(dot, s, j);
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < KS; ++k) s[g][j + k] *= scale;
+  }
+};
+#endif
 
-template <typename T, int D, int G>
-void attend_avx2(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t bs, int64_t num_blocks,
-                 int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
-  static_assert(D % 8 == 0, "head_dim must be a multiple of 8");
-  constexpr int NV = D / 8;
-  alignas(32) float qf[G][D];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < D; ++i) qf[g][i] = static_cast<float>(q[(h * G + g) * D + i]) * scale;
-  float m[G], l[G];
-  __m256 acc[G][NV];
+// One query token's G heads over keys k0 .. k1-1 of KV head h: scores a block of kBlockKeys keys, updates
+// each head's running max and sum, rescales its sums and adds the block's weighted value rows.
+template <class VT, typename T, int D, int G, class Scores>
+void attend_vec(const T* q, const T* kc, const T* vc, const int32_t* table, int64_t bs, int64_t num_blocks,
+                int64_t h, int64_t k0, int64_t k1, float scale, float* part) {
+  static_assert(D % VT::W == 0, "head_dim must be a multiple of the vector width");
+  using R = typename VT::R;
+  constexpr int NV = D / VT::W;
+  constexpr int KS = Scores::KS;
+  // value columns per pass: G x CB sums, a value vector and a weight in registers
+  constexpr int fit = (VT::kRegs - 2) / G;
+  constexpr int CB = std::min(NV, fit >= 8 ? 8 : fit >= 4 ? 4 : fit >= 2 ? 2 : 1);
+  static_assert(NV % CB == 0, "column blocks must tile head_dim");
+  const Scores score(q + h * G * D, scale);
+  float m[G], l[G], corr[G];
+  alignas(64) float acc[G][D];
   for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
-    for (int c = 0; c < NV; ++c) acc[g][c] = _mm256_setzero_ps();
+    for (int i = 0; i < D; ++i) acc[g][i] = 0.f;
   }
-  alignas(32) float s[G][kBlockKeys];
+  alignas(64) float s[G][kBlockKeys];
   const T *krows[kBlockKeys], *vrows[kBlockKeys];
   for (int64_t j0 = k0; j0 < k1;) {
     const int64_t n = key_rows(kc, vc, table, bs, num_blocks, D, h, j0, k1, krows, vrows);
-    for (int64_t j = 0; j < n; ++j) {
-      const T* krow = krows[j];
-      __m256 dot[G];
-      for (int g = 0; g < G; ++g) dot[g] = _mm256_setzero_ps();
-      for (int c = 0; c < NV; ++c) {
-        const __m256 kk = load8(krow + c * 8);
-        for (int g = 0; g < G; ++g) dot[g] = _mm256_fmadd_ps(_mm256_load_ps(&qf[g][c * 8]), kk, dot[g]);
-      }
-      for (int g = 0; g < G; ++g) s[g][j] = hsum256(dot[g]);
-    }
+    const int64_t n_up = (n + KS - 1) / KS * KS;  // <= kBlockKeys: KS divides it
+    for (int64_t j = n; j < n_up; ++j) krows[j] = krows[n - 1];
+    for (int64_t j = 0; j < n_up; j += KS) score(krows, s, j);
     for (int64_t j = n; j < kBlockKeys; ++j)
       for (int g = 0; g < G; ++g) s[g][j] = -INFINITY;
     for (int g = 0; g < G; ++g) {
-      __m256 mx = _mm256_set1_ps(m[g]);
-      for (int j = 0; j < kBlockKeys; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[g][j]));
-      const float mnew = hmax256(mx);
-      const __m256 mv = _mm256_set1_ps(mnew);
-      __m256 sum = _mm256_setzero_ps();
-      for (int j = 0; j < kBlockKeys; j += 8) {
-        const __m256 e = exp256(_mm256_sub_ps(_mm256_load_ps(&s[g][j]), mv));
-        _mm256_store_ps(&s[g][j], e);
-        sum = _mm256_add_ps(sum, e);
+      R mx = VT::set1(m[g]);
+      for (int j = 0; j < kBlockKeys; j += VT::W) mx = VT::max(mx, VT::load(&s[g][j]));
+      const float mnew = VT::hmax(mx);
+      const R mv = VT::set1(mnew);
+      R sum = VT::zero();
+      for (int j = 0; j < kBlockKeys; j += VT::W) {
+        const R e = VT::exp(VT::sub(VT::load(&s[g][j]), mv));
+        VT::store(&s[g][j], e);
+        sum = VT::add(sum, e);
       }
-      const float corr = std::exp(m[g] - mnew);
-      l[g] = l[g] * corr + hsum256(sum);
+      corr[g] = std::exp(m[g] - mnew);
+      l[g] = l[g] * corr[g] + VT::hsum(sum);
       m[g] = mnew;
-      const __m256 cv = _mm256_set1_ps(corr);
-      for (int c = 0; c < NV; ++c) acc[g][c] = _mm256_mul_ps(acc[g][c], cv);
     }
-    for (int64_t j = 0; j < n; ++j) {
-      const T* vrow = vrows[j];
-      for (int c = 0; c < NV; ++c) {
-        const __m256 v = load8(vrow + c * 8);
-        for (int g = 0; g < G; ++g) acc[g][c] = _mm256_fmadd_ps(_mm256_set1_ps(s[g][j]), v, acc[g][c]);
+    for (int c0 = 0; c0 < NV; c0 += CB) {
+      R a[G][CB];
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < CB; ++c) a[g][c] = VT::mul(VT::load(&acc[g][(c0 + c) * VT::W]), VT::set1(corr[g]));
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vrow = vrows[j] + c0 * VT::W;
+        for (int c = 0; c < CB; ++c) {
+          const R v = VT::load(vrow + c * VT::W);
+          for (int g = 0; g < G; ++g) a[g][c] = VT::fmadd(VT::set1(s[g][j]), v, a[g][c]);
+        }
       }
+      for (int g = 0; g < G; ++g)
+        for (int c = 0; c < CB; ++c) VT::store(&acc[g][(c0 + c) * VT::W], a[g][c]);
     }
     j0 += n;
   }
@@ -323,22 +352,36 @@ void attend_avx2(const T* q, const T* kc, const T* vc, const int32_t* table, int
     float* row = part + g * (D + 2);
     row[0] = m[g];
     row[1] = l[g];
-    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(row + 2 + c * 8, acc[g][c]);
+    std::memcpy(row + 2, acc[g], D * sizeof(float));
   }
 }
 
 template <typename T>
-using Avx2Kernel = void (*)(const T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                            float, float*);
+using VecKernel = void (*)(const T*, const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           float, float*);
 
+// The widest kernel this build has for (dtype, head_dim, group size); nullptr for the generic loop.
 template <typename T>
-Avx2Kernel<T> pick_avx2(int64_t d, int64_t g) {
+VecKernel<T> pick_vec(int64_t d, int64_t g) {
+#ifdef LLAMA_LAB_AVX512_BF16
+#define LLAMA_LAB_SCORES(DD, GG)                                                                        \
+  std::conditional_t<std::is_same_v<T, at::BFloat16>, Bf16Scores<DD, GG>, FloatScores<LLAMA_LAB_VT, T, DD, GG>>
+#else
+#define LLAMA_LAB_SCORES(DD, GG) FloatScores<LLAMA_LAB_VT, T, DD, GG>
+#endif
+#ifdef LLAMA_LAB_AVX512
+#define LLAMA_LAB_VT V16
+#else
+#define LLAMA_LAB_VT V8
+#endif
 #define LLAMA_LAB_CASE(DD, GG) \
-  if (d == DD && g == GG) return &attend_avx2<T, DD, GG>;
+  if (d == DD && g == GG) return &attend_vec<LLAMA_LAB_VT, T, DD, GG, LLAMA_LAB_SCORES(DD, GG)>;
   LLAMA_LAB_CASE(64, 1) LLAMA_LAB_CASE(64, 2) LLAMA_LAB_CASE(64, 3) LLAMA_LAB_CASE(64, 4)
   LLAMA_LAB_CASE(64, 8) LLAMA_LAB_CASE(128, 1) LLAMA_LAB_CASE(128, 2) LLAMA_LAB_CASE(128, 4)
   LLAMA_LAB_CASE(128, 8)
 #undef LLAMA_LAB_CASE
+#undef LLAMA_LAB_VT
+#undef LLAMA_LAB_SCORES
   return nullptr;
 }
 #endif
@@ -385,24 +428,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   };
   const float fscale = static_cast<float>(scale);
   bool done = false;
-#ifdef LLAMA_LAB_AVX512_BF16
-  if (qc.scalar_type() == at::kBFloat16) {
-    if (Bf16Kernel kernel = pick_bf16(d, groups)) {
-      const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr());
-      const auto* kp = reinterpret_cast<const uint16_t*>(kc.data_ptr());
-      const auto* vp = reinterpret_cast<const uint16_t*>(vc.data_ptr());
-      run_items([&](int64_t t, int64_t h, int64_t k0, int64_t k1, float* dst) {
-        kernel(qp + t * heads * d, kp, vp, table_p + rows_p[t] * max_blocks, bs, num_blocks, h, k0, k1, fscale, dst);
-      });
-      done = true;
-    }
-  }
-#endif
 #ifdef LLAMA_LAB_AVX2
   if (!done) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_attention_avx2", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_attention_vec", [&] {
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        if (Avx2Kernel<scalar_t> kernel = pick_avx2<scalar_t>(d, groups)) {
+        if (VecKernel<scalar_t> kernel = pick_vec<scalar_t>(d, groups)) {
           const scalar_t* qp = qc.data_ptr<scalar_t>();
           const scalar_t* kp = kc.data_ptr<scalar_t>();
           const scalar_t* vp = vc.data_ptr<scalar_t>();
