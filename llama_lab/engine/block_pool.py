@@ -6,13 +6,18 @@ tokens and of every token before them in the sequence (a chain, as in vLLM), and
 whose prompt starts with the same tokens reuses the block instead of computing it again. A full
 block is never written again, so several sequences can read it at once; a released block that
 holds a named prefix stays cached until a request needs the room (least recently used first).
+
+Past the whole blocks, a prompt may share the first tokens of a cached block (a resent prompt, a chat's
+regenerated answer: the block holding the prompt's tail also holds the old answer's first tokens). Those
+tokens are copied into the request's own block by the ``copy`` the caller passes, so at most the prompt's
+last token is computed again, as llama.cpp's slots do, where whole blocks alone recomputed up to 15.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 _ROOT = b"llama_lab-prefix"
 
@@ -34,6 +39,9 @@ class BlockPool:
         self._refs: dict[int, int] = {}
         self._named: dict[bytes, int] = {}  # digest of a full block's prefix -> the block
         self._name_of: dict[int, bytes] = {}
+        # digest of the prefix before a named block -> {block: its tokens}: where a partial match looks
+        self._children: dict[bytes, dict[int, tuple[int, ...]]] = {}
+        self._parent_of: dict[int, bytes] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # named, unused: evictable, oldest first
         self._first = first
         self._highest = first - 1  # the highest block ever handed out: the LIFO list hands them out in order
@@ -52,28 +60,53 @@ class BlockPool:
     def cached_blocks(self) -> int:
         return len(self._named)
 
-    def _match(self, prefix: Sequence[int]) -> list[int]:
+    def _match(self, prefix: Sequence[int]) -> tuple[list[int], bytes]:
+        """The named blocks that ``prefix`` starts with, and the digest of the tokens they hold."""
         blocks: list[int] = []
         digest = _ROOT
         bs = self.block_size
         for start in range(0, len(prefix) - bs + 1, bs):
-            digest = _chain(digest, prefix[start:start + bs])
-            block = self._named.get(digest)
+            step = _chain(digest, prefix[start:start + bs])
+            block = self._named.get(step)
             if block is None:
                 break
             blocks.append(block)
-        return blocks
+            digest = step
+        return blocks, digest
 
-    def allocate(self, tokens: int, prefix: Sequence[int] = ()) -> tuple[list[int], int] | None:
+    def _partial(self, parent: bytes, rest: Sequence[int]) -> tuple[int, int] | None:
+        """The named block after ``parent`` whose tokens share the longest start with ``rest``: (block, shared)."""
+        best = None
+        for block, tokens in self._children.get(parent, {}).items():
+            shared = 0
+            for a, b in zip(tokens, rest):
+                if a != b:
+                    break
+                shared += 1
+            if shared and (best is None or shared > best[1]):
+                best = (block, shared)
+        return best
+
+    def allocate(self, tokens: int, prefix: Sequence[int] = (),
+                 copy: Callable[[int, int, int], None] | None = None) -> tuple[list[int], int] | None:
         """Blocks for ``tokens`` tokens and how many of them are already computed, or None if there is no room.
 
-        The leading blocks are cached ones whose tokens start ``prefix`` (whole blocks only).
+        The leading blocks are cached ones whose tokens start ``prefix``. With ``copy(src, dst, n)``, which
+        copies the first ``n`` token slots of block ``src`` into block ``dst``, the first fresh block also
+        starts with the tokens ``prefix`` shares with a cached block after those.
         """
-        matched = self._match(prefix) if self.prefix_caching else []
+        matched, digest = self._match(prefix) if self.prefix_caching else ([], _ROOT)
+        start = len(matched) * self.block_size
+        partial = (self._partial(digest, prefix[start:start + self.block_size])
+                   if copy is not None and self.prefix_caching else None)
         need = max(1, -(-tokens // self.block_size)) - len(matched)
-        if need > len(self._free) + len(self._idle) - sum(1 for b in matched if b in self._idle):
+        room = len(self._free) + len(self._idle) - sum(1 for b in matched if b in self._idle)
+        if partial is not None and (need < 1 or need > room - (partial[0] in self._idle)):
+            partial = None  # no block to copy into, or holding the source would take the last evictable one
+        if need > room:
             return None
-        for block in matched:
+        held = matched + ([partial[0]] if partial else [])  # the source must outlive the evictions below
+        for block in held:
             self._refs[block] = self._refs.get(block, 0) + 1
             self._idle.pop(block, None)
         fresh = []
@@ -83,10 +116,25 @@ class BlockPool:
                 self._highest = max(self._highest, block)
             else:  # give up the least recently used cached prefix
                 block, _ = self._idle.popitem(last=False)
-                del self._named[self._name_of.pop(block)]
+                self._forget(block)
             self._refs[block] = 1
             fresh.append(block)
-        return matched + fresh, len(matched) * self.block_size
+        if partial is None:
+            return matched + fresh, start
+        src, shared = partial
+        try:
+            copy(src, fresh[0], shared)
+        finally:
+            self.release([src])
+        return matched + fresh, start + shared
+
+    def _forget(self, block: int) -> None:
+        del self._named[self._name_of.pop(block)]
+        parent = self._parent_of.pop(block)
+        siblings = self._children[parent]
+        del siblings[block]
+        if not siblings:
+            del self._children[parent]
 
     def publish(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
         """Name the blocks that ``tokens`` (the sequence's computed tokens, from position 0) fill entirely."""
@@ -95,12 +143,14 @@ class BlockPool:
         digest = _ROOT
         bs = self.block_size
         for i, start in enumerate(range(0, min(len(tokens), len(blocks) * bs) - bs + 1, bs)):
-            digest = _chain(digest, tokens[start:start + bs])
+            parent, digest = digest, _chain(digest, tokens[start:start + bs])
             block = blocks[i]
             if block in self._name_of or digest in self._named:
                 continue  # matched from the cache (named already), or another block holds this prefix: stays private
             self._named[digest] = block
             self._name_of[block] = digest
+            self._parent_of[block] = parent
+            self._children.setdefault(parent, {})[block] = tuple(tokens[start:start + bs])
 
     def release(self, blocks: Sequence[int]) -> None:
         for block in reversed(blocks):

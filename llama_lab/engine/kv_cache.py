@@ -78,7 +78,12 @@ class PagedKVCache:
     def allocate(self, tokens: int, prefix: Sequence[int] = ()) -> tuple[list[int], int] | None:
         """Blocks for ``tokens`` tokens and how many tokens of ``prefix`` they already hold, or None
         if not enough are free right now."""
-        return self.pool.allocate(tokens, prefix)
+        return self.pool.allocate(tokens, prefix, copy=self._copy_tokens)
+
+    def _copy_tokens(self, src: int, dst: int, n: int) -> None:
+        """The keys and values of block ``src``'s first ``n`` tokens into block ``dst``, in every layer."""
+        for cache in (*self.k, *self.v):
+            cache[:, dst, :n].copy_(cache[:, src, :n])
 
     def publish(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
         self.pool.publish(blocks, tokens)

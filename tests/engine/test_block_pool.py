@@ -99,3 +99,60 @@ def test_touched_blocks_count_every_block_ever_written_not_the_ones_in_use():
     assert pool.touched_blocks == 3 and set(again) <= set(first)
     pool.allocate(2 * BS)
     assert pool.touched_blocks == 4
+
+
+class _Copies:
+    """Stands in for the KV cache's copy: records (src, dst, n)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, src: int, dst: int, n: int) -> None:
+        self.calls.append((src, dst, n))
+
+
+def test_a_resent_prompt_also_takes_the_tokens_it_shares_with_a_cached_blocks_start():
+    pool, copies = _pool(), _Copies()
+    prompt = list(range(100, 111))  # 11 tokens; with 3 answer tokens its third block is full
+    blocks, _ = pool.allocate(16, prompt, copy=copies)
+    pool.publish(blocks, prompt + [7, 8, 9])
+    pool.release(blocks)
+    assert pool.cached_blocks == 3 and not copies.calls
+    # the same prompt again (a regenerated answer): its last token is computed, the 10 before it are not
+    again, cached = pool.allocate(16, prompt[:-1], copy=copies)
+    assert cached == 10 and again[:2] == blocks[:2] and again[2] != blocks[2]
+    assert copies.calls == [(blocks[2], again[2], 2)]
+    assert pool.cached_blocks == 3  # the source stays cached, free to be given up again
+    pool.release(again)
+    assert pool.free_blocks == 8
+    # without a copy, or with a different token first in the block, only whole blocks count
+    plain, cached = pool.allocate(16, prompt[:-1])
+    assert cached == 8
+    pool.release(plain)
+    other, cached = pool.allocate(16, prompt[:8] + [0, 109], copy=copies)
+    assert cached == 8 and len(copies.calls) == 1
+    pool.release(other)
+
+
+def test_the_longest_shared_start_among_a_blocks_successors_is_taken():
+    pool, copies = _pool(blocks=12), _Copies()
+    for tail in ([5, 6, 1, 1], [5, 6, 7, 1], [9, 9, 9, 9]):
+        blocks, _ = pool.allocate(8)
+        pool.publish(blocks, [1, 2, 3, 4] + tail)
+        pool.release(blocks)
+    got, cached = pool.allocate(12, [1, 2, 3, 4, 5, 6, 7, 2], copy=copies)
+    assert cached == 7 and copies.calls[0][2] == 3
+
+
+def test_a_partial_source_that_would_take_the_last_room_is_not_used_and_once_given_up_is_forgotten():
+    pool, copies = _pool(blocks=4), _Copies()  # 3 usable blocks
+    first, _ = pool.allocate(8)
+    pool.publish(first, [1, 2, 3, 4, 5, 6, 7, 8])
+    pool.release(first)
+    # 3 blocks needed: the whole first block, a fresh one and one more; the only other block is the partial
+    # source, and holding it would leave no room: its tokens are computed instead
+    got, cached = pool.allocate(12, [1, 2, 3, 4, 5, 6, 0], copy=copies)
+    assert cached == 4 and not copies.calls
+    pool.release(got)
+    # the source was given up for that request: it is no longer a candidate
+    assert pool.allocate(8, [1, 2, 3, 4, 5, 6, 7], copy=copies)[1] == 4 and not copies.calls

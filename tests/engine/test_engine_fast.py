@@ -495,6 +495,30 @@ def test_the_next_turn_of_a_chat_reuses_its_history(tiny32):
     assert got.token_ids == want
 
 
+def test_a_resent_prompt_computes_only_its_last_token_and_answers_the_same(tiny32):
+    """A regenerated answer: the block holding the prompt's tail also holds the old answer's first tokens, and
+    the prompt's share of it is copied, not computed (whole blocks alone recomputed up to 15 tokens)."""
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=True)
+    prompt = tiny32.chat_prompt_ids([{"role": "user", "content": "Tell me about lighthouses. " * 5}])
+    if (len(prompt) - 1) % 16 == 0:
+        prompt = prompt + prompt[-1:]
+    edited = prompt[:-3] + [prompt[-3] + 1] + prompt[-2:]  # leaves the cached prompt inside its last block
+
+    def logprobs(result) -> list[float]:
+        return [entry["logprob"] for entry in result.logprobs]
+
+    with Engine(tiny32, compile=False, prefix_caching=False) as plain:
+        want = [plain.generate(p, greedy) for p in (prompt, edited)]
+    with Engine(tiny32, compile=False) as engine:
+        engine.generate(prompt, greedy)
+        assert engine.stats.prompt_tokens_cached == 0
+        got = [engine.generate(p, greedy) for p in (prompt, edited)]
+        assert engine.stats.prompt_tokens_cached == (len(prompt) - 1) + (len(prompt) - 3)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        assert logprobs(g) == pytest.approx(logprobs(w), abs=1e-4)  # the copied keys and values are the computed ones
+
+
 def test_requests_share_a_system_prompt_while_they_run(tiny32):
     system = {"role": "system", "content": "You are a terse assistant who answers in one line. " * 15}
     prompts = [tiny32.chat_prompt_ids([system, {"role": "user", "content": q}]) for q in ("Hi", "Who are you?")]
