@@ -130,7 +130,11 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(http):
     history = [{"role": "system", "content": "You answer questions about test_usage_counts_cached. " * 12},
                {"role": "user", "content": "Name a colour."}]
     first = chat(http, messages=history, max_tokens=3, temperature=0).json()["usage"]
-    assert first["prompt_tokens"] > 128 and first["prompt_tokens_details"] == {"cached_tokens": 0}
+    # the server is shared: an earlier test's prompt may have left the chat template's first tokens in the cache
+    # (a prompt takes the tokens it shares with a cached block's start), never more than the words before this
+    # test's own name
+    assert first["prompt_tokens"] > 128 and set(first["prompt_tokens_details"]) == {"cached_tokens"}
+    assert first["prompt_tokens_details"]["cached_tokens"] < 16
     chunks, _ = stream_chunks(http, messages=history + [{"role": "assistant", "content": "Blue."},
                                                         {"role": "user", "content": "Another?"}],
                               max_tokens=3, temperature=0, stream_options={"include_usage": True})
