@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             prefill()
             best = min(best, time.perf_counter() - t)
-        q1, row, pos = torch.randn(1, heads, head_dim).to(dtype), torch.zeros(1, dtype=torch.long), torch.tensor([args.context - 1])
+        q1 = torch.randn(1, heads, head_dim).to(dtype)
+        row, pos = torch.zeros(1, dtype=torch.long), torch.tensor([args.context - 1])
         for _ in range(20):
             for k_l, v_l in layers:
                 kernel(q1, k_l, v_l, table, row, pos, scale)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         name = str(dtype).removeprefix("torch.")
         results[name] = {"prefill_ms": round(best * 1e3, 2), "decode_us": round(decode * 1e6, 1)}
         print(f"{name:<10}{best * 1e3:>14.1f}{decode * 1e6:>17.1f}")
-    print(json.dumps({"bench": "attention", "cpu": cpu_kind(), "kernels": kernel_path(), "heads": [heads, kv_heads, head_dim],
+    print(json.dumps({"bench": "attention", "cpu": cpu_kind(), "kernels": kernel_path(),
+                      "heads": [heads, kv_heads, head_dim],
                       "context": args.context, "chunk": args.chunk, "results": results}))
     return 0
 

@@ -39,9 +39,11 @@ class BlockPool:
         self._refs: dict[int, int] = {}
         self._named: dict[bytes, int] = {}  # digest of a full block's prefix -> the block
         self._name_of: dict[int, bytes] = {}
-        # digest of the prefix before a named block -> {block: its tokens}: where a partial match looks
-        self._children: dict[bytes, dict[int, tuple[int, ...]]] = {}
-        self._parent_of: dict[int, bytes] = {}
+        # (digest of the prefix before a named block, its first token) -> {block: its tokens}: where a partial
+        # match looks (keyed by the first token too, so a system prompt followed by thousands of conversations
+        # is not scanned whole on every request)
+        self._children: dict[tuple[bytes, int], dict[int, tuple[int, ...]]] = {}
+        self._parent_of: dict[int, tuple[bytes, int]] = {}
         self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()  # named, unused: evictable, oldest first
         self._first = first
         self._highest = first - 1  # the highest block ever handed out: the LIFO list hands them out in order
@@ -77,7 +79,9 @@ class BlockPool:
     def _partial(self, parent: bytes, rest: Sequence[int]) -> tuple[int, int] | None:
         """The named block after ``parent`` whose tokens share the longest start with ``rest``: (block, shared)."""
         best = None
-        for block, tokens in self._children.get(parent, {}).items():
+        if not rest:
+            return None
+        for block, tokens in self._children.get((parent, rest[0]), {}).items():
             shared = 0
             for a, b in zip(tokens, rest):
                 if a != b:
@@ -124,17 +128,20 @@ class BlockPool:
         src, shared = partial
         try:
             copy(src, fresh[0], shared)
+        except BaseException:
+            self.release(matched + fresh)  # nothing handed out: the caller sees the error and no blocks
+            raise
         finally:
             self.release([src])
         return matched + fresh, start + shared
 
     def _forget(self, block: int) -> None:
         del self._named[self._name_of.pop(block)]
-        parent = self._parent_of.pop(block)
-        siblings = self._children[parent]
+        key = self._parent_of.pop(block)
+        siblings = self._children[key]
         del siblings[block]
         if not siblings:
-            del self._children[parent]
+            del self._children[key]
 
     def publish(self, blocks: Sequence[int], tokens: Sequence[int]) -> None:
         """Name the blocks that ``tokens`` (the sequence's computed tokens, from position 0) fill entirely."""
@@ -149,8 +156,9 @@ class BlockPool:
                 continue  # matched from the cache (named already), or another block holds this prefix: stays private
             self._named[digest] = block
             self._name_of[block] = digest
-            self._parent_of[block] = parent
-            self._children.setdefault(parent, {})[block] = tuple(tokens[start:start + bs])
+            key = (parent, tokens[start])
+            self._parent_of[block] = key
+            self._children.setdefault(key, {})[block] = tuple(tokens[start:start + bs])
 
     def release(self, blocks: Sequence[int]) -> None:
         for block in reversed(blocks):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llama_lab.engine.block_pool import BlockPool
 
 BS = 4
@@ -156,3 +158,19 @@ def test_a_partial_source_that_would_take_the_last_room_is_not_used_and_once_giv
     pool.release(got)
     # the source was given up for that request: it is no longer a candidate
     assert pool.allocate(8, [1, 2, 3, 4, 5, 6, 7], copy=copies)[1] == 4 and not copies.calls
+
+
+def test_a_failed_copy_hands_out_nothing_and_keeps_the_cache():
+    pool = _pool()
+    prompt = list(range(100, 111))
+    blocks, _ = pool.allocate(16, prompt)
+    pool.publish(blocks, prompt + [7, 8, 9])
+    pool.release(blocks)
+
+    def broken(src: int, dst: int, n: int) -> None:
+        raise RuntimeError("copy failed")
+
+    with pytest.raises(RuntimeError, match="copy failed"):
+        pool.allocate(16, prompt[:-1], copy=broken)
+    assert pool.free_blocks == 8 and pool.cached_blocks == 3
+    assert pool.allocate(16, prompt[:-1], copy=_Copies())[1] == 10
