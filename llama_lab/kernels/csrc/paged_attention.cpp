@@ -158,19 +158,8 @@ struct V8 {
     const R abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
   }
-  static R exp(R x) {
-    // 2^(x*log2e) = 2^i * 2^f with f in [-0.5, 0.5]; degree-6 polynomial, relative error ~2e-7.
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    const R t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-    const R i = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const R f = _mm256_sub_ps(t, i);
-    R p = _mm256_set1_ps(1.535336188319500e-4f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R times_pow2(R p, R i) {  // p * 2^i for integral i, through the exponent bits
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
@@ -200,22 +189,28 @@ struct V16 {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
   }
   static __m128 hsum4(R a, R b, R c, R d) { return V8::hsum4(fold(a), fold(b), fold(c), fold(d)); }
-  static R exp(R x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    const R t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const R i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const R f = _mm512_sub_ps(t, i);
-    R p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, i);
-  }
+  static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R times_pow2(R p, R i) { return _mm512_scalef_ps(p, i); }
 };
 #endif
+
+// e^x for either width: 2^(x*log2e) = 2^i * 2^f with f in [-0.5, 0.5]; degree-6 polynomial, relative error ~2e-7.
+template <class VT>
+inline typename VT::R exp_vec(typename VT::R x) {
+  using R = typename VT::R;
+  x = VT::max(x, VT::set1(-87.3f));
+  const R t = VT::mul(x, VT::set1(1.44269504088896341f));
+  const R i = VT::round(t);
+  const R f = VT::sub(t, i);
+  R p = VT::set1(1.535336188319500e-4f);
+  p = VT::fmadd(p, f, VT::set1(1.339887440266574e-3f));
+  p = VT::fmadd(p, f, VT::set1(9.618437357674640e-3f));
+  p = VT::fmadd(p, f, VT::set1(5.550332471162809e-2f));
+  p = VT::fmadd(p, f, VT::set1(2.402264791363012e-1f));
+  p = VT::fmadd(p, f, VT::set1(6.931472028550421e-1f));
+  p = VT::fmadd(p, f, VT::set1(1.0f));
+  return VT::times_pow2(p, i);
+}
 
 // Keys scored at once: as many as leave the G x KS sums and a key vector in registers (1, 2 or 4).
 template <class VT, int G>
@@ -334,7 +329,7 @@ void attend_vec(const T* q, const T* kc, const T* vc, const int32_t* table, int6
       const R mv = VT::set1(mnew);
       R sum = VT::zero();
       for (int j = 0; j < kBlockKeys; j += VT::W) {
-        const R e = VT::exp(VT::sub(VT::load(&s[g][j]), mv));
+        const R e = exp_vec<VT>(VT::sub(VT::load(&s[g][j]), mv));
         VT::store(&s[g][j], e);
         sum = VT::add(sum, e);
       }

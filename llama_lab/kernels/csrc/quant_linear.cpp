@@ -109,6 +109,20 @@ constexpr float implicit_offset() {
   return kHigh ? 16.f : 8.f;
 }
 
+// Weight row n of a q4 (kHigh false) or q5 matrix as the tiles read it. A minimum stored without one (GGUF's Q4_0,
+// Q5_0) is -offset * d: the min terms then read the scales (m = d) with that factor instead of 1.
+template <bool kHigh>
+struct NibbleRow {
+  const uint8_t* q;   // K/2 bytes of nibbles
+  const uint8_t* h;   // K/8 bytes of fifth bits (q5), else nullptr
+  const at::Half* d;  // a scale per group
+  const at::Half* m;  // a minimum per group, or the scales where minimums are implicit
+  float mfactor;
+  NibbleRow(const uint8_t* qs, const uint8_t* qh, const at::Half* ds, const at::Half* ms, int64_t K, int64_t n)
+      : q(qs + n * (K / 2)), h(kHigh ? qh + n * (K / 8) : nullptr), d(ds + n * (K / kGroup)),
+        m(ms ? ms + n * (K / kGroup) : d), mfactor(ms ? 1.f : -implicit_offset<kHigh>()) {}
+};
+
 inline float half_to_float(const at::Half h) {
 #ifdef LLAMA_LAB_AVX2
   return _cvtsh_ss(h.x);
@@ -370,25 +384,20 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
   const float* xd = a.scale.data() + m0 * groups;
   const float* xs = a.sum.data() + m0 * groups;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
-    const at::Half* wd = d + n * groups;
-    // an implicit minimum is -offset * d: the min terms read the scales with that factor
-    const at::Half* wm = m ? m + n * groups : wd;
-    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
+    const NibbleRow<kHigh> w(qs, qh, d, m, K, n);
     float mins[MT];
 #ifdef LLAMA_LAB_AVX512
     alignas(64) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, mfactor, xs, groups, mins);
+    group_scales<MT>(w.d, xd, groups, scale);
+    min_terms<MT>(w.m, w.mfactor, xs, groups, mins);
     const int16_t* xp = a.paired.data() + m0 * K;
     __m512 acc[MT], acc2[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), acc2[i] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 4 <= groups; g += 4) {  // two pairs per turn: two independent FMA chains
       __m512i lo0, hi0, lo1, hi1;
-      unpack_pair<kHigh>(wq + g * 16, wh, g, lo0, hi0);
-      unpack_pair<kHigh>(wq + g * 16 + 32, wh, g + 2, lo1, hi1);
+      unpack_pair<kHigh>(w.q + g * 16, w.h, g, lo0, hi0);
+      unpack_pair<kHigh>(w.q + g * 16 + 32, w.h, g + 2, lo1, hi1);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xp + i * K + g * kGroup;
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
@@ -398,7 +407,7 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     }
     for (; g + 2 <= groups; g += 2) {
       __m512i lo0, hi0;
-      unpack_pair<kHigh>(wq + g * 16, wh, g, lo0, hi0);
+      unpack_pair<kHigh>(w.q + g * 16, w.h, g, lo0, hi0);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xp + i * K + g * kGroup;
         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot2_512(lo0, x, hi0, x + 32)), pair_scales(scale[i] + g), acc[i]);
@@ -408,21 +417,21 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     for (int i = 0; i < MT; ++i) tail[i] = 0.f;
     if (g < groups) {  // an odd last group, in q's order
       __m256i a0, b0;
-      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
+      unpack_group<kHigh>(w.q + g * 16, w.h, g, a0, b0);
       for (int i = 0; i < MT; ++i) tail[i] = hsum(dot_group(a0, b0, xq + i * K + g * kGroup)) * scale[i][g];
     }
     for (int i = 0; i < MT; ++i) out[(m0 + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i], acc2[i])) + tail[i] + mins[i];
 #elif defined(LLAMA_LAB_AVX2)
     alignas(32) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
-    min_terms<MT>(wm, mfactor, xs, groups, mins);
+    group_scales<MT>(w.d, xd, groups, scale);
+    min_terms<MT>(w.m, w.mfactor, xs, groups, mins);
     __m256 acc[MT], acc2[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), acc2[i] = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {  // two groups per turn: two independent FMA chains (one for q5, below)
       __m256i a0, b0, a1, b1;
-      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
-      unpack_group<kHigh>(wq + g * 16 + 16, wh, g + 1, a1, b1);
+      unpack_group<kHigh>(w.q + g * 16, w.h, g, a0, b0);
+      unpack_group<kHigh>(w.q + g * 16 + 16, w.h, g + 1, a1, b1);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, x), _mm256_broadcast_ss(scale[i] + g), acc[i]);
@@ -434,7 +443,7 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     }
     for (; g < groups; ++g) {
       __m256i a0, b0;
-      unpack_group<kHigh>(wq + g * 16, wh, g, a0, b0);
+      unpack_group<kHigh>(w.q + g * 16, w.h, g, a0, b0);
       for (int i = 0; i < MT; ++i)
         acc[i] = _mm256_fmadd_ps(dot_group(a0, b0, xq + i * K + g * kGroup), _mm256_broadcast_ss(scale[i] + g), acc[i]);
     }
@@ -443,10 +452,10 @@ void nibble_tile(const QuantizedRows& a, const uint8_t* qs, const uint8_t* qh, c
     float acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = 0.f, mins[i] = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* b = wq + g * 16;
+      const uint8_t* b = w.q + g * 16;
       uint32_t bits = 0;
-      if constexpr (kHigh) bits = high_bits(wh + g * 4);
-      const float dw = half_to_float(wd[g]), mw = mfactor * half_to_float(wm[g]);
+      if constexpr (kHigh) bits = high_bits(w.h + g * 4);
+      const float dw = half_to_float(w.d[g]), mw = w.mfactor * half_to_float(w.m[g]);
       for (int i = 0; i < MT; ++i) {
         const int16_t* x = xq + i * K + g * kGroup;
         int32_t dot = 0;
@@ -1086,20 +1095,16 @@ void nibble_i8_tile(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, con
   const float* xs = a.sum.data() + m0 * groups;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
-    const at::Half* wd = d + n * groups;
-    const at::Half* wm = m ? m + n * groups : wd;
-    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
+    const NibbleRow<kHigh> w(qs, qh, d, m, K, n);
     alignas(32) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
+    group_scales<MT>(w.d, xd, groups, scale);
     __m256 acc[MT];
     alignas(32) float rest[MT];
-    min_lanes<MT>(wm, mfactor, xs, groups, acc, rest);
+    min_lanes<MT>(w.m, w.mfactor, xs, groups, acc, rest);
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
       __m256i wa, wb;
-      nibble_pair_u8<kHigh>(wq + g * 16, wh, g, wa, wb);
+      nibble_pair_u8<kHigh>(w.q + g * 16, w.h, g, wa, wb);
       for (int i = 0; i < MT; ++i) {
         const int8_t* x = xq + i * K + g * kGroup;
         const __m256i s16 = _mm256_add_epi16(
@@ -1108,7 +1113,7 @@ void nibble_i8_tile(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, con
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), pair_scales_256(scale[i] + g), acc[i]);
       }
     }
-    if (g < groups) nibble_lone_group<MT, kHigh>(wq, wh, xq, K, g, scale, acc);
+    if (g < groups) nibble_lone_group<MT, kHigh>(w.q, w.h, xq, K, g, scale, acc);
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
@@ -1193,29 +1198,25 @@ void nibble_i8_tile_512(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh,
   const float* xd = a.scale.data() + m0 * groups;
   const float* xs = a.sum.data() + m0 * groups;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wq = qs + n * (K / 2);
-    const uint8_t* wh = kHigh ? qh + n * (K / 8) : nullptr;
-    const at::Half* wd = d + n * groups;
-    const at::Half* wm = m ? m + n * groups : wd;
-    const float mfactor = m ? 1.f : -implicit_offset<kHigh>();
+    const NibbleRow<kHigh> w(qs, qh, d, m, K, n);
     alignas(64) float scale[MT][kMaxGroups];
-    group_scales<MT>(wd, xd, groups, scale);
+    group_scales<MT>(w.d, xd, groups, scale);
     __m256 acc[MT];
     alignas(32) float rest[MT];
-    min_lanes<MT>(wm, mfactor, xs, groups, acc, rest);
+    min_lanes<MT>(w.m, w.mfactor, xs, groups, acc, rest);
     __m512 wide[MT];
     for (int i = 0; i < MT; ++i) wide[i] = _mm512_zextps256_ps512(acc[i]);
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
-      const __m512i w = nibble_pair_u8_512<kHigh>(wq + g * 16, wh, g);
+      const __m512i pair = nibble_pair_u8_512<kHigh>(w.q + g * 16, w.h, g);
       for (int i = 0; i < MT; ++i) {
         const __m512i x = _mm512_loadu_si512(xq + i * K + g * kGroup);
-        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x)),
+        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), pair, x)),
                                   pair_scales_512(scale[i] + g), wide[i]);
       }
     }
     fold_512<MT>(wide, acc);
-    if (g < groups) nibble_lone_group<MT, kHigh>(wq, wh, xq, K, g, scale, acc);  // 256 bits wide
+    if (g < groups) nibble_lone_group<MT, kHigh>(w.q, w.h, xq, K, g, scale, acc);  // 256 bits wide
     store_sums<MT>(acc, rest, out, N, m0, n);
   }
 }
