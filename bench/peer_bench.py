@@ -78,22 +78,24 @@ STORY = [{"role": "user", "content": "Write a long, detailed story about a light
 
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 ISAS = ("native", "avx2", "avx512")
-# ggml's options for a build that runs the AVX2 code whatever this CPU has
-AVX2_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
-              "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
-              "-DGGML_AMX_BF16=OFF"]
-# ... and AVX512 with VBMI and VNNI but no BF16 (Ice Lake's set; Skylake-X and Cascade Lake have less)
-AVX512_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
-                "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
-                "-DGGML_AMX_BF16=OFF"]
+
+
+def _ggml_isa_flags(avx512: bool) -> list[str]:
+    """ggml's options for a build that runs one instruction set whatever this CPU has: AVX2 (with FMA, F16C, BMI2),
+    and with ``avx512`` AVX512 with VBMI and VNNI (Ice Lake's set; Skylake-X and Cascade Lake have less); never
+    AVX512-BF16, AVX-VNNI or AMX."""
+    on = "ON" if avx512 else "OFF"
+    return ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON",
+            f"-DGGML_AVX512={on}", f"-DGGML_AVX512_VBMI={on}", f"-DGGML_AVX512_VNNI={on}", "-DGGML_AVX512_BF16=OFF",
+            "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 # ours on the same code: the kernels' AVX2 loops, the fp32 prompt GEMM, torch's and inductor's AVX2 code
 AVX2_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512f", "LLAMA_LAB_GEMM_DTYPE": "fp32", "ATEN_CPU_CAPABILITY": "avx2"}
 # ... or the AVX512 loops without BF16, and the fp16 KV cache such a CPU gets
 AVX512_ENV = {"LLAMA_LAB_KERNEL_CFLAGS": "-mno-avx512bf16", "LLAMA_LAB_KV_DTYPE": "fp16"}
 ISA_ENV = {"native": {}, "avx2": AVX2_ENV, "avx512": AVX512_ENV}
-ISA_CMAKE = {"avx2": AVX2_CMAKE, "avx512": AVX512_CMAKE}
+ISA_CMAKE = {"avx2": _ggml_isa_flags(avx512=False), "avx512": _ggml_isa_flags(avx512=True)}
 ISA_NAME = {"native": "", "avx2": " running AVX2 code only (--isa avx2)",
             "avx512": " running AVX512 + VNNI code without BF16 (--isa avx512)"}
 
