@@ -7,8 +7,9 @@
 // An AVX2 path runs on every x86-64 CPU of the last decade; CPUs with AVX512BW (and VNNI) get 512-bit loops.
 // A batch of 4 to 31 rows on a CPU with AVX512-BF16 takes bf16 tiles instead (bf16_tiles, below): the weights
 // dequantized in registers and multiplied in bf16, the numbers of the bf16 GEMM that prompt chunks use.
-// A batch of 2 to 127 rows on a CPU with AVX2 but not AVX512 takes int8 tiles (below): llama.cpp's own int8
-// activations, with two groups per multiply-add chain; one row (a single stream) stays int16 everywhere.
+// A batch of 2 to 127 rows on a CPU without AVX512-BF16 takes int8 tiles (below): llama.cpp's own int8
+// activations, two groups per multiply-add chain on AVX2, and with AVX512-VNNI 16 weight rows per vector (column
+// lanes); one row (a single stream) stays int16 everywhere.
 //
 // Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
 // fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
@@ -66,7 +67,7 @@
 // the int8 tiles for batches (see int8 tiles).
 #ifndef LLAMA_LAB_BF16_TILES
 #define LLAMA_LAB_INT8_TILES 1
-// With AVX512-VNNI (Cascade Lake, Ice Lake): one vpdpbusd multiplies a whole pair of groups (64 bytes) and sums
+// With AVX512-VNNI (Cascade Lake, Ice Lake): one vpdpbusd multiplies four elements of 16 weight rows and sums
 // four products per 32-bit lane (see int8 tiles).
 #if defined(LLAMA_LAB_AVX512) && defined(__AVX512VNNI__)
 #define LLAMA_LAB_INT8_VNNI 1
@@ -914,7 +915,7 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 
 // ---------------------------------------------------------------------------------------------
 // int8 tiles: for a decode batch's rows, from two up to the GEMM's threshold, on AVX2 and AVX512 CPUs without
-// AVX512-BF16 (which have no bf16 tiles; on AVX512 with VNNI, at 16 rows 1.2-1.8x the int16 tiles' vpdpwssd). The
+// AVX512-BF16 (which have no bf16 tiles; with AVX512-VNNI they are the column lanes further below). The
 // activations are quantized to int8 per group of 32, as llama.cpp quantizes them (Q8_0), and _mm256_maddubs_epi16
 // multiplies 32 weight bytes by 32 activation bytes per instruction where the int16 tiles' _mm256_madd_epi16
 // takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
@@ -924,14 +925,13 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 // float weights; at one row the int8 tiles were 1.0-1.2x faster, from 2 rows up 1.1-1.5x on most shapes
 // (bench/kernel_bench.py, docs/engine.md).
 //
-// Layout: a pair of groups (g, g+1) is two vectors of 32 bytes whose 32-bit units alternate between the
+// Layout (AVX2): a pair of groups (g, g+1) is two vectors of 32 bytes whose 32-bit units alternate between the
 // groups, so that after the byte and word sums the even int32 lanes hold g's partial sums and the odd ones
 // g+1's, and one FMA with [s_g, s_g+1] repeated applies both scales. Vector A holds elements 0..15 of each
 // group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements 16..31. An odd last group is
 // one vector in element order.
 #ifdef LLAMA_LAB_INT8_TILES
-// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers. With VNNI, tiles of 16 rows (32
-// registers) measured the same as 8, once their scale table was padded against L1 set conflicts (docs/engine.md).
+// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers (AVX2; VNNI has column lanes).
 constexpr int64_t kInt8RowTile = 8;
 
 // Units of x (g's 32 bytes) and y (g+1's) dealt out as above: a = elements 0..15, b = 16..31.
@@ -951,13 +951,21 @@ inline __m256i bytes_of_bits(uint32_t bits) {
 }
 
 struct Int8Rows {
-  std::vector<int8_t> q;     // [M, K] in the pair layout
-  std::vector<float> scale;  // [M, K/32]
-  std::vector<float> sum;    // [M, K/32]: the exact float sums, for the q4/q5 minimum term
+  std::vector<int8_t> q;       // [M, K]: the pair layout (AVX2), or element order (VNNI: the column lanes' layout)
+  std::vector<float> scale;    // [M, K/32]
+  std::vector<float> sum;      // [M, K/32]: the exact float sums, for the q4/q5 minimum term
+  std::vector<int32_t> bias8;  // [M, K/32]: -128 times the sum of the group's int8 values (VNNI's q8 start)
 };
 
-// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out.
-void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum) {
+#ifdef LLAMA_LAB_INT8_VNNI
+constexpr bool kInt8Paired = false;
+#else
+constexpr bool kInt8Paired = true;
+#endif
+
+// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out (kInt8Paired) or
+// kept in element order with each group's -128 * sum.
+void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum, int32_t* bias8) {
   const int64_t groups = K / kGroup;
   alignas(32) int8_t natural[2][kGroup];
   for (int64_t g = 0; g < groups; ++g) {
@@ -970,6 +978,16 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
     // 32 x int32 -> 32 x int8 in order: packs work within 128-bit lanes, the permute restores the order
     const __m256i w16a = _mm256_packs_epi32(i32[0], i32[1]), w16b = _mm256_packs_epi32(i32[2], i32[3]);
     const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if constexpr (!kInt8Paired) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), b8);
+      const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s4);
+      int32_t total = 0;
+      for (int l = 0; l < 8; ++l) total += lanes[l];
+      bias8[g] = -128 * total;
+      continue;
+    }
     _mm256_store_si256(reinterpret_cast<__m256i*>(natural[g & 1]), b8);
     if (g & 1) {
       __m256i a, b;
@@ -984,10 +1002,12 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
 
 Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K) {
   const int64_t groups = K / kGroup;
-  Int8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  Int8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups),
+             std::vector<int32_t>(kInt8Paired ? 0 : M * groups)};
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_row_int8(x + i * K, K, r.q.data() + i * K, r.scale.data() + i * groups, r.sum.data() + i * groups);
+      quantize_row_int8(x + i * K, K, r.q.data() + i * K, r.scale.data() + i * groups, r.sum.data() + i * groups,
+                        kInt8Paired ? nullptr : r.bias8.data() + i * groups);
   });
   return r;
 }
@@ -1154,104 +1174,225 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
 }
 
 #ifdef LLAMA_LAB_INT8_VNNI
-// The same pair layout in one 512-bit vector: the activations' two vectors A and B are contiguous, so a pair is one
-// load, and vpdpbusd (unsigned bytes times signed bytes, four products summed per int32 lane) leaves g's sums in
-// the even lanes and g+1's in the odd ones, as maddubs and madd do above in three instructions.
+// Column lanes. With VNNI the int8 tiles turn the product around: one 512-bit vector holds the same four
+// consecutive elements of a group (one 32-bit unit) for each of 16 weight rows, so one vpdpbusd against the
+// activation row's matching four bytes, broadcast from memory, adds four products to each of 16 outputs. A group
+// is eight of them per activation row, then one conversion and one FMA with the 16 rows' scales times the row's
+// (and one more for the minimums). The weights stay in their layout in memory: a tile's 16 rows are loaded,
+// transposed and unpacked in registers once for every activation row of the call, and the sums end as 16
+// adjacent outputs, with no horizontal adds and no per-row table of scales. The pair layout (below, for AVX2)
+// spent three more instructions per vpdpbusd and a scale table per weight row and activation row; at 16
+// activation rows this takes about half its time (docs/engine.md).
+static_assert(kColTile == 16, "a column tile is one vector of 16 lanes");
+constexpr int64_t kLaneRows = 64;   // activation rows per pass over a tile (their 16 sums each stay in L1)
+constexpr int64_t kLaneBlock = 8;   // groups whose scales (and fifth bits) are transposed at a time
 
-// Groups g, g+1 of a q4 or q5 row as 64 unsigned bytes in the pair layout: the 32 bytes' low nibbles then their
-// high ones, units dealt out by one permute; q5 adds 16 under a byte mask made of the two words' bits.
+// One array of a tile's 16 weight rows: lane c reads row n0 + c, or the tile's last row where the tile is short
+// (those lanes are computed and never stored).
+struct LaneRows {
+  const uint8_t* p[16];
+  int64_t ahead;  // bytes from a row to the same row of the next tile
+  LaneRows(const void* base, int64_t n0, int64_t cols, int64_t row_bytes) : ahead(kColTile * row_bytes) {
+    for (int64_t c = 0; c < 16; ++c) p[c] = static_cast<const uint8_t*>(base) + (n0 + std::min(c, cols - 1)) * row_bytes;
+  }
+  // Asks for the bytes at `at` of the next tile's rows. A tile reads its 16 rows a few bytes each in turn, too
+  // short a run per row for the hardware prefetcher: at 2 activation rows the product over the 49,152-row output
+  // head took 1.0-1.6x the time of the row-at-a-time tiles without this, 0.8-0.9x with it. A prefetch past the
+  // matrix's end never faults.
+  void prefetch(int64_t at) const {
+    for (int c = 0; c < 16; ++c) _mm_prefetch(reinterpret_cast<const char*>(p[c] + ahead + at), _MM_HINT_T0);
+  }
+};
+
+// Bytes at..at+15 of the 16 rows (only the first `bytes` of them are read, the rest are 0) as four vectors:
+// vector j's lane c is row c's bytes at+4j..at+4j+3. Four rows per vector as 128-bit lanes, then two rounds of
+// 32-bit permutes.
+inline void transpose_16x4(const LaneRows& rows, int64_t at, int64_t bytes, __m512i (&r)[4]) {
+  const __mmask16 k = bytes >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << bytes) - 1);
+  const auto load = [&](int c) {
+    const uint8_t* p = rows.p[c] + at;
+    return bytes >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(k, p);
+  };
+  __m512i a[4];
+  for (int q = 0; q < 4; ++q) {
+    a[q] = _mm512_castsi128_si512(load(4 * q));
+    for (int l = 1; l < 4; ++l) a[q] = _mm512_inserti32x4(a[q], load(4 * q + l), l);
+  }
+  // units 0 and 1 (or 2 and 3) of eight rows: a[0]'s rows 0..3 at 4c + j, a[1]'s rows 4..7 at 16 + 4c + j
+  const __m512i units01 = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i units23 = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+  const __m512i lo01 = _mm512_permutex2var_epi32(a[0], units01, a[1]), hi01 = _mm512_permutex2var_epi32(a[2], units01, a[3]);
+  const __m512i lo23 = _mm512_permutex2var_epi32(a[0], units23, a[1]), hi23 = _mm512_permutex2var_epi32(a[2], units23, a[3]);
+  r[0] = _mm512_shuffle_i64x2(lo01, hi01, 0x44);  // rows 0..7, then 8..15
+  r[1] = _mm512_shuffle_i64x2(lo01, hi01, 0xEE);
+  r[2] = _mm512_shuffle_i64x2(lo23, hi23, 0x44);
+  r[3] = _mm512_shuffle_i64x2(lo23, hi23, 0xEE);
+}
+
+// float16 values g0..g0+7 of the rows (one per group; fewer at a row's end) as lanes: out[k][c] is row c's g0 + k.
+inline void transpose_halves(const LaneRows& rows, int64_t g0, int64_t groups, float (*out)[16]) {
+  __m512i r[4];
+  transpose_16x4(rows, g0 * 2, (groups - g0) * 2, r);
+  for (int j = 0; j < 4; ++j) {
+    _mm512_store_ps(out[2 * j], _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(r[j], _mm512_set1_epi32(0xFFFF)))));
+    _mm512_store_ps(out[2 * j + 1], _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(r[j], 16))));
+  }
+}
+
+// Four bytes of activations as the broadcast operand of vpdpbusd (the compiler folds it into the instruction).
+inline __m512i four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm512_set1_epi32(v);
+}
+
+// What a tile needs per block of kLaneBlock groups, as 16 lanes each: scales, minimums, q5's fifth-bit words.
+struct LaneBlock {
+  alignas(64) float scale[kLaneBlock][16];
+  alignas(64) float mins[kLaneBlock][16];
+  alignas(64) uint32_t high[kLaneBlock][16];
+};
+
+// A q4 (kHigh false) or q5 tile: group g's vector t has, in lane c, row c's elements 4t..4t+3 as unsigned bytes
+// (0..31); the minimums are -8 or -16 times the scales where the file stores none.
 template <bool kHigh>
-inline __m512i nibble_pair_u8_512(const uint8_t* p, const uint8_t* qh, int64_t g) {
-  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m512i both = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(w), _mm256_srli_epi16(w, 4), 1),
-                                        _mm512_set1_epi8(0x0F));
-  // units 0..7: low nibbles (g's elements 0..15, then g+1's), 8..15: high nibbles (16..31)
-  const __m512i units = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-  __m512i v = _mm512_permutexvar_epi32(units, both);
-  if constexpr (kHigh) {
-    // byte 8k + b is g's element 4k + b, byte 8k + 4 + b is g+1's: nibbles of the mask alternate between the words
-    const uint64_t h0 = high_bits(qh + g * 4), h1 = high_bits(qh + g * 4 + 4);
-    const __mmask64 k = _pdep_u64(h0, 0x0F0F0F0F0F0F0F0FULL) | _pdep_u64(h1, 0xF0F0F0F0F0F0F0F0ULL);
-    v = _mm512_mask_add_epi8(v, k, v, _mm512_set1_epi8(16));
-  }
-  return v;
-}
+struct NibbleLanes {
+  const uint8_t* qs;
+  const uint8_t* qh;
+  const at::Half* d;
+  const at::Half* m;
+  int64_t K;
+  static constexpr bool kMins = true, kBias8 = false;
 
-// [s_g, s_g+1] eight times.
-inline __m512 pair_scales_512(const float* s) {
-  double pair;
-  std::memcpy(&pair, s, sizeof(pair));
-  return _mm512_castpd_ps(_mm512_set1_pd(pair));
-}
+  struct Tile {
+    LaneRows q, h, d, m;
+    bool stored_mins;
+    int64_t groups;
 
-// The rows' 512-bit sums folded to the 256-bit accumulators store_sums reduces.
-template <int MT>
-inline void fold_512(const __m512* wide, __m256* acc) {
-  for (int i = 0; i < MT; ++i) acc[i] = _mm256_add_ps(_mm512_castps512_ps256(wide[i]), _mm512_extractf32x8_ps(wide[i], 1));
-}
-
-template <int MT, bool kHigh>
-void nibble_i8_tile_512(const Int8Rows& a, const uint8_t* qs, const uint8_t* qh, const at::Half* d, const at::Half* m,
-                        int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0, float* out) {
-  const int64_t groups = K / kGroup;
-  const int8_t* xq = a.q.data() + m0 * K;
-  const float* xd = a.scale.data() + m0 * groups;
-  const float* xs = a.sum.data() + m0 * groups;
-  for (int64_t n = n0; n < n1; ++n) {
-    const NibbleRow<kHigh> w(qs, qh, d, m, K, n);
-    alignas(64) float scale[MT][kMaxGroups];
-    group_scales<MT>(w.d, xd, groups, scale);
-    __m256 acc[MT];
-    alignas(32) float rest[MT];
-    min_lanes<MT>(w.m, w.mfactor, xs, groups, acc, rest);
-    __m512 wide[MT];
-    for (int i = 0; i < MT; ++i) wide[i] = _mm512_zextps256_ps512(acc[i]);
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      const __m512i pair = nibble_pair_u8_512<kHigh>(w.q + g * 16, w.h, g);
-      for (int i = 0; i < MT; ++i) {
-        const __m512i x = _mm512_loadu_si512(xq + i * K + g * kGroup);
-        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), pair, x)),
-                                  pair_scales_512(scale[i] + g), wide[i]);
+    void block(int64_t g0, LaneBlock& b) const {
+      d.prefetch(g0 * 2);
+      transpose_halves(d, g0, groups, b.scale);
+      if (stored_mins) {
+        m.prefetch(g0 * 2);
+        transpose_halves(m, g0, groups, b.mins);
+      } else {
+        for (int64_t k = 0; k < kLaneBlock; ++k)
+          _mm512_store_ps(b.mins[k], _mm512_mul_ps(_mm512_load_ps(b.scale[k]), _mm512_set1_ps(-implicit_offset<kHigh>())));
+      }
+      if constexpr (kHigh) {
+        for (int64_t half = 0; half < 2; ++half) {  // four groups' words per transposition
+          const int64_t first = g0 + 4 * half;
+          if (first >= groups) break;
+          h.prefetch(first * 4);
+          __m512i r[4];
+          transpose_16x4(h, first * 4, (groups - first) * 4, r);
+          for (int j = 0; j < 4; ++j) _mm512_store_si512(b.high[4 * half + j], r[j]);
+        }
       }
     }
-    fold_512<MT>(wide, acc);
-    if (g < groups) nibble_lone_group<MT, kHigh>(w.q, w.h, xq, K, g, scale, acc);  // 256 bits wide
-    store_sums<MT>(acc, rest, out, N, m0, n);
-  }
-}
 
-// q8: vpdpbusd takes one side unsigned, so the activations go in as x + 128 (x ^ 0x80) and each lane starts at
-// -128 times the sum of its four weights (made once per pair by the same instruction): the sum is then sum w * x.
-template <int MT>
-void q8_i8_tile_512(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                    int64_t m0, float* out) {
-  const int64_t groups = K / kGroup;
-  const int8_t* xq = a.q.data() + m0 * K;
-  const float* xd = a.scale.data() + m0 * groups;
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i units = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wq = qs + n * K;
-    alignas(64) float scale[MT][kMaxGroups];
-    group_scales<MT>(d + n * groups, xd, groups, scale);
-    __m256 acc[MT];
-    alignas(32) float rest[MT];
-    __m512 wide[MT];
-    for (int i = 0; i < MT; ++i) rest[i] = 0.f, wide[i] = _mm512_setzero_ps();  // acc: fold_512 sets it
-    int64_t g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      const __m512i w = _mm512_permutexvar_epi32(units, _mm512_loadu_si512(wq + g * kGroup));
-      const __m512i start = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, w));
-      for (int i = 0; i < MT; ++i) {
-        const __m512i x = _mm512_xor_si512(_mm512_loadu_si512(xq + i * K + g * kGroup), bias);
-        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, x, w)), pair_scales_512(scale[i] + g), wide[i]);
+    void group(int64_t g, const LaneBlock& b, int64_t k, __m512i (&t)[8]) const {
+      if (g % 4 == 0) q.prefetch(g * 16);
+      __m512i r[4];
+      transpose_16x4(q, g * 16, 16, r);
+      const __m512i low = _mm512_set1_epi8(0x0F);
+      for (int j = 0; j < 4; ++j) {  // byte i of unit j: element 4j + i (low nibble) and 16 + 4j + i (high)
+        t[j] = _mm512_and_si512(r[j], low);
+        t[4 + j] = _mm512_and_si512(_mm512_srli_epi16(r[j], 4), low);
+      }
+      if constexpr (kHigh) {
+        // bits 4t..4t+3 of a row's word are vector t's fifth bits: a nibble n picks entry n of a table that has 16
+        // in byte i where bit i of n is set (vpermd reads an index's low four bits only)
+        const __m512i sixteens = _mm512_setr_epi32(0, 0x10, 0x1000, 0x1010, 0x100000, 0x100010, 0x101000, 0x101010,
+                                                   0x10000000, 0x10000010, 0x10001000, 0x10001010, 0x10100000,
+                                                   0x10100010, 0x10101000, 0x10101010);
+        const __m512i words = _mm512_load_si512(b.high[k]);
+        for (int j = 0; j < 8; ++j)
+          t[j] = _mm512_or_si512(t[j], _mm512_permutexvar_epi32(_mm512_srli_epi32(words, 4 * j), sixteens));
       }
     }
-    fold_512<MT>(wide, acc);
-    if (g < groups) q8_lone_group<MT>(wq, xq, K, g, scale, acc);
-    store_sums<MT>(acc, rest, out, N, m0, n);
+  };
+
+  Tile tile(int64_t n0, int64_t cols) const {
+    const int64_t groups = K / kGroup;
+    return Tile{LaneRows(qs, n0, cols, K / 2), LaneRows(kHigh ? qh : qs, n0, cols, kHigh ? K / 8 : 0),
+                LaneRows(d, n0, cols, groups * 2), LaneRows(m ? m : d, n0, cols, groups * 2), m != nullptr, groups};
   }
+};
+
+// A q8 tile: the signed weights plus 128, as unsigned bytes (vpdpbusd's unsigned side); each activation row's sums
+// start at -128 times its group's sum of int8 values (Int8Rows::bias8), which takes the 128 back out.
+struct Q8Lanes {
+  const int8_t* qs;
+  const at::Half* d;
+  int64_t K;
+  static constexpr bool kMins = false, kBias8 = true;
+
+  struct Tile {
+    LaneRows q, d;
+    int64_t groups;
+
+    void block(int64_t g0, LaneBlock& b) const {
+      d.prefetch(g0 * 2);
+      transpose_halves(d, g0, groups, b.scale);
+    }
+
+    void group(int64_t g, const LaneBlock&, int64_t, __m512i (&t)[8]) const {
+      if (g % 2 == 0) q.prefetch(g * kGroup);
+      const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+      __m512i r[4];
+      for (int half = 0; half < 2; ++half) {
+        transpose_16x4(q, g * kGroup + 16 * half, 16, r);
+        for (int j = 0; j < 4; ++j) t[4 * half + j] = _mm512_xor_si512(r[j], bias);
+      }
+    }
+  };
+
+  Tile tile(int64_t n0, int64_t cols) const {
+    return Tile{LaneRows(qs, n0, cols, K), LaneRows(d, n0, cols, K / kGroup * 2), K / kGroup};
+  }
+};
+
+// Output columns n0..n1 (at most 16) of activation rows m0..m0+mt (at most kLaneRows).
+template <typename Lanes>
+void lanes_tile(const Int8Rows& a, const Lanes& lanes, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t m0,
+                int64_t mt, float* out) {
+  const int64_t groups = K / kGroup;
+  const typename Lanes::Tile w = lanes.tile(n0, n1 - n0);
+  alignas(64) float acc[kLaneRows][16];
+  LaneBlock b;
+  for (int64_t i = 0; i < mt; ++i) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k = g % kLaneBlock;
+    if (k == 0) w.block(g, b);
+    __m512i t[8];
+    w.group(g, b, k, t);
+    const __m512 scale = _mm512_load_ps(b.scale[k]);
+    for (int64_t i = 0; i < mt; ++i) {
+      const int64_t r = (m0 + i) * groups + g;
+      const int8_t* x = a.q.data() + (m0 + i) * K + g * kGroup;
+      __m512i s0 = Lanes::kBias8 ? _mm512_set1_epi32(a.bias8[r]) : _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {  // two chains
+        s0 = _mm512_dpbusd_epi32(s0, t[j], four_bytes(x + 4 * j));
+        s1 = _mm512_dpbusd_epi32(s1, t[j + 1], four_bytes(x + 4 * j + 4));
+      }
+      __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[r])),
+                                 _mm512_load_ps(acc[i]));
+      if constexpr (Lanes::kMins) f = _mm512_fmadd_ps(_mm512_load_ps(b.mins[k]), _mm512_set1_ps(a.sum[r]), f);
+      _mm512_store_ps(acc[i], f);
+    }
+  }
+  const __mmask16 valid = static_cast<__mmask16>((1u << (n1 - n0)) - 1);
+  for (int64_t i = 0; i < mt; ++i) _mm512_mask_storeu_ps(out + (m0 + i) * N + n0, valid, _mm512_load_ps(acc[i]));
+}
+
+template <typename Lanes>
+at::Tensor lanes_linear(const at::Tensor& x, int64_t N, int64_t K, const Lanes& lanes) {
+  const int64_t M = x.size(0);
+  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K);
+  return run_tiles(M, N, kLaneRows, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
+    lanes_tile(a, lanes, K, N, n0, n1, m0, mt, o);
+  });
 }
 #endif
 #endif
@@ -1290,18 +1431,19 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (M >= bf16_tile_rows() && M < gemm_rows()) return bf16_tiles(xc, N, K, NibbleGroup<kHigh>{qp, hp, dp, mp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
+#ifdef LLAMA_LAB_INT8_VNNI
+  if (!prompt && M >= int8_tile_rows() && M < gemm_rows())
+    return lanes_linear(xc, N, K, NibbleLanes<kHigh>{qp, hp, dp, mp, K});
+#else
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
-#ifdef LLAMA_LAB_INT8_VNNI
-        nibble_i8_tile_512<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-#else
         nibble_i8_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
-#endif
       });
     });
   }
+#endif
 #endif
 #ifdef LLAMA_LAB_AVX512
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K, /*paired=*/true);
@@ -1342,18 +1484,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
   if (M >= bf16_tile_rows() && M < gemm_rows()) return bf16_tiles(xc, N, K, Q8Group{qp, dp, K});
 #endif
 #ifdef LLAMA_LAB_INT8_TILES
+#ifdef LLAMA_LAB_INT8_VNNI
+  if (!prompt && M >= int8_tile_rows() && M < gemm_rows())
+    return lanes_linear(xc, N, K, Q8Lanes{qp, dp, K});
+#else
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
     const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
-      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
-#ifdef LLAMA_LAB_INT8_VNNI
-        q8_i8_tile_512<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o);
-#else
-        q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o);
-#endif
-      });
+      dispatch_rows<kInt8RowTile>(mt, [&](auto rows) { q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
     });
   }
+#endif
 #endif
   const QuantizedRows a = quantize_rows(xc.data_ptr<float>(), M, K);
   return run_tiles(M, N, kRowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
