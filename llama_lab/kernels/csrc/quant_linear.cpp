@@ -8,8 +8,8 @@
 // A batch of 4 to 31 rows on a CPU with AVX512-BF16 takes bf16 tiles instead (bf16_tiles, below): the weights
 // dequantized in registers and multiplied in bf16, the numbers of the bf16 GEMM that prompt chunks use.
 // A batch of 2 to 127 rows on a CPU without AVX512-BF16 takes int8 tiles (below): llama.cpp's own int8
-// activations, two groups per multiply-add chain on AVX2, and with AVX512-VNNI 16 weight rows per vector (column
-// lanes); one row (a single stream) stays int16 everywhere.
+// activations, with 16 (AVX512-VNNI) or 8 (AVX2, q4/q5 from 4 rows) weight rows per vector ("column lanes"), else
+// two groups per multiply-add chain; one row (a single stream) stays int16 everywhere.
 //
 // Why by hand: torch's own weight-only CPU ops (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) have a
 // fast path only for AVX512; on an AVX2 CPU they run slower than the fp32 product they replace
@@ -951,19 +951,13 @@ inline __m256i bytes_of_bits(uint32_t bits) {
 }
 
 struct Int8Rows {
-  std::vector<int8_t> q;       // [M, K]: the pair layout (AVX2), or element order (VNNI: the column lanes' layout)
+  std::vector<int8_t> q;       // [M, K]: the pair layout (AVX2's q8 tiles), or element order (the column lanes')
   std::vector<float> scale;    // [M, K/32]
   std::vector<float> sum;      // [M, K/32]: the exact float sums, for the q4/q5 minimum term
   std::vector<int32_t> bias8;  // [M, K/32]: -128 times the sum of the group's int8 values (VNNI's q8 start)
 };
 
-#ifdef LLAMA_LAB_INT8_VNNI
-constexpr bool kInt8Paired = false;
-#else
-constexpr bool kInt8Paired = true;
-#endif
-
-// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out (kInt8Paired) or
+// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out (bias8 null) or
 // kept in element order with each group's -128 * sum.
 void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum, int32_t* bias8) {
   const int64_t groups = K / kGroup;
@@ -978,7 +972,7 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
     // 32 x int32 -> 32 x int8 in order: packs work within 128-bit lanes, the permute restores the order
     const __m256i w16a = _mm256_packs_epi32(i32[0], i32[1]), w16b = _mm256_packs_epi32(i32[2], i32[3]);
     const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    if constexpr (!kInt8Paired) {
+    if (bias8 != nullptr) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), b8);
       const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
       alignas(32) int32_t lanes[8];
@@ -1000,14 +994,14 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
   }
 }
 
-Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K) {
+Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K, bool paired) {
   const int64_t groups = K / kGroup;
   Int8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups),
-             std::vector<int32_t>(kInt8Paired ? 0 : M * groups)};
+             std::vector<int32_t>(paired ? 0 : M * groups)};
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       quantize_row_int8(x + i * K, K, r.q.data() + i * K, r.scale.data() + i * groups, r.sum.data() + i * groups,
-                        kInt8Paired ? nullptr : r.bias8.data() + i * groups);
+                        paired ? nullptr : r.bias8.data() + i * groups);
   });
   return r;
 }
@@ -1173,7 +1167,6 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
   }
 }
 
-#ifdef LLAMA_LAB_INT8_VNNI
 // Column lanes. With VNNI the int8 tiles turn the product around: one 512-bit vector holds the same four
 // consecutive elements of a group (one 32-bit unit) for each of 16 weight rows, so one vpdpbusd against the
 // activation row's matching four bytes, broadcast from memory, adds four products to each of 16 outputs. A group
@@ -1199,11 +1192,19 @@ struct LaneRows {
   // short a run per row for the hardware prefetcher: at 2 activation rows the product over the 49,152-row output
   // head took 1.0-1.6x the time of the row-at-a-time tiles without this, 0.8-0.9x with it. A prefetch past the
   // matrix's end never faults.
-  void prefetch(int64_t at) const {
-    for (int c = 0; c < 16; ++c) _mm_prefetch(reinterpret_cast<const char*>(p[c] + ahead + at), _MM_HINT_T0);
+  void prefetch(int64_t at, int first = 0, int count = 16) const {
+    for (int c = first; c < first + count; ++c) _mm_prefetch(reinterpret_cast<const char*>(p[c] + ahead + at), _MM_HINT_T0);
   }
 };
 
+// Four bytes of activations, broadcast.
+inline __m256i four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
+#ifdef LLAMA_LAB_INT8_VNNI
 // Bytes at..at+15 of the 16 rows (only the first `bytes` of them are read, the rest are 0) as four vectors:
 // vector j's lane c is row c's bytes at+4j..at+4j+3. Four rows per vector as 128-bit lanes, then two rounds of
 // 32-bit permutes.
@@ -1240,7 +1241,7 @@ inline void transpose_halves(const LaneRows& rows, int64_t g0, int64_t groups, f
 }
 
 // Four bytes of activations as the broadcast operand of vpdpbusd (the compiler folds it into the instruction).
-inline __m512i four_bytes(const int8_t* p) {
+inline __m512i four_bytes_512(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
   return _mm512_set1_epi32(v);
@@ -1373,8 +1374,8 @@ void lanes_tile(const Int8Rows& a, const Lanes& lanes, int64_t K, int64_t N, int
       const int8_t* x = a.q.data() + (m0 + i) * K + g * kGroup;
       __m512i s0 = Lanes::kBias8 ? _mm512_set1_epi32(a.bias8[r]) : _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
       for (int j = 0; j < 8; j += 2) {  // two chains
-        s0 = _mm512_dpbusd_epi32(s0, t[j], four_bytes(x + 4 * j));
-        s1 = _mm512_dpbusd_epi32(s1, t[j + 1], four_bytes(x + 4 * j + 4));
+        s0 = _mm512_dpbusd_epi32(s0, t[j], four_bytes_512(x + 4 * j));
+        s1 = _mm512_dpbusd_epi32(s1, t[j + 1], four_bytes_512(x + 4 * j + 4));
       }
       __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(scale, _mm512_set1_ps(a.scale[r])),
                                  _mm512_load_ps(acc[i]));
@@ -1389,9 +1390,164 @@ void lanes_tile(const Int8Rows& a, const Lanes& lanes, int64_t K, int64_t N, int
 template <typename Lanes>
 at::Tensor lanes_linear(const at::Tensor& x, int64_t N, int64_t K, const Lanes& lanes) {
   const int64_t M = x.size(0);
-  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K);
+  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K, /*paired=*/false);
   return run_tiles(M, N, kLaneRows, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     lanes_tile(a, lanes, K, N, n0, n1, m0, mt, o);
+  });
+}
+#else
+// Column lanes on AVX2 (no VNNI): 8 weight rows per vector, a tile's 16 rows in two halves. vpmaddubsw multiplies
+// the rows' unsigned bytes (0..31) by the activation's four bytes broadcast, two products per 16-bit lane; four of
+// them add in 16 bits (at most 4 * 2 * 31 * 127 = 31496) before vpmaddwd widens them. A group is then eight
+// multiplies, six 16-bit adds and two widenings per activation row for 8 outputs, where the pair layout spends
+// per output row two loads, two vpmaddubsw, an add, a widening, a conversion and an FMA per two groups plus a
+// scale table and a minimum term. 2 and 3 rows, and q8, keep the pair layout: the transposition costs the same
+// whatever the rows, and q8's signed weights need |w| and the activation's sign per product, which a broadcast
+// activation cannot carry (a sign per weight row).
+
+// From this many rows on the AVX2 column lanes beat the pair layout for q4 and q5: at 2 rows they took 1.0-1.25x
+// its time (the transposition is paid per group whatever the rows), at 4 0.85-1.1x, at 16 0.6-0.8x (docs/engine.md).
+constexpr int64_t kLanes8Rows = 4;
+
+// 8 lanes of -1 then 8 of 0: a window into it is a mask of the first n lanes (n 0..8), for maskload and maskstore.
+alignas(64) constexpr int32_t kFirstLanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+inline __m256i first_lanes(int64_t n) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kFirstLanes + 8 - n)); }
+
+// The first `bytes` (an even count below 16) of p, the rest 0, read without touching a byte past them: whole 32-bit
+// units by a masked load, a last 16-bit value put in its place under a mask.
+inline __m128i load_tail(const uint8_t* p, int64_t bytes) {
+  const int64_t units = bytes / 4;
+  __m128i v = _mm_maskload_epi32(reinterpret_cast<const int*>(p), _mm256_castsi256_si128(first_lanes(units)));
+  if (bytes % 4) {
+    uint16_t last;
+    std::memcpy(&last, p + 4 * units, sizeof(last));
+    const __m128i at_unit = _mm_xor_si128(_mm256_castsi256_si128(first_lanes(units + 1)), _mm256_castsi256_si128(first_lanes(units)));
+    v = _mm_or_si128(v, _mm_and_si128(_mm_set1_epi32(last), at_unit));
+  }
+  return v;
+}
+
+// 8 rows' (rows.p[c0..c0+7]) 16 bytes at `at` (only the first `bytes` read, the rest 0) as four vectors: vector
+// j's lane c is row c0 + c's bytes at+4j..at+4j+3. Rows c and c+4 share a vector as its two 128-bit lanes, then
+// the 4 x 4 transposition of 32-bit units within each lane.
+inline void transpose_8x4(const LaneRows& rows, int c0, int64_t at, int64_t bytes, __m256i (&r)[4]) {
+  const auto load = [&](int c) {
+    const uint8_t* p = rows.p[c0 + c] + at;
+    return bytes >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : load_tail(p, bytes);
+  };
+  __m256i a[4];
+  for (int c = 0; c < 4; ++c) a[c] = _mm256_set_m128i(load(c + 4), load(c));
+  const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+  r[0] = _mm256_unpacklo_epi64(t0, t2);
+  r[1] = _mm256_unpackhi_epi64(t0, t2);
+  r[2] = _mm256_unpacklo_epi64(t1, t3);
+  r[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
+// The low (or high) 16 bits of 8 lanes as 8 floats.
+inline __m256 halves_to_float(const __m256i units) {
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(units, units), 0x08);
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
+}
+
+struct LaneBlock8 {
+  alignas(32) float scale[kLaneBlock][8];
+  alignas(32) float mins[kLaneBlock][8];
+  alignas(32) uint32_t high[kLaneBlock][8];
+};
+
+// Output columns n0 + c0 .. n0 + c0 + 7 of a q4 (kHigh false) or q5 tile, for activation rows m0..m0+mt.
+template <bool kHigh>
+void nibble_lanes8(const Int8Rows& a, const LaneRows& q, const LaneRows& h, const LaneRows& d, const LaneRows* m,
+                   int c0, int64_t K, int64_t groups, int64_t m0, int64_t mt, float (*acc)[8]) {
+  LaneBlock8 b;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi8(16);
+  for (int64_t i = 0; i < mt; ++i) _mm256_store_ps(acc[i], _mm256_setzero_ps());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k = g % kLaneBlock;
+    __m256i r[4];
+    if (k == 0) {
+      transpose_8x4(d, c0, g * 2, (groups - g) * 2, r);
+      for (int j = 0; j < 4; ++j) {
+        _mm256_store_ps(b.scale[2 * j], halves_to_float(_mm256_and_si256(r[j], _mm256_set1_epi32(0xFFFF))));
+        _mm256_store_ps(b.scale[2 * j + 1], halves_to_float(_mm256_srli_epi32(r[j], 16)));
+      }
+      if (m != nullptr) {
+        transpose_8x4(*m, c0, g * 2, (groups - g) * 2, r);
+        for (int j = 0; j < 4; ++j) {
+          _mm256_store_ps(b.mins[2 * j], halves_to_float(_mm256_and_si256(r[j], _mm256_set1_epi32(0xFFFF))));
+          _mm256_store_ps(b.mins[2 * j + 1], halves_to_float(_mm256_srli_epi32(r[j], 16)));
+        }
+      } else {
+        for (int64_t j = 0; j < kLaneBlock; ++j)
+          _mm256_store_ps(b.mins[j], _mm256_mul_ps(_mm256_load_ps(b.scale[j]), _mm256_set1_ps(-implicit_offset<kHigh>())));
+      }
+      if constexpr (kHigh) {
+        for (int64_t half = 0; half < 2 && g + 4 * half < groups; ++half) {
+          transpose_8x4(h, c0, (g + 4 * half) * 4, (groups - g - 4 * half) * 4, r);
+          for (int j = 0; j < 4; ++j) _mm256_store_si256(reinterpret_cast<__m256i*>(b.high[4 * half + j]), r[j]);
+        }
+      }
+    }
+    if (g % 4 == 0) q.prefetch(g * 16, c0, 8);
+    transpose_8x4(q, c0, g * 16, 16, r);
+    __m256i t[8];
+    for (int j = 0; j < 4; ++j) {  // byte i of unit j: element 4j + i (low nibble) and 16 + 4j + i (high)
+      t[j] = _mm256_and_si256(r[j], low);
+      t[4 + j] = _mm256_and_si256(_mm256_srli_epi16(r[j], 4), low);
+    }
+    if constexpr (kHigh) {
+      // vector u's fifth bits are bits 4u..4u+3 of the row's word: its byte u/2 copied to the unit's four bytes,
+      // and byte i keeps bit i (of that nibble) as 16
+      const __m256i words = _mm256_load_si256(reinterpret_cast<const __m256i*>(b.high[k]));
+      const __m256i bit_lo = _mm256_set1_epi32(0x08040201), bit_hi = _mm256_set1_epi32(static_cast<int32_t>(0x80402010));
+      for (int u = 0; u < 8; ++u) {
+        const int byte = u / 2;
+        const __m256i spread = _mm256_shuffle_epi8(words, _mm256_setr_epi8(
+            byte, byte, byte, byte, 4 + byte, 4 + byte, 4 + byte, 4 + byte, 8 + byte, 8 + byte, 8 + byte, 8 + byte,
+            12 + byte, 12 + byte, 12 + byte, 12 + byte, byte, byte, byte, byte, 4 + byte, 4 + byte, 4 + byte, 4 + byte,
+            8 + byte, 8 + byte, 8 + byte, 8 + byte, 12 + byte, 12 + byte, 12 + byte, 12 + byte));
+        const __m256i bit = u % 2 ? bit_hi : bit_lo;
+        t[u] = _mm256_or_si256(t[u], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), sixteen));
+      }
+    }
+    const __m256 scale = _mm256_load_ps(b.scale[k]), mins = _mm256_load_ps(b.mins[k]);
+    for (int64_t i = 0; i < mt; ++i) {
+      const int64_t row = (m0 + i) * groups + g;
+      const int8_t* x = a.q.data() + (m0 + i) * K + g * kGroup;
+      __m256i s[2];
+      for (int half = 0; half < 2; ++half) {
+        const int8_t* xh = x + 16 * half;
+        const __m256i* th = t + 4 * half;
+        s[half] = _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(th[0], four_bytes(xh)), _mm256_maddubs_epi16(th[1], four_bytes(xh + 4))),
+                             _mm256_add_epi16(_mm256_maddubs_epi16(th[2], four_bytes(xh + 8)), _mm256_maddubs_epi16(th[3], four_bytes(xh + 12)))),
+            ones);
+      }
+      __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s[0], s[1])), _mm256_mul_ps(scale, _mm256_set1_ps(a.scale[row])),
+                                 _mm256_load_ps(acc[i]));
+      _mm256_store_ps(acc[i], _mm256_fmadd_ps(mins, _mm256_set1_ps(a.sum[row]), f));
+    }
+  }
+}
+
+template <bool kHigh>
+at::Tensor nibble_lanes_linear(const at::Tensor& x, int64_t N, int64_t K, const uint8_t* qs, const uint8_t* qh,
+                               const at::Half* d, const at::Half* m) {
+  const int64_t M = x.size(0), groups = K / kGroup;
+  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K, /*paired=*/false);
+  return run_tiles(M, N, kLaneRows, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* out) {
+    const int64_t cols = n1 - n0;
+    const LaneRows q(qs, n0, cols, K / 2), h(kHigh ? qh : qs, n0, cols, kHigh ? K / 8 : 0), ds(d, n0, cols, groups * 2),
+        ms(m ? m : d, n0, cols, groups * 2);
+    alignas(32) float acc[kLaneRows][8];
+    for (int c0 = 0; c0 < cols; c0 += 8) {
+      nibble_lanes8<kHigh>(a, q, h, ds, m ? &ms : nullptr, c0, K, groups, m0, mt, acc);
+      const __m256i stored = first_lanes(std::min<int64_t>(8, cols - c0));
+      for (int64_t i = 0; i < mt; ++i) _mm256_maskstore_ps(out + (m0 + i) * N + n0 + c0, stored, _mm256_load_ps(acc[i]));
+    }
   });
 }
 #endif
@@ -1435,8 +1591,10 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows())
     return lanes_linear(xc, N, K, NibbleLanes<kHigh>{qp, hp, dp, mp, K});
 #else
+  if (!prompt && M >= std::max(int8_tile_rows(), kLanes8Rows) && M < gemm_rows())
+    return nibble_lanes_linear<kHigh>(xc, N, K, qp, hp, dp, mp);
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
-    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, /*paired=*/true);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
         nibble_i8_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
@@ -1489,7 +1647,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
     return lanes_linear(xc, N, K, Q8Lanes{qp, dp, K});
 #else
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
-    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K);
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, /*paired=*/true);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) { q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
     });
