@@ -915,7 +915,7 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 
 // ---------------------------------------------------------------------------------------------
 // int8 tiles: for a decode batch's rows, from two up to the GEMM's threshold, on AVX2 and AVX512 CPUs without
-// AVX512-BF16 (which have no bf16 tiles; with AVX512-VNNI they are the column lanes further below). The
+// AVX512-BF16 (which have no bf16 tiles; most of their products are the column lanes further below). The
 // activations are quantized to int8 per group of 32, as llama.cpp quantizes them (Q8_0), and _mm256_maddubs_epi16
 // multiplies 32 weight bytes by 32 activation bytes per instruction where the int16 tiles' _mm256_madd_epi16
 // takes 16: a pair of groups costs a row two maddubs, an add, one madd, a
@@ -925,13 +925,13 @@ at::Tensor bf16_tiles(const at::Tensor& x, int64_t N, int64_t K, const Group& gr
 // float weights; at one row the int8 tiles were 1.0-1.2x faster, from 2 rows up 1.1-1.5x on most shapes
 // (bench/kernel_bench.py, docs/engine.md).
 //
-// Layout (AVX2): a pair of groups (g, g+1) is two vectors of 32 bytes whose 32-bit units alternate between the
-// groups, so that after the byte and word sums the even int32 lanes hold g's partial sums and the odd ones
-// g+1's, and one FMA with [s_g, s_g+1] repeated applies both scales. Vector A holds elements 0..15 of each
-// group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements 16..31. An odd last group is
-// one vector in element order.
+// The pair tiles (q8 on AVX2, q4/q5 at 2-3 rows there): a pair of groups (g, g+1) is two vectors of 32 bytes
+// whose 32-bit units alternate between the groups, so that after the byte and word sums the even int32 lanes hold
+// g's partial sums and the odd ones g+1's, and one FMA with [s_g, s_g+1] repeated applies both scales. Vector A
+// holds elements 0..15 of each group (unit 2k: g's elements 4k..4k+3, unit 2k+1: g+1's), vector B elements
+// 16..31. An odd last group is one vector in element order.
 #ifdef LLAMA_LAB_INT8_TILES
-// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers (AVX2; VNNI has column lanes).
+// 8 accumulators, two weight vectors, a constant and temporaries: 16 registers.
 constexpr int64_t kInt8RowTile = 8;
 
 // Units of x (g's 32 bytes) and y (g+1's) dealt out as above: a = elements 0..15, b = 16..31.
