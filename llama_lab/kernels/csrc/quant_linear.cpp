@@ -1167,15 +1167,15 @@ void q8_i8_tile(const Int8Rows& a, const int8_t* qs, const at::Half* d, int64_t 
   }
 }
 
-// Column lanes. With VNNI the int8 tiles turn the product around: one 512-bit vector holds the same four
-// consecutive elements of a group (one 32-bit unit) for each of 16 weight rows, so one vpdpbusd against the
-// activation row's matching four bytes, broadcast from memory, adds four products to each of 16 outputs. A group
-// is eight of them per activation row, then one conversion and one FMA with the 16 rows' scales times the row's
-// (and one more for the minimums). The weights stay in their layout in memory: a tile's 16 rows are loaded,
-// transposed and unpacked in registers once for every activation row of the call, and the sums end as 16
-// adjacent outputs, with no horizontal adds and no per-row table of scales. The pair layout (below, for AVX2)
-// spent three more instructions per vpdpbusd and a scale table per weight row and activation row; at 16
-// activation rows this takes about half its time (docs/engine.md).
+// Column lanes: the int8 tiles turned around. With VNNI one 512-bit vector holds the same four consecutive
+// elements of a group (one 32-bit unit) for each of 16 weight rows, so one vpdpbusd against the activation row's
+// matching four bytes, broadcast from memory, adds four products to each of 16 outputs. A group is eight of them
+// per activation row, then one conversion and one FMA with the 16 rows' scales times the row's (and one more for
+// the minimums). The weights stay in their layout in memory: a tile's 16 rows are loaded, transposed and unpacked
+// in registers once for every activation row of the call, and the sums end as adjacent outputs, with no
+// horizontal adds and no per-row table of scales. The pair layout (above) spent three more instructions per
+// vpdpbusd and a scale table per weight row and activation row; at 16 activation rows this takes about half its
+// time. AVX2 has the same with 8 rows per vector, for q4 and q5 (further below; docs/engine.md has the figures).
 static_assert(kColTile == 16, "a column tile is one vector of 16 lanes");
 constexpr int64_t kLaneRows = 64;   // activation rows per pass over a tile (their 16 sums each stay in L1)
 constexpr int64_t kLaneBlock = 8;   // groups whose scales (and fifth bits) are transposed at a time
