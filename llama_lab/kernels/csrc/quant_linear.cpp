@@ -954,12 +954,16 @@ struct Int8Rows {
   std::vector<int8_t> q;       // [M, K]: the pair layout (AVX2's q8 tiles), or element order (the column lanes')
   std::vector<float> scale;    // [M, K/32]
   std::vector<float> sum;      // [M, K/32]: the exact float sums, for the q4/q5 minimum term
-  std::vector<int32_t> bias8;  // [M, K/32]: -128 times the sum of the group's int8 values (VNNI's q8 start)
+  std::vector<int32_t> bias8;  // [M, K/32] with kElementsBias8: -128 times the group's int8 sum (VNNI's q8 start)
 };
 
-// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then pairs dealt out (bias8 null) or
-// kept in element order with each group's -128 * sum.
-void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float* sum, int32_t* bias8) {
+// How quantize_rows_int8 leaves the int8 values: the pair tiles' layout, or element order (the column lanes'),
+// with each group's -128 * sum where the VNNI q8 lanes need it.
+enum class Int8Layout { kPairs, kElements, kElementsBias8 };
+
+// One row: groups to int8 (round to nearest, scale = largest |x| / 127), then laid out as `layout` says.
+void quantize_row_int8(const float* x, int64_t K, Int8Layout layout, int8_t* q, float* scale, float* sum,
+                       int32_t* bias8) {
   const int64_t groups = K / kGroup;
   alignas(32) int8_t natural[2][kGroup];
   for (int64_t g = 0; g < groups; ++g) {
@@ -972,8 +976,9 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
     // 32 x int32 -> 32 x int8 in order: packs work within 128-bit lanes, the permute restores the order
     const __m256i w16a = _mm256_packs_epi32(i32[0], i32[1]), w16b = _mm256_packs_epi32(i32[2], i32[3]);
     const __m256i b8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16a, w16b), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    if (bias8 != nullptr) {
+    if (layout != Int8Layout::kPairs) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + g * kGroup), b8);
+      if (layout == Int8Layout::kElements) continue;
       const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
       alignas(32) int32_t lanes[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s4);
@@ -994,14 +999,15 @@ void quantize_row_int8(const float* x, int64_t K, int8_t* q, float* scale, float
   }
 }
 
-Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K, bool paired) {
+Int8Rows quantize_rows_int8(const float* x, int64_t M, int64_t K, Int8Layout layout) {
   const int64_t groups = K / kGroup;
+  const bool bias8 = layout == Int8Layout::kElementsBias8;
   Int8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups),
-             std::vector<int32_t>(paired ? 0 : M * groups)};
+             std::vector<int32_t>(bias8 ? M * groups : 0)};
   at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      quantize_row_int8(x + i * K, K, r.q.data() + i * K, r.scale.data() + i * groups, r.sum.data() + i * groups,
-                        paired ? nullptr : r.bias8.data() + i * groups);
+      quantize_row_int8(x + i * K, K, layout, r.q.data() + i * K, r.scale.data() + i * groups,
+                        r.sum.data() + i * groups, bias8 ? r.bias8.data() + i * groups : nullptr);
   });
   return r;
 }
@@ -1197,13 +1203,6 @@ struct LaneRows {
   }
 };
 
-// Four bytes of activations, broadcast.
-inline __m256i four_bytes(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return _mm256_set1_epi32(v);
-}
-
 #ifdef LLAMA_LAB_INT8_VNNI
 // Bytes at..at+15 of the 16 rows (only the first `bytes` of them are read, the rest are 0) as four vectors:
 // vector j's lane c is row c's bytes at+4j..at+4j+3. Four rows per vector as 128-bit lanes, then two rounds of
@@ -1390,7 +1389,8 @@ void lanes_tile(const Int8Rows& a, const Lanes& lanes, int64_t K, int64_t N, int
 template <typename Lanes>
 at::Tensor lanes_linear(const at::Tensor& x, int64_t N, int64_t K, const Lanes& lanes) {
   const int64_t M = x.size(0);
-  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K, /*paired=*/false);
+  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K,
+                                       Lanes::kBias8 ? Int8Layout::kElementsBias8 : Int8Layout::kElements);
   return run_tiles(M, N, kLaneRows, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
     lanes_tile(a, lanes, K, N, n0, n1, m0, mt, o);
   });
@@ -1452,6 +1452,24 @@ inline __m256 halves_to_float(const __m256i units) {
   return _mm256_cvtph_ps(_mm256_castsi256_si128(packed));
 }
 
+// float16 values g0..g0+7 of rows c0..c0+7 (one per group; fewer at a row's end) as lanes: out[k][c] is row c0 + c's
+// g0 + k (transpose_halves' 8-lane twin).
+inline void transpose_halves8(const LaneRows& rows, int c0, int64_t g0, int64_t groups, float (*out)[8]) {
+  __m256i r[4];
+  transpose_8x4(rows, c0, g0 * 2, (groups - g0) * 2, r);
+  for (int j = 0; j < 4; ++j) {
+    _mm256_store_ps(out[2 * j], halves_to_float(_mm256_and_si256(r[j], _mm256_set1_epi32(0xFFFF))));
+    _mm256_store_ps(out[2 * j + 1], halves_to_float(_mm256_srli_epi32(r[j], 16)));
+  }
+}
+
+// Four bytes of activations, broadcast.
+inline __m256i four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+
 struct LaneBlock8 {
   alignas(32) float scale[kLaneBlock][8];
   alignas(32) float mins[kLaneBlock][8];
@@ -1469,17 +1487,9 @@ void nibble_lanes8(const Int8Rows& a, const LaneRows& q, const LaneRows& h, cons
     const int64_t k = g % kLaneBlock;
     __m256i r[4];
     if (k == 0) {
-      transpose_8x4(d, c0, g * 2, (groups - g) * 2, r);
-      for (int j = 0; j < 4; ++j) {
-        _mm256_store_ps(b.scale[2 * j], halves_to_float(_mm256_and_si256(r[j], _mm256_set1_epi32(0xFFFF))));
-        _mm256_store_ps(b.scale[2 * j + 1], halves_to_float(_mm256_srli_epi32(r[j], 16)));
-      }
+      transpose_halves8(d, c0, g, groups, b.scale);
       if (m != nullptr) {
-        transpose_8x4(*m, c0, g * 2, (groups - g) * 2, r);
-        for (int j = 0; j < 4; ++j) {
-          _mm256_store_ps(b.mins[2 * j], halves_to_float(_mm256_and_si256(r[j], _mm256_set1_epi32(0xFFFF))));
-          _mm256_store_ps(b.mins[2 * j + 1], halves_to_float(_mm256_srli_epi32(r[j], 16)));
-        }
+        transpose_halves8(*m, c0, g, groups, b.mins);
       } else {
         for (int64_t j = 0; j < kLaneBlock; ++j)
           _mm256_store_ps(b.mins[j], _mm256_mul_ps(_mm256_load_ps(b.scale[j]), _mm256_set1_ps(-implicit_offset<kHigh>())));
@@ -1537,7 +1547,7 @@ template <bool kHigh>
 at::Tensor nibble_lanes_linear(const at::Tensor& x, int64_t N, int64_t K, const uint8_t* qs, const uint8_t* qh,
                                const at::Half* d, const at::Half* m) {
   const int64_t M = x.size(0), groups = K / kGroup;
-  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K, /*paired=*/false);
+  const Int8Rows a = quantize_rows_int8(x.data_ptr<float>(), M, K, Int8Layout::kElements);
   return run_tiles(M, N, kLaneRows, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* out) {
     const int64_t cols = n1 - n0;
     const LaneRows q(qs, n0, cols, K / 2), h(kHigh ? qh : qs, n0, cols, kHigh ? K / 8 : 0), ds(d, n0, cols, groups * 2),
@@ -1594,7 +1604,7 @@ at::Tensor nibble_linear(const at::Tensor& x, const at::Tensor& qs, const at::Te
   if (!prompt && M >= std::max(int8_tile_rows(), kLanes8Rows) && M < gemm_rows())
     return nibble_lanes_linear<kHigh>(xc, N, K, qp, hp, dp, mp);
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
-    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, /*paired=*/true);
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, Int8Layout::kPairs);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) {
         nibble_i8_tile<decltype(rows)::value, kHigh>(a, qp, hp, dp, mp, K, N, n0, n1, m0, o);
@@ -1647,7 +1657,7 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor
     return lanes_linear(xc, N, K, Q8Lanes{qp, dp, K});
 #else
   if (!prompt && M >= int8_tile_rows() && M < gemm_rows()) {
-    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, /*paired=*/true);
+    const Int8Rows a = quantize_rows_int8(xc.data_ptr<float>(), M, K, Int8Layout::kPairs);
     return run_tiles(M, N, kInt8RowTile, [&](int64_t n0, int64_t n1, int64_t m0, int64_t mt, float* o) {
       dispatch_rows<kInt8RowTile>(mt, [&](auto rows) { q8_i8_tile<decltype(rows)::value>(a, qp, dp, K, N, n0, n1, m0, o); });
     });
