@@ -113,9 +113,9 @@ def test_the_narrower_cpu_paths_match_the_reference_too(cflags):
 # rows on both sides of each threshold: the int8 tiles (2, without AVX512-BF16), the bf16 tiles (4, with
 # AVX512-BF16), either GEMM (32 with a bf16 GEMM, 128 with an fp32 one); 20 rows of K = 2048 take the bf16 tiles'
 # blocks of groups (64 groups, 16 per block); odd group counts (K = 96, 160: 3 and 5 groups) the int8 tiles'
-# lone last group, 9 and 20 rows their tiles of 8 and a remainder; with VNNI the int8 tiles' column lanes read
-# 16 weight rows at a time and their scales 8 groups at a time: 17 and 20 outputs end in a short tile, one group
-# (K = 32) and nine (K = 288) in a short block, 70 rows take two passes of 64
+# lone last group, 9 and 20 rows their tiles of 8 and a remainder; the int8 tiles' column lanes (VNNI from 2 rows,
+# AVX2 from 4) read 16 (8) weight rows at a time and their scales 8 groups at a time: 17 and 20 outputs end in a
+# short tile, one group (K = 32) and nine (K = 288) in a short block, 70 rows take two passes of 64
 SHAPES = [(1, 64, 32), (2, 96, 40), (2, 32, 20), (5, 288, 17), (3, 576, 1536), (4, 1536, 576), (7, 128, 33),
           (9, 160, 24), (20, 2048, 40), (31, 64, 100),
           (32, 64, 100), (70, 160, 1030), (127, 64, 40), (128, 96, 40)]
